@@ -1,0 +1,1 @@
+"""fedmoe's Flower ClientApp (``clients.app:app``) and the client's durable state."""

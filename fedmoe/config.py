@@ -1,0 +1,239 @@
+"""One typed, validated configuration for a fedmoe run.
+
+Flower hands every app a flat run config (``[tool.flwr.app.config]`` in ``pyproject.toml``
+fused with ``--run-config`` overrides). :meth:`FedMoEConfig.from_run_config` is the only
+place that reads those raw keys; everything else takes a :class:`FedMoEConfig`. The
+node config a SuperNode operator sets (``--node-config``) is parsed here too, by
+:meth:`NodeSettings.from_node_config`.
+
+Keys are kebab-case (``learning-rate``), fields snake_case (``learning_rate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ACCOUNTANTS = ("rdp", "prv")
+MODELS = ("moe-mlp",)
+DATASETS = ("digits",)
+PARTITIONERS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range; the message says the fix."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class FedMoEConfig:
+    """Everything a fedmoe run is parameterised by (defaults = ``[tool.flwr.app.config]``).
+
+    Parameters
+    ----------
+    num_server_rounds : int (default: 10)
+        Federated rounds the server plans for; σ is calibrated for all of them.
+    fraction_train, fraction_evaluate : float (default: 1.0)
+        Fraction of connected clients sampled for training / evaluation each round.
+    min_available_clients : int (default: 2)
+        The server waits until this many clients are connected.
+    local_epochs : int (default: 1)
+        DP-SGD epochs per round on each client.
+    sample_rate : float (default: 0.1)
+        Poisson sampling probability q of each example per step; an epoch is ``int(1/q)``
+        steps and the expected batch is ``q * n_train``.
+    learning_rate : float (default: 0.5)
+    max_grad_norm : float (default: 1.0)
+        Per-sample clipping bound C.
+    target_epsilon : float (default: 8.0)
+        Each client's (ε, δ) budget for the whole run; the server calibrates σ to it.
+    delta : float (default: 1e-4)
+    accountant : str (default: "rdp")
+        ``rdp`` or ``prv`` (Opacus accountants).
+    model : str (default: "moe-mlp")
+        A name known to :func:`fedmoe.models.build_model`.
+    hidden_dim, num_shared_experts, num_local_experts, top_k, balance_coef
+        Model overrides, passed to the model's own config dataclass.
+    dataset : str (default: "digits")
+    partitioner : str (default: "dirichlet")
+        ``iid`` or ``dirichlet`` (flwr-datasets partitioners).
+    dirichlet_alpha : float (default: 0.5)
+    test_fraction : float (default: 0.2)
+        Share of each client's partition held out as its own test split.
+    seed : int (default: 42)
+    run_dir : str (default: "")
+        Run folder for ``results.json`` and plots; empty means ``runs/<timestamp>``.
+    """
+
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_available_clients: int = 2
+    local_epochs: int = 1
+    sample_rate: float = 0.1
+    learning_rate: float = 0.5
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0
+    delta: float = 1e-4
+    accountant: str = "rdp"
+    model: str = "moe-mlp"
+    hidden_dim: int = 64
+    num_shared_experts: int = 2
+    num_local_experts: int = 2
+    top_k: int = 2
+    balance_coef: float = 0.01
+    dataset: str = "digits"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2
+    seed: int = 42
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        checks = [
+            (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
+            (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
+            (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
+            (self.min_available_clients >= 1, "min-available-clients must be >= 1"),
+            (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (0.0 < self.sample_rate <= 1.0, "sample-rate must be in (0, 1], e.g. 0.1"),
+            (self.learning_rate > 0.0, "learning-rate must be > 0"),
+            (self.max_grad_norm > 0.0, "max-grad-norm must be > 0"),
+            (0.0 < self.target_epsilon < math.inf, "target-epsilon must be a finite value > 0"),
+            (0.0 < self.delta < 1.0, "delta must be in (0, 1), typically < 1/n_train"),
+            (self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}"),
+            (self.model in MODELS, f"model must be one of {MODELS}"),
+            (self.hidden_dim >= 1, "hidden-dim must be >= 1"),
+            (self.num_shared_experts >= 1, "num-shared-experts must be >= 1"),
+            (self.num_local_experts >= 0, "num-local-experts must be >= 0"),
+            (
+                1 <= self.top_k <= self.num_shared_experts + self.num_local_experts,
+                "top-k must be between 1 and num-shared-experts + num-local-experts",
+            ),
+            (self.balance_coef >= 0.0, "balance-coef must be >= 0"),
+            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}"),
+            (self.partitioner in PARTITIONERS, f"partitioner must be one of {PARTITIONERS}"),
+            (self.dirichlet_alpha > 0.0, "dirichlet-alpha must be > 0"),
+            (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
+            (self.seed >= 0, "seed must be >= 0"),
+        ]
+        errors = [msg for ok, msg in checks if not ok]
+        if errors:
+            raise ConfigError("invalid run config: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The run-config keys this config understands, in declaration order."""
+        return [_key(f.name) for f in fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FedMoEConfig:
+        """Build from a flat Flower run config; missing keys take their defaults.
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key (with the valid keys listed) or a bad value.
+        """
+        by_key = {_key(f.name): f.name for f in fields(cls)}
+        unknown = sorted(k for k in run_config if k not in by_key)
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; valid keys are: {', '.join(by_key)}"
+            )
+        return cls(**{by_key[k]: v for k, v in run_config.items()})
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The flat kebab-case mapping Flower records and TOML accept."""
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> FedMoEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Keyword overrides for the model's own config dataclass."""
+        return {
+            "hidden_dim": self.hidden_dim,
+            "num_shared_experts": self.num_shared_experts,
+            "num_local_experts": self.num_local_experts,
+            "top_k": self.top_k,
+        }
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a data holder's SuperNode says about itself (``--node-config``).
+
+    Parameters
+    ----------
+    partition_id, num_partitions : int
+        Which partition of the embedded dataset this node holds (the simulation engine
+        sets both).
+    state_dir : str (default: "")
+        Folder for the client's durable state (local experts, privacy ledger). Empty
+        means Flower's in-memory ``context.state`` (simulation).
+    epsilon_budget : float (default: 0.0)
+        The client's own ε budget; 0 means "accept the run's ``target-epsilon``".
+        The client enforces ``min`` of the two.
+    """
+
+    partition_id: int
+    num_partitions: int
+    state_dir: str = ""
+    epsilon_budget: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.num_partitions < 1 or not 0 <= self.partition_id < self.num_partitions:
+            raise ConfigError(
+                f"node config: partition-id must be in [0, num-partitions); got "
+                f"partition-id={self.partition_id}, num-partitions={self.num_partitions}"
+            )
+        if self.epsilon_budget < 0:
+            raise ConfigError("node config: epsilon-budget must be >= 0 (0 = use the run's)")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        by_key = {_key(f.name): f.name for f in fields(cls)}
+        missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
+        if missing:
+            raise ConfigError(
+                f"node config lacks {missing}; start the SuperNode with "
+                "--node-config 'partition-id=0 num-partitions=10'"
+            )
+        # SuperNodes may carry other, unrelated keys: take ours, ignore the rest.
+        return cls(**{by_key[k]: v for k, v in node_config.items() if k in by_key})
+
+    def budget(self, run_target: float) -> float:
+        """The ε this client will spend at most."""
+        return min(run_target, self.epsilon_budget) if self.epsilon_budget > 0 else run_target
+
+
+def _check_types(obj: Any) -> None:
+    """Coerce int→float where a float is declared; reject every other type mismatch."""
+    expected = {"int": int, "float": float, "str": str, "bool": bool}
+    for f in fields(obj):
+        want = expected[f.type] if isinstance(f.type, str) else f.type
+        value = getattr(obj, f.name)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(obj, f.name, float(value))
+            continue
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{_key(f.name)} must be of type {want.__name__}, got {value!r} "
+                f"({type(value).__name__}); e.g. --run-config \"{_key(f.name)}="
+                f"{_example(want)}\""
+            )
+
+
+def _example(kind: type) -> str:
+    return {int: "3", float: "0.5", str: "'name'", bool: "true"}[kind]
+

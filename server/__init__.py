@@ -1,0 +1,1 @@
+"""fedmoe's Flower ServerApp (``server.app:app``) and the FedMoE strategy."""

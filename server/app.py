@@ -1,0 +1,84 @@
+"""The fedmoe ServerApp: plan σ once, run the FedMoE strategy, write the run folder.
+
+``app`` reads its configuration from Flower's run config (``flwr run .``).
+:func:`make_server_app` builds the same app around an already validated config and a
+:class:`RunListener` (``fedmoe simulate`` uses it for its progress display).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from logging import INFO
+
+from fedmoe.config import FedMoEConfig
+from fedmoe.models import model_for
+from fedmoe.privacy import calibrate_noise, steps_per_epoch
+from fedmoe.records import to_arrays
+from fedmoe.reporting import build_results, resolve_run_dir, write_run_folder
+from fedmoe.roles import split_state_dict
+from server.strategy import FedMoE, RoundRecord
+
+
+class RunListener(Protocol):
+    """Hooks into a run's life, e.g. for a progress display."""
+
+    def started(self, config: FedMoEConfig, noise_multiplier: float, run_dir: Path) -> None: ...
+    def round_finished(self, record: RoundRecord) -> None: ...
+    def finished(self, results: dict[str, Any], results_path: Path) -> None: ...
+
+
+def plan_noise(config: FedMoEConfig) -> float:
+    """σ that keeps every client within ``target-epsilon`` over all planned rounds."""
+    steps = config.num_server_rounds * config.local_epochs * steps_per_epoch(config.sample_rate)
+    return calibrate_noise(
+        config.target_epsilon, config.delta, config.sample_rate, steps, config.accountant
+    )
+
+
+def run_federation(
+    grid: Grid, config: FedMoEConfig, listener: RunListener | None = None
+) -> dict[str, Any]:
+    """Run all rounds of FedMoE on ``grid``; write and return the results."""
+    start = time.time()
+    run_dir = resolve_run_dir(config)
+    torch.manual_seed(config.seed)
+    initial = to_arrays(split_state_dict(model_for(config)))  # shared + gate only
+    sigma = plan_noise(config)
+    log(INFO, "fedmoe: σ=%.4f planned for %s rounds (target ε=%g, δ=%g); run folder %s",
+        sigma, config.num_server_rounds, config.target_epsilon, config.delta, run_dir)
+    if listener:
+        listener.started(config, sigma, run_dir)
+    strategy = FedMoE(
+        config, noise_multiplier=sigma, on_round=listener.round_finished if listener else None
+    )
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds)
+    results = build_results(config, sigma, strategy.history, time.time() - start)
+    path = write_run_folder(run_dir, results)
+    log(INFO, "fedmoe: results written to %s", path)
+    if listener:
+        listener.finished(results, path)
+    return results
+
+
+def make_server_app(
+    config: FedMoEConfig | None = None, listener: RunListener | None = None
+) -> ServerApp:
+    """A ServerApp for ``config`` (or, if None, for the run config Flower passes in)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = config or FedMoEConfig.from_run_config(context.run_config)
+        run_federation(grid, run_config, listener)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,1 @@
+"""Simulation scenarios, the experiment runner, tables and plots."""

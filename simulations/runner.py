@@ -1,0 +1,131 @@
+"""Run fedmoe in Flower's simulation engine on one machine, with a live progress display.
+
+``run(config, num_clients)`` is what ``fedmoe simulate`` (and ``make run``) calls: the same
+ServerApp and ClientApp as ``flwr run .``, run by ``flwr.simulation.run_simulation`` with
+one virtual SuperNode per client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedmoe.config import ConfigError, FedMoEConfig
+from server.strategy import RoundRecord
+
+
+class ProgressListener:
+    """Shows rounds, clients and ε as a run goes, and the per-client table at the end."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]round {task.completed}/{task.total}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def started(self, config: FedMoEConfig, noise_multiplier: float, run_dir: Path) -> None:
+        self.console.print(
+            f"[bold]fedmoe[/bold] {config.model} on {config.dataset}: "
+            f"{config.num_server_rounds} rounds, DP-SGD σ={noise_multiplier:.3f} "
+            f"(ε≤{config.target_epsilon:g}, δ={config.delta:g}), run folder {run_dir}"
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "rounds", total=config.num_server_rounds, status="starting clients…"
+        )
+
+    def round_finished(self, record: RoundRecord) -> None:
+        evals = list(record.evaluate.values())
+        acc = sum(e.personalized_accuracy for e in evals) / len(evals) if evals else float("nan")
+        eps = max((e.epsilon for e in evals), default=0.0)
+        status = (f"clients {len(record.train)}/{record.sampled} trained · "
+                  f"ε max {eps:.2f} · personalised acc {acc:.3f}")
+        if record.rejected:
+            status += f" · {len(record.rejected)} rejected"
+        self.progress.update(self.task, advance=1, status=status)
+
+    def finished(self, results: dict[str, Any], results_path: Path) -> None:
+        self.progress.stop()
+        self.console.print(client_table(results))
+        final = results["final"]
+        self.console.print(
+            f"mean personalised accuracy {final['personalized_accuracy_mean']:.3f} · "
+            f"global-only {final['global_accuracy_mean']:.3f} · ε max {final['epsilon_max']:.2f} · "
+            f"{results['wall_seconds']:.0f} s\nresults: {results_path}"
+        )
+
+
+def client_table(results: dict[str, Any]) -> Table:
+    table = Table(title="Per-client results (own test split)")
+    for col in ("client", "personalised acc", "global-only acc", "ε spent", "train ex.", "test ex."):
+        table.add_column(col, justify="right")
+    for c in results["final"]["clients"]:
+        table.add_row(
+            str(c["client"]),
+            f"{c['personalized_accuracy']:.3f}",
+            f"{c['global_accuracy']:.3f}",
+            f"{c['epsilon']:.3f}",
+            str(c["num_examples"]),
+            str(c["num_test_examples"]),
+        )
+    return table
+
+
+def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dict[str, Any]:
+    """Simulate ``num_clients`` clients; return the results that were written to the run folder.
+
+    Raises
+    ------
+    ConfigError
+        If the run could never start (more required clients than simulated ones).
+    """
+    if num_clients < 1:
+        raise ConfigError(f"--clients must be >= 1, got {num_clients}")
+    if config.min_available_clients > num_clients:
+        raise ConfigError(
+            f"min-available-clients={config.min_available_clients} exceeds --clients "
+            f"{num_clients}; the server would wait forever. Lower min-available-clients."
+        )
+    # Imported here: the simulation engine (Ray) is heavy and only needed to run.
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    if not verbose:
+        # Flower's INFO log and its run_simulation deprecation notice would bury the
+        # progress display; dropped replies show up there and in results.json instead.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    console = Console()
+    outcome: dict[str, Any] = {}
+
+    class _Keep(ProgressListener):
+        def finished(self, results: dict[str, Any], results_path: Path) -> None:
+            outcome["results"] = results
+            super().finished(results, results_path)
+
+    run_simulation(
+        server_app=make_server_app(config, _Keep(console)),
+        client_app=client_app,
+        num_supernodes=num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        verbose_logging=verbose,
+    )
+    if "results" not in outcome:
+        raise RuntimeError("the simulation ended without results; rerun with --verbose for logs")
+    return outcome["results"]
