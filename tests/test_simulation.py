@@ -1,0 +1,34 @@
+"""End to end through Flower's real simulation engine (Ray): ServerApp + ClientApps."""
+
+import json
+
+import pytest
+
+from fedmoe.config import FedMoEConfig
+from simulations.runner import run
+
+
+@pytest.mark.slow
+def test_two_rounds_three_clients_end_to_end(tmp_path):
+    config = FedMoEConfig(num_server_rounds=2, run_dir=str(tmp_path / "run"))
+    returned = run(config, num_clients=3)
+
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results == returned
+    assert (tmp_path / "run" / "progress.png").stat().st_size > 1000
+    assert results["config"] == config.to_run_config()
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+
+    by_round = [{c["client"]: c for c in r["clients"]} for r in results["rounds"]]
+    assert sorted(by_round[0]) == sorted(by_round[1]) == [0, 1, 2]
+    for pid in range(3):
+        first, second = by_round[0][pid]["epsilon"], by_round[1][pid]["epsilon"]
+        assert 0 < first < second <= config.target_epsilon  # ε composes across rounds
+        assert by_round[1][pid]["num_examples"] > 0
+
+    final = results["final"]
+    assert final["epsilon_max"] == pytest.approx(max(c["epsilon"] for c in final["clients"]))
+    assert final["epsilon_max"] <= config.target_epsilon
+    # ten classes: chance is 0.1
+    assert final["personalized_accuracy_mean"] > 0.2
+    assert all(not r["rejected"] for r in results["rounds"])
