@@ -37,7 +37,7 @@ class FedMoEConfig:
 
     Parameters
     ----------
-    num_server_rounds : int (default: 10)
+    num_server_rounds : int (default: 20)
         Federated rounds the server plans for; σ is calibrated for all of them.
     fraction_train, fraction_evaluate : float (default: 1.0)
         Fraction of connected clients sampled for training / evaluation each round.
@@ -71,7 +71,7 @@ class FedMoEConfig:
         Run folder for ``results.json`` and plots; empty means ``runs/<timestamp>``.
     """
 
-    num_server_rounds: int = 10
+    num_server_rounds: int = 20
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_available_clients: int = 2

@@ -62,10 +62,15 @@ class ProgressListener:
         self.console.print(client_table(results))
         final = results["final"]
         self.console.print(
-            f"mean personalised accuracy {final['personalized_accuracy_mean']:.3f} · "
-            f"global-only {final['global_accuracy_mean']:.3f} · ε max {final['epsilon_max']:.2f} · "
-            f"{results['wall_seconds']:.0f} s\nresults: {results_path}"
+            f"mean personalised accuracy {_fmt(final['personalized_accuracy_mean'])} · "
+            f"global-only {_fmt(final['global_accuracy_mean'])} · "
+            f"ε max {final['epsilon_max']:.2f} · {results['wall_seconds']:.0f} s\n"
+            f"results: {results_path}"
         )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def client_table(results: dict[str, Any]) -> Table:
@@ -75,8 +80,8 @@ def client_table(results: dict[str, Any]) -> Table:
     for c in results["final"]["clients"]:
         table.add_row(
             str(c["client"]),
-            f"{c['personalized_accuracy']:.3f}",
-            f"{c['global_accuracy']:.3f}",
+            _fmt(c["personalized_accuracy"]),
+            _fmt(c["global_accuracy"]),
             f"{c['epsilon']:.3f}",
             str(c["num_examples"]),
             str(c["num_test_examples"]),
