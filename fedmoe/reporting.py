@@ -124,6 +124,10 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
         ax_eps.axhline(target, color="grey", linestyle=":", label=f"budget ε={target:g}")
         ax_eps.legend()
     ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)", title="Privacy")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_eps):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
