@@ -1,10 +1,12 @@
 """The ClientApp's handlers, called the way the engine calls them."""
 
+import pytest
 from flwr.app import MessageType
 
 from clients.app import BUDGET_EXCEEDED, app
 from clients.state import ContextStore, DirectoryStore
 from fedmoe.models import model_for
+from fedmoe.privacy import LedgerError
 from fedmoe.records import ARRAYS, METRICS, EvalReport, TrainReport
 from fedmoe.roles import FEDERATED_ROLES, Role, split_state_dict, tensor_roles
 from tests.helpers import SMALL, context, message
@@ -65,3 +67,11 @@ def test_evaluate_reports_personalised_and_global_accuracy():
     assert 0 <= report.personalized_accuracy <= 1 and 0 <= report.global_accuracy <= 1
     assert report.epsilon > 0 and report.num_examples > 0
     assert not reply.content.array_records  # evaluation sends no arrays back
+
+
+def test_client_with_unreadable_ledger_refuses_to_train(tmp_path):
+    (tmp_path / "privacy_ledger.json").write_text("not json")
+    with pytest.raises(LedgerError, match="Training is refused"):
+        app(message(), context(state_dir=str(tmp_path)))
+    assert (tmp_path / "privacy_ledger.json").read_text() == "not json"
+    assert DirectoryStore(tmp_path).load_local() is None  # it did not train

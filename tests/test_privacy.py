@@ -11,6 +11,7 @@ from scipy.special import gammaln, logsumexp
 from fedmoe.privacy import (
     BudgetExceededError,
     LedgerEntry,
+    LedgerError,
     PrivacyLedger,
     calibrate_noise,
     epsilon,
@@ -126,8 +127,16 @@ def test_ledger_round_trips_through_json_and_disk(tmp_path):
 
 def test_ledger_rejects_unknown_version():
     data = PrivacyLedger(budget=1.0, delta=1e-5).to_dict() | {"version": 99}
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(LedgerError, match="version"):
         PrivacyLedger.from_dict(data)
+
+
+def test_corrupt_ledger_file_is_a_clear_error_and_is_kept(tmp_path):
+    path = tmp_path / "privacy_ledger.json"
+    path.write_text('{"version": 1, "budget": 8.0, "delta"')  # torn write by another tool
+    with pytest.raises(LedgerError, match=r"privacy_ledger.json: .*not valid JSON.*restored from a backup"):
+        PrivacyLedger.load(path)
+    assert path.read_text().startswith('{"version": 1')  # nothing overwritten
 
 
 # ----------------------------------------------------------------------------- noise

@@ -2,9 +2,9 @@
 
 from fedmoe.privacy.accountant import calibrate_noise, epsilon, steps_per_epoch
 from fedmoe.privacy.dp import PrivateTraining, make_private, secret_generator
-from fedmoe.privacy.ledger import BudgetExceededError, LedgerEntry, PrivacyLedger
+from fedmoe.privacy.ledger import BudgetExceededError, LedgerEntry, LedgerError, PrivacyLedger
 
 __all__ = [
     "calibrate_noise", "epsilon", "steps_per_epoch", "PrivateTraining", "make_private",
-    "secret_generator", "BudgetExceededError", "LedgerEntry", "PrivacyLedger",
+    "secret_generator", "BudgetExceededError", "LedgerEntry", "LedgerError", "PrivacyLedger",
 ]

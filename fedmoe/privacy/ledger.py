@@ -29,6 +29,10 @@ class BudgetExceededError(RuntimeError):
     """Charging this round would exceed the client's ε budget."""
 
 
+class LedgerError(ValueError):
+    """A stored ledger cannot be read. Never delete it to "fix" this: that resets the spend."""
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     server_round: int
@@ -102,24 +106,33 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
-        if data.get("version") != LEDGER_VERSION:
-            raise ValueError(
-                f"privacy ledger version {data.get('version')!r} is not supported "
-                f"(expected {LEDGER_VERSION}); do not edit ledgers by hand"
+        """Rebuild a ledger; raises :class:`LedgerError` for any malformed content."""
+        if not isinstance(data, dict) or data.get("version") != LEDGER_VERSION:
+            version = data.get("version") if isinstance(data, dict) else None
+            raise LedgerError(
+                f"privacy ledger version {version!r} is not supported (expected "
+                f"{LEDGER_VERSION}); do not edit ledgers by hand"
             )
-        return cls(
-            budget=float(data["budget"]),
-            delta=float(data["delta"]),
-            accountant=str(data["accountant"]),
-            entries=[LedgerEntry(**e) for e in data["entries"]],
-        )
+        try:
+            return cls(
+                budget=float(data["budget"]),
+                delta=float(data["delta"]),
+                accountant=str(data["accountant"]),
+                entries=[LedgerEntry(**e) for e in data["entries"]],
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise LedgerError(f"privacy ledger is malformed: {err!r}") from err
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> PrivacyLedger:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LedgerError(f"privacy ledger is not valid JSON: {err}") from err
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file + fsync + rename): a crash leaves the old or new ledger."""
@@ -127,7 +140,22 @@ class PrivacyLedger:
 
     @classmethod
     def load(cls, path: str | Path) -> PrivacyLedger:
-        return cls.from_json(Path(path).read_text())
+        """Read a saved ledger.
+
+        Raises
+        ------
+        LedgerError
+            If the file is unreadable; the message names the file. The client then refuses
+            to train: restore the file from a backup, never delete it (that would reset the
+            client's recorded privacy spend to zero).
+        """
+        try:
+            return cls.from_json(Path(path).read_text())
+        except LedgerError as err:
+            raise LedgerError(
+                f"{path}: {err}. Training is refused until it is restored from a backup; "
+                "deleting it would reset this client's recorded privacy spend"
+            ) from err
 
 
 def write_atomic(path: Path, data: bytes) -> None:
