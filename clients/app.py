@@ -20,7 +20,7 @@ from clients.state import ClientStore, open_store
 from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
 from fedmoe.models import model_for
-from fedmoe.privacy import BudgetExceededError, LedgerEntry, PrivacyLedger, steps_per_epoch
+from fedmoe.privacy import BudgetExceededError, new_ledger, round_cost
 from fedmoe.records import (
     ARRAYS,
     METRICS,
@@ -45,15 +45,9 @@ def train(msg: Message, context: Context) -> Message:
     store = open_store(context, node)
     data = load_client_data(config, node.partition_id, node.num_partitions)
 
-    ledger = store.load_ledger() or new_ledger(config, node)
-    entry = LedgerEntry(
-        server_round=plan.server_round,
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=config.sample_rate,
-        steps=config.local_epochs * steps_per_epoch(config.sample_rate),
-    )
+    ledger = store.load_ledger() or new_ledger(config, node.budget(config.target_epsilon))
     try:
-        epsilon = ledger.charge(entry)
+        epsilon = ledger.charge(round_cost(config, plan.server_round, plan.noise_multiplier))
     except BudgetExceededError as err:
         return Message(Error(code=BUDGET_EXCEEDED, reason=str(err)), reply_to=msg)
     store.save_ledger(ledger)  # write-ahead: charged before any data is touched
@@ -101,12 +95,6 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         epsilon=ledger.spent() if ledger else 0.0,
     )
     return Message(RecordDict({METRICS: report.to_record()}), reply_to=msg)
-
-
-def new_ledger(config: FedMoEConfig, node: NodeSettings) -> PrivacyLedger:
-    return PrivacyLedger(
-        budget=node.budget(config.target_epsilon), delta=config.delta, accountant=config.accountant
-    )
 
 
 def personal_model(

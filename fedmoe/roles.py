@@ -14,7 +14,7 @@ are the only functions that cut a state dict by role or put one back together.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ _ROLE_ATTR = "_fedmoe_role"
 _OPACUS_PREFIX = "_module."
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     SHARED = "shared"
     GATE = "gate"
     LOCAL = "local"

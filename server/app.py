@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from logging import INFO
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,11 +16,10 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
-from logging import INFO
 
 from fedmoe.config import FedMoEConfig
 from fedmoe.models import model_for
-from fedmoe.privacy import calibrate_noise, steps_per_epoch
+from fedmoe.privacy import plan_noise
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, resolve_run_dir, write_run_folder
 from fedmoe.roles import split_state_dict
@@ -32,14 +32,6 @@ class RunListener(Protocol):
     def started(self, config: FedMoEConfig, noise_multiplier: float, run_dir: Path) -> None: ...
     def round_finished(self, record: RoundRecord) -> None: ...
     def finished(self, results: dict[str, Any], results_path: Path) -> None: ...
-
-
-def plan_noise(config: FedMoEConfig) -> float:
-    """σ that keeps every client within ``target-epsilon`` over all planned rounds."""
-    steps = config.num_server_rounds * config.local_epochs * steps_per_epoch(config.sample_rate)
-    return calibrate_noise(
-        config.target_epsilon, config.delta, config.sample_rate, steps, config.accountant
-    )
 
 
 def run_federation(

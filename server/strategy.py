@@ -27,7 +27,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sampl
 from flwr.supercore import log
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.privacy import LedgerEntry, PrivacyLedger, steps_per_epoch
+from fedmoe.privacy import LedgerEntry, PrivacyLedger, new_ledger, round_cost
 from fedmoe.records import (
     ARRAYS,
     METRICS,
@@ -99,20 +99,11 @@ class FedMoE(FedAvg):
     # ------------------------------------------------------------------ train
     def round_entry(self, server_round: int) -> LedgerEntry:
         """The privacy cost of one round for one client."""
-        return LedgerEntry(
-            server_round=server_round,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.config.sample_rate,
-            steps=self.config.local_epochs * steps_per_epoch(self.config.sample_rate),
-        )
+        return round_cost(self.config, server_round, self.noise_multiplier)
 
     def ledger(self, node_id: int) -> PrivacyLedger:
         if node_id not in self.ledgers:
-            self.ledgers[node_id] = PrivacyLedger(
-                budget=self.config.target_epsilon,
-                delta=self.config.delta,
-                accountant=self.config.accountant,
-            )
+            self.ledgers[node_id] = new_ledger(self.config)
         return self.ledgers[node_id]
 
     def configure_train(

@@ -67,7 +67,7 @@ def test_clipped_and_summed_gradient_matches_naive():
     norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in oracle])
     assert (norms > clip).all()
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    expected = {n: sum(f * g[n] for f, g in zip(factors, oracle)) / len(x) for n in names}
+    expected = {n: sum(f * g[n] for f, g in zip(factors, oracle, strict=True)) / len(x) for n in names}
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0,

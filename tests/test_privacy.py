@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus import GradSampleModule
 from scipy.special import gammaln, logsumexp
 
 from fedmoe.privacy import (

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedmoe.privacy import epsilon
+from fedmoe.privacy import epsilon, plan_noise
 from fedmoe.records import ARRAYS, METRICS, TrainReport
-from server.app import plan_noise
 from server.strategy import FedMoE
 from tests.helpers import SMALL, message
 
@@ -76,7 +75,8 @@ def test_aggregate_is_weighted_mean_and_drops_bad_replies():
                bad_metric]
 
     aggregated, metrics = strategy.aggregate_train(1, replies)
-    for key, value in aggregated.items():
+    assert set(aggregated.keys()) == set(arrays.keys())
+    for value in aggregated.values():
         np.testing.assert_allclose(value.numpy(), 1.0 * 0.75 + 3.0 * 0.25, rtol=1e-6)
     assert metrics["num-clients"] == 2
     record = strategy.history[-1]

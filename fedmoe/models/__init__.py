@@ -10,7 +10,6 @@ from torch import nn
 
 from fedmoe.config import FedMoEConfig
 from fedmoe.data import dataset_shape
-
 from fedmoe.models.layers import Expert, TopKMoE, per_sample_balance_loss
 from fedmoe.models.moe_mlp import MoEMLPClassifier, MoEMLPConfig
 
