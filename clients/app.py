@@ -25,6 +25,7 @@ from fedmoe.records import (
     ARRAYS,
     METRICS,
     EvalReport,
+    RoundPlan,
     TrainReport,
     read_server_message,
     to_arrays,
@@ -40,10 +41,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node = NodeSettings.from_node_config(context.node_config)
-    global_state, plan, config = read_server_message(msg.content)
-    store = open_store(context, node)
-    data = load_client_data(config, node.partition_id, node.num_partitions)
+    node, store, (global_state, plan, config), data = _open(msg, context)
 
     ledger = store.load_ledger() or new_ledger(config, node.budget(config.target_epsilon))
     try:
@@ -78,10 +76,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    node = NodeSettings.from_node_config(context.node_config)
-    global_state, _, config = read_server_message(msg.content)
-    store = open_store(context, node)
-    data: ClientData = load_client_data(config, node.partition_id, node.num_partitions)
+    node, store, (global_state, _, config), data = _open(msg, context)
     model = personal_model(config, node, store, global_state)
     personal = evaluate(model, data.test, use_local=True)
     global_only = evaluate(model, data.test, use_local=False)
@@ -95,6 +90,17 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         epsilon=ledger.spent() if ledger else 0.0,
     )
     return Message(RecordDict({METRICS: report.to_record()}), reply_to=msg)
+
+
+def _open(
+    msg: Message, context: Context
+) -> tuple[NodeSettings, ClientStore, tuple[dict, RoundPlan, FedMoEConfig], ClientData]:
+    """What both handlers start from: node settings, state store, the message, own data."""
+    node = NodeSettings.from_node_config(context.node_config)
+    message = read_server_message(msg.content)
+    config = message[2]
+    data = load_client_data(config, node.partition_id, node.num_partitions)
+    return node, open_store(context, node), message, data
 
 
 def personal_model(

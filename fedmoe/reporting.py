@@ -110,6 +110,7 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [r for r in results["rounds"] if r["personalized_accuracy_mean"] is not None]
     x = [r["round"] for r in rows]
@@ -124,8 +125,6 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
         ax_eps.axhline(target, color="grey", linestyle=":", label=f"budget ε={target:g}")
         ax_eps.legend()
     ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)", title="Privacy")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax_acc, ax_eps):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

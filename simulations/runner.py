@@ -35,6 +35,7 @@ class ProgressListener:
             console=console,
         )
         self.task = None
+        self.results: dict[str, Any] | None = None
 
     def started(self, config: FedMoEConfig, noise_multiplier: float, run_dir: Path) -> None:
         self.console.print(
@@ -58,6 +59,7 @@ class ProgressListener:
         self.progress.update(self.task, advance=1, status=status)
 
     def finished(self, results: dict[str, Any], results_path: Path) -> None:
+        self.results = results
         self.progress.stop()
         self.console.print(client_table(results))
         final = results["final"]
@@ -116,21 +118,14 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    console = Console()
-    outcome: dict[str, Any] = {}
-
-    class _Keep(ProgressListener):
-        def finished(self, results: dict[str, Any], results_path: Path) -> None:
-            outcome["results"] = results
-            super().finished(results, results_path)
-
+    listener = ProgressListener(Console())
     run_simulation(
-        server_app=make_server_app(config, _Keep(console)),
+        server_app=make_server_app(config, listener),
         client_app=client_app,
         num_supernodes=num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         verbose_logging=verbose,
     )
-    if "results" not in outcome:
+    if listener.results is None:
         raise RuntimeError("the simulation ended without results; rerun with --verbose for logs")
-    return outcome["results"]
+    return listener.results
