@@ -1,13 +1,16 @@
 """The fedmoe ClientApp: one per data holder, DP-SGD on its own data.
 
-Flower glue only: the work is done by :mod:`fedmoe`. Per train message:
+Flower glue only: the work is done by :mod:`fedmoe`. Three handlers:
 
-1. read the global ``shared``+``gate`` arrays, the round plan and the run config;
-2. charge the client's own privacy ledger for this round and save it (write-ahead),
-   refusing with an error reply if the round would exceed the client's budget;
-3. rebuild the full model from the global arrays and the client's stored local experts;
-4. DP-SGD (Opacus) on all trainable parameters;
-5. store the local experts, reply with ``shared``+``gate`` arrays and metrics only.
+- **query** (once, before the client's first round): say who it is (its stable client id),
+  how many training examples it holds, its own ε budget and its ledger's history, so the
+  server can plan its δ, q and σ;
+- **train**: check the round plan against the client's own ledger and charge it (one SQLite
+  transaction, *before* any data is touched: a crash may over-count, never under-count);
+  refuse with an error reply if the round would exceed the client's budget. Then rebuild
+  the model from the global arrays and the stored local experts, run exactly the planned
+  DP-SGD steps, store the local experts, and reply with ``shared``+``gate`` arrays only;
+- **evaluate**: personalised and global-only accuracy on the client's own test split.
 """
 
 from __future__ import annotations
@@ -20,10 +23,15 @@ from clients.state import ClientStore, open_store
 from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
 from fedmoe.models import model_for
-from fedmoe.privacy import BudgetExceededError, new_ledger, round_cost
+from fedmoe.privacy import BudgetExceededError, LedgerError
 from fedmoe.records import (
     ARRAYS,
+    BAD_MESSAGE,
+    BUDGET_EXCEEDED,
+    CLIENT,
+    LEDGER_UNUSABLE,
     METRICS,
+    ClientInfo,
     EvalReport,
     RoundPlan,
     TrainReport,
@@ -33,29 +41,49 @@ from fedmoe.records import (
 from fedmoe.roles import Role, merge_state_dict, split_state_dict
 from fedmoe.training import evaluate, train_dp_round
 
-#: Error code of a reply refusing a round the client's budget cannot pay for.
-BUDGET_EXCEEDED = 4001
-
 app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    node, store, (_, _, config), data = _open(msg, context)
+    try:
+        with store.book() as book:
+            ledger = book.get(node.client)
+    except LedgerError as err:
+        return _refuse(msg, LEDGER_UNUSABLE, str(err))
+    info = ClientInfo(
+        client=node.client,
+        num_train=len(data.train),
+        epsilon_budget=node.epsilon_budget,
+        ledger_delta=ledger.delta if ledger else 0.0,
+        ledger_accountant=ledger.accountant if ledger else "",
+        history=tuple(ledger.history) if ledger else (),
+    )
+    return Message(RecordDict({CLIENT: info.to_record()}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node, store, (global_state, plan, config), data = _open(msg, context)
-
-    ledger = store.load_ledger() or new_ledger(config, node.budget(config.target_epsilon))
+    if not plan.is_training:
+        return _refuse(msg, BAD_MESSAGE, "a train message must carry the round's DP parameters")
     try:
-        epsilon = ledger.charge(round_cost(config, plan.server_round, plan.noise_multiplier))
+        with store.book() as book:
+            book.open(node.client, budget=node.budget(config.target_epsilon),
+                      delta=plan.delta, accountant=plan.accountant)
+            epsilon = book.charge(node.client, plan.entry())  # write-ahead
     except BudgetExceededError as err:
-        return Message(Error(code=BUDGET_EXCEEDED, reason=str(err)), reply_to=msg)
-    store.save_ledger(ledger)  # write-ahead: charged before any data is touched
+        return _refuse(msg, BUDGET_EXCEEDED, str(err))
+    except LedgerError as err:
+        return _refuse(msg, LEDGER_UNUSABLE, str(err))
 
     model = personal_model(config, node, store, global_state)
     result = train_dp_round(
         model,
         data.train,
-        epochs=config.local_epochs,
-        sample_rate=config.sample_rate,
+        steps=plan.steps,
+        sample_rate=plan.sample_rate,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=config.max_grad_norm,
         learning_rate=config.learning_rate,
@@ -63,13 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     store.save_local(split_state_dict(model, {Role.LOCAL}))
 
-    report = TrainReport(
-        num_examples=len(data.train),
-        partition_id=node.partition_id,
-        epsilon=epsilon,
-        train_loss=result.loss,
-        steps=result.steps,
-    )
+    report = TrainReport(num_examples=len(data.train), epsilon=epsilon, steps=result.steps)
     content = RecordDict({ARRAYS: to_arrays(split_state_dict(model)), METRICS: report.to_record()})
     return Message(content, reply_to=msg)
 
@@ -77,13 +99,16 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     node, store, (global_state, _, config), data = _open(msg, context)
+    try:
+        with store.book() as book:
+            ledger = book.get(node.client)
+    except LedgerError as err:
+        return _refuse(msg, LEDGER_UNUSABLE, str(err))
     model = personal_model(config, node, store, global_state)
     personal = evaluate(model, data.test, use_local=True)
     global_only = evaluate(model, data.test, use_local=False)
-    ledger = store.load_ledger()
     report = EvalReport(
         num_examples=personal.num_examples,
-        partition_id=node.partition_id,
         personalized_accuracy=personal.accuracy,
         global_accuracy=global_only.accuracy,
         personalized_loss=personal.loss,
@@ -95,12 +120,17 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def _open(
     msg: Message, context: Context
 ) -> tuple[NodeSettings, ClientStore, tuple[dict, RoundPlan, FedMoEConfig], ClientData]:
-    """What both handlers start from: node settings, state store, the message, own data."""
+    """What every handler starts from: node settings, state store, the message, own data."""
     node = NodeSettings.from_node_config(context.node_config)
     message = read_server_message(msg.content)
     config = message[2]
     data = load_client_data(config, node.partition_id, node.num_partitions)
     return node, open_store(context, node), message, data
+
+
+def _refuse(msg: Message, code: int, reason: str) -> Message:
+    """An error reply: the server counts it as a failed reply and logs ``reason``."""
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def personal_model(

@@ -1,5 +1,9 @@
-"""``fedmoe`` command line: ``fedmoe simulate [--clients K] [--rounds R] [--out DIR]
-[--run-config "key=value ..."]``.
+"""``fedmoe`` command line.
+
+- ``fedmoe simulate [--clients K] [--rounds R] [--out DIR] [--run-config "key=value ..."]``
+  runs a federation in Flower's simulation engine;
+- ``fedmoe budget DIR [--json]`` prints the privacy ledger of a run folder (the server's,
+  every client) or of a client's state directory (its own).
 
 Every run-config key of :class:`fedmoe.config.FedMoEConfig` can be set with
 ``--run-config``, in Flower's own syntax; the config is validated before anything starts.
@@ -8,9 +12,12 @@ Every run-config key of :class:`fedmoe.config.FedMoEConfig` can be set with
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from fedmoe.config import ConfigError, FedMoEConfig
+from fedmoe.privacy import LEDGER_FILE, LedgerBook, LedgerError
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -43,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--run-config", action="append", default=None, metavar="'K=V ...'",
                      help="override run-config keys (Flower syntax); repeatable")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    bud = sub.add_parser("budget", help="print the privacy spend recorded in a ledger")
+    bud.add_argument("dir", type=Path, help="a run folder, or a client's state-dir")
+    bud.add_argument("--json", action="store_true",
+                     help="machine-readable: per client its δ, accountant and DP history")
     args = parser.parse_args(argv)
 
+    if args.command == "budget":
+        return budget(args.dir, as_json=args.json)
     try:
         config = build_config(args)
         from simulations.runner import run
@@ -53,6 +66,44 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedmoe: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def budget(folder: Path, *, as_json: bool = False) -> int:
+    """Print the ledger in ``folder``: a table, or JSON from which anyone can recompute ε."""
+    from fedmoe.reporting import privacy_rows
+
+    path = folder / LEDGER_FILE
+    if not path.is_file():
+        print(f"fedmoe: error: no {LEDGER_FILE} in {folder}; pass a run folder (e.g. "
+              "runs/<time>) or a client's state-dir", file=sys.stderr)
+        return 2
+    try:
+        with LedgerBook(path) as book:
+            if as_json:
+                ledgers = [book.get(c).to_dict(c) for c in book.clients()]
+                print(json.dumps(ledgers, indent=2))
+                return 0
+            rows = privacy_rows(book)
+    except LedgerError as err:
+        print(f"fedmoe: error: {err}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Privacy ledger {path}")
+    for col in ("client", "rounds", "ε spent", "ε left", "budget", "δ", "accountant", "σ", "q",
+                "steps"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        last = r["noise_multiplier"] is not None
+        table.add_row(
+            r["client"], str(r["rounds"] + r["prior_rounds"]), f"{r['epsilon']:.3f}",
+            f"{r['epsilon_left']:.3f}", f"{r['budget']:g}", f"{r['delta']:g}", r["accountant"],
+            f"{r['noise_multiplier']:.4f}" if last else "-",
+            f"{r['sample_rate']:g}" if last else "-", str(r["steps"]) if last else "-",
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     return 0
 
 

@@ -48,12 +48,21 @@ class FedMoEConfig:
     sample_rate : float (default: 0.1)
         Poisson sampling probability q of each example per step; an epoch is ``int(1/q)``
         steps and the expected batch is ``q * n_train``.
+    batch_size : int (default: 0)
+        Expected batch size instead of a sample rate: client i samples at
+        ``q_i = min(1, batch-size / n_i)``. 0 means "use ``sample-rate``".
     learning_rate : float (default: 0.5)
     max_grad_norm : float (default: 1.0)
         Per-sample clipping bound C.
     target_epsilon : float (default: 8.0)
-        Each client's (ε, δ) budget for the whole run; the server calibrates σ to it.
-    delta : float (default: 1e-4)
+        Each client's ε budget; the server calibrates σ so that a client taking part in
+        every planned round ends at or just under it.
+    target_delta : float (default: 0.0)
+        δ of every client's (ε, δ) guarantee. 0 means per client: the largest power of ten
+        ≤ 1/(10·n_i) for its train set size n_i (see :func:`fedmoe.privacy.client_delta`).
+    noise_multiplier : float (default: 0.0)
+        σ given directly instead of calibrated; the results then show how many rounds
+        each client's budget allows. 0 means "calibrate σ from target-epsilon".
     accountant : str (default: "rdp")
         ``rdp`` or ``prv`` (Opacus accountants).
     model : str (default: "moe-mlp")
@@ -77,10 +86,12 @@ class FedMoEConfig:
     min_available_clients: int = 2
     local_epochs: int = 1
     sample_rate: float = 0.1
+    batch_size: int = 0
     learning_rate: float = 0.5
     max_grad_norm: float = 1.0
     target_epsilon: float = 8.0
-    delta: float = 1e-4
+    target_delta: float = 0.0
+    noise_multiplier: float = 0.0
     accountant: str = "rdp"
     model: str = "moe-mlp"
     hidden_dim: int = 64
@@ -104,10 +115,18 @@ class FedMoEConfig:
             (self.min_available_clients >= 1, "min-available-clients must be >= 1"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),
             (0.0 < self.sample_rate <= 1.0, "sample-rate must be in (0, 1], e.g. 0.1"),
+            (self.batch_size >= 0, "batch-size must be >= 0 (0 = use sample-rate)"),
             (self.learning_rate > 0.0, "learning-rate must be > 0"),
             (self.max_grad_norm > 0.0, "max-grad-norm must be > 0"),
             (0.0 < self.target_epsilon < math.inf, "target-epsilon must be a finite value > 0"),
-            (0.0 < self.delta < 1.0, "delta must be in (0, 1), typically < 1/n_train"),
+            (
+                0.0 <= self.target_delta < 1.0,
+                "target-delta must be in [0, 1), below 1/n_train (0 = per client, automatic)",
+            ),
+            (
+                self.noise_multiplier >= 0.0 and math.isfinite(self.noise_multiplier),
+                "noise-multiplier must be finite and >= 0 (0 = calibrate from target-epsilon)",
+            ),
             (self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}"),
             (self.model in MODELS, f"model must be one of {MODELS}"),
             (self.hidden_dim >= 1, "hidden-dim must be >= 1"),
@@ -177,9 +196,13 @@ class NodeSettings:
     partition_id, num_partitions : int
         Which partition of the embedded dataset this node holds (the simulation engine
         sets both).
+    client_id : str (default: "")
+        The stable id the server's privacy ledger knows this client by. Empty means
+        ``partition-<partition-id>``.
     state_dir : str (default: "")
         Folder for the client's durable state (local experts, privacy ledger). Empty
-        means Flower's in-memory ``context.state`` (simulation).
+        means a per-run folder under the system's temp dir (simulation); a deployment
+        sets a persistent one so its ledger outlives runs.
     epsilon_budget : float (default: 0.0)
         The client's own ε budget; 0 means "accept the run's ``target-epsilon``".
         The client enforces ``min`` of the two.
@@ -187,6 +210,7 @@ class NodeSettings:
 
     partition_id: int
     num_partitions: int
+    client_id: str = ""
     state_dir: str = ""
     epsilon_budget: float = 0.0
 
@@ -211,6 +235,11 @@ class NodeSettings:
             )
         # SuperNodes may carry other, unrelated keys: take ours, ignore the rest.
         return cls(**{by_key[k]: v for k, v in node_config.items() if k in by_key})
+
+    @property
+    def client(self) -> str:
+        """This client's stable id (``client-id``, else ``partition-<partition-id>``)."""
+        return self.client_id or f"partition-{self.partition_id}"
 
     def budget(self, run_target: float) -> float:
         """The ε this client will spend at most."""

@@ -1,14 +1,17 @@
 """Conversion between fedmoe objects and Flower records — the library's only Flower glue.
 
-A train or evaluate message from the server holds three records:
+Messages from the server hold:
 
-- ``arrays`` (ArrayRecord): the ``shared`` and ``gate`` tensors of the global model;
-- ``config`` (ConfigRecord): this round's instructions (:class:`RoundPlan`);
-- ``run-config`` (ConfigRecord): the run's validated :class:`~fedmoe.config.FedMoEConfig`.
+- ``config`` (ConfigRecord): this round's instructions (:class:`RoundPlan`), with the
+  client's DP parameters in a train message;
+- ``run-config`` (ConfigRecord): the run's validated :class:`~fedmoe.config.FedMoEConfig`;
+- ``arrays`` (ArrayRecord, train and evaluate only): the global ``shared`` and ``gate`` tensors.
 
-A train reply holds ``arrays`` (the client's updated ``shared`` and ``gate`` tensors only)
-and ``metrics`` (:class:`TrainReport`); an evaluate reply holds ``metrics``
-(:class:`EvalReport`). The metric names are the documented wire format.
+Replies: a query reply holds ``client`` (:class:`ClientInfo`); a train reply holds ``arrays``
+(the client's updated ``shared`` and ``gate`` tensors only, DP-protected) and ``metrics``
+(:class:`TrainReport`); an evaluate reply holds ``metrics`` (:class:`EvalReport`).
+Everything in a reply besides the train arrays is released in the clear; the record and
+metric names are the documented wire format.
 """
 
 from __future__ import annotations
@@ -21,8 +24,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmoe.config import FedMoEConfig
+from fedmoe.privacy.accountant import Segment
+from fedmoe.privacy.ledger import LedgerEntry, LedgerError
+from fedmoe.privacy.plan import ClientPlan
 
 ARRAYS, CONFIG, RUN_CONFIG, METRICS = "arrays", "config", "run-config", "metrics"
+#: Record of a query reply (:class:`ClientInfo`).
+CLIENT = "client"
+#: Error codes of a client's error reply refusing a round: its budget cannot pay for it; its
+#: ledger cannot be used (unreadable, inconsistent, or at another δ/accountant); the
+#: message is malformed.
+BUDGET_EXCEEDED, LEDGER_UNUSABLE, BAD_MESSAGE = 4001, 4002, 4003
+#: Refusals that will repeat: the server gives that client no more rounds.
+REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE)
 #: Metric used by Flower's FedAvg to weight replies.
 WEIGHT_KEY = "num-examples"
 
@@ -41,41 +55,125 @@ def from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What the server asks of a client this round (privacy parameters are planned once)."""
+    """What the server asks of a client this round.
+
+    A train message carries the DP parameters of the client's round; server and client
+    both charge exactly these to their ledgers, and the client trains with exactly these.
+    An evaluate message carries only the round.
+    """
 
     server_round: int
-    noise_multiplier: float
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    steps: int = 0
+    delta: float = 0.0
+    accountant: str = ""
+
+    @classmethod
+    def for_training(cls, server_round: int, plan: ClientPlan) -> RoundPlan:
+        return cls(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps,
+                   plan.delta, plan.accountant)
+
+    @property
+    def is_training(self) -> bool:
+        return self.steps > 0
+
+    def entry(self) -> LedgerEntry:
+        return LedgerEntry(self.server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {"server-round": self.server_round, "noise-multiplier": self.noise_multiplier}
-        )
+        record = ConfigRecord({"server-round": self.server_round})
+        if self.is_training:
+            record["noise-multiplier"] = self.noise_multiplier
+            record["sample-rate"] = self.sample_rate
+            record["steps"] = self.steps
+            record["delta"] = self.delta
+            record["accountant"] = self.accountant
+        return record
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundPlan:
         try:
-            plan = cls(int(record["server-round"]), float(record["noise-multiplier"]))
+            if "steps" not in record:
+                return cls(int(record["server-round"]))
+            plan = cls(int(record["server-round"]), float(record["noise-multiplier"]),
+                       float(record["sample-rate"]), int(record["steps"]),
+                       float(record["delta"]), str(record["accountant"]))
         except KeyError as err:
             raise ReplyError(f"round config lacks {err}") from err
-        if not (plan.noise_multiplier > 0 and math.isfinite(plan.noise_multiplier)):
-            raise ReplyError(f"noise-multiplier must be finite and > 0, got {plan.noise_multiplier}")
+        try:
+            plan.entry()  # validates σ, q, steps
+        except LedgerError as err:
+            raise ReplyError(str(err)) from err
+        if not 0 < plan.delta < 1:
+            raise ReplyError(f"delta must be in (0, 1), got {plan.delta}")
         return plan
 
 
-def server_message(arrays: ArrayRecord, plan: RoundPlan, config: FedMoEConfig) -> RecordDict:
-    return RecordDict(
-        {
-            ARRAYS: arrays,
-            CONFIG: plan.to_record(),
-            RUN_CONFIG: ConfigRecord(config.to_run_config()),
-        }
-    )
+def server_message(arrays: ArrayRecord | None, plan: RoundPlan, config: FedMoEConfig) -> RecordDict:
+    """A train/evaluate message (``arrays`` given) or a query (``arrays`` None)."""
+    content = RecordDict({CONFIG: plan.to_record(), RUN_CONFIG: ConfigRecord(config.to_run_config())})
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    return content
 
 
 def read_server_message(content: RecordDict) -> tuple[dict[str, torch.Tensor], RoundPlan, FedMoEConfig]:
     config = FedMoEConfig.from_run_config(dict(content.config_records[RUN_CONFIG]))
     plan = RoundPlan.from_record(content.config_records[CONFIG])
-    return from_arrays(content.array_records[ARRAYS]), plan, config
+    arrays = content.array_records.get(ARRAYS)
+    return (from_arrays(arrays) if arrays is not None else {}), plan, config
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client's answer to the server's query before its first round (released in the clear).
+
+    ``history`` is its ledger's earlier rounds, ``(σ, q, steps)`` each, so the server plans
+    and accounts its remaining budget; ``ledger_delta``/``ledger_accountant`` are those of
+    that ledger (0 and "" when it has none).
+    """
+
+    client: str
+    num_train: int
+    epsilon_budget: float  # the operator's own budget; 0 = accept the run's target
+    ledger_delta: float = 0.0
+    ledger_accountant: str = ""
+    history: tuple[Segment, ...] = ()
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({
+            "client-id": self.client,
+            "num-train": self.num_train,
+            "epsilon-budget": self.epsilon_budget,
+            "ledger-delta": self.ledger_delta,
+            "ledger-accountant": self.ledger_accountant,
+            "history-noise-multiplier": [float(s) for s, _, _ in self.history],
+            "history-sample-rate": [float(q) for _, q, _ in self.history],
+            "history-steps": [int(n) for _, _, n in self.history],
+        })
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> ClientInfo:
+        try:
+            sigmas = list(record["history-noise-multiplier"])
+            rates = list(record["history-sample-rate"])
+            steps = list(record["history-steps"])
+            info = cls(str(record["client-id"]), int(record["num-train"]),
+                       float(record["epsilon-budget"]), float(record["ledger-delta"]),
+                       str(record["ledger-accountant"]),
+                       tuple(zip(map(float, sigmas), map(float, rates), map(int, steps),
+                                 strict=True)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReplyError(f"malformed client info: {err!r}") from err
+        if not info.client or info.num_train < 1 or info.epsilon_budget < 0:
+            raise ReplyError(f"client info out of range: {info}")
+        try:
+            for s, q, n in info.history:
+                LedgerEntry(0, s, q, n)
+        except LedgerError as err:
+            raise ReplyError(str(err)) from err
+        return info
 
 
 def _metrics_dataclass(cls):
@@ -104,13 +202,13 @@ def _metrics_dataclass(cls):
 @_metrics_dataclass
 @dataclass(frozen=True)
 class TrainReport:
-    """Train-reply metrics. ``num-examples`` and ``partition-id`` are released in the clear;
-    ``epsilon`` is the client's own ledger total after this round."""
+    """Train-reply metrics, released in the clear: ``num-examples`` (FedAvg's weight),
+    ``epsilon`` (the client's own ledger total after this round, which the server checks
+    against its own) and ``steps``. The training loss stays on the client: it is computed
+    from private batches without noise."""
 
     num_examples: int
-    partition_id: int
     epsilon: float
-    train_loss: float
     steps: int
 
 
@@ -120,7 +218,6 @@ class EvalReport:
     """Evaluate-reply metrics, computed on the client's own test split (released in the clear)."""
 
     num_examples: int
-    partition_id: int
     personalized_accuracy: float
     global_accuracy: float
     personalized_loss: float

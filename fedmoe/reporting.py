@@ -1,12 +1,16 @@
-"""The run folder: ``results.json`` (the record of a run) and ``progress.png`` (its plot).
+"""The run folder: ``results.json`` (the record of a run), ``progress.png`` and
+``privacy.png`` (its plots), next to the server's privacy ledger ``ledger.sqlite``.
 
 ``results.json`` layout::
 
     config            the validated run config (kebab-case keys)
-    noise_multiplier  σ planned for the run
-    rounds[]          round, sampled, rejected, clients[] (client, epsilon,
+    privacy           delta_rule, stopped (why training stopped early, or null),
+                      clients[] (:func:`privacy_rows`: per client its plan — n, δ, q, steps
+                      per round, σ, rounds its budget allows — and its spend from the
+                      server's ledger: rounds, ε spent, ε left)
+    rounds[]          round, sampled, rejected, mismatches, clients[] (client, epsilon,
                       personalized_accuracy, global_accuracy, num_examples,
-                      num_test_examples, train_loss), and the round's means / max ε
+                      num_test_examples), and the round's means / max ε
     final             personalized_accuracy_mean, global_accuracy_mean, epsilon_max,
                       clients[] (each client's latest evaluation)
     wall_seconds
@@ -16,15 +20,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.privacy.ledger import write_atomic
+from fedmoe.privacy import ClientPlan, LedgerBook
+from fedmoe.privacy.ledger import client_sort_key
+from fedmoe.storage import write_atomic
 
-RESULTS, PLOT = "results.json", "progress.png"
+RESULTS, PLOT, PRIVACY_PLOT = "results.json", "progress.png", "privacy.png"
+DELTA_RULE = ("target-delta, or if 0, per client the largest power of ten <= 1/(10 n) "
+              "for its train set size n")
 
 
 def resolve_run_dir(config: FedMoEConfig) -> Path:
@@ -34,38 +42,74 @@ def resolve_run_dir(config: FedMoEConfig) -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def privacy_rows(book: LedgerBook, plans: Mapping[str, ClientPlan] | None = None) -> list[dict]:
+    """Per client of ``book``: its spend (rounds taken, ε spent and left) and the DP
+    parameters of its latest round, merged with its plan for the run when given."""
+    rows = []
+    for client in book.clients():
+        ledger = book.get(client)
+        trajectory = book.trajectory(client)
+        spent = trajectory[-1][1] if trajectory else 0.0
+        last = ledger.entries[-1] if ledger.entries else None
+        row = {
+            "client": client,
+            "rounds": sum(1 for r, _ in trajectory if r > 0),
+            "prior_rounds": sum(1 for r, _ in trajectory if r == 0),
+            "epsilon": spent,
+            "budget": ledger.budget,
+            "epsilon_left": max(0.0, ledger.budget - spent),
+            "delta": ledger.delta,
+            "accountant": ledger.accountant,
+            "noise_multiplier": last.noise_multiplier if last else None,
+            "sample_rate": last.sample_rate if last else None,
+            "steps": last.steps if last else None,
+        }
+        plan = (plans or {}).get(client)
+        if plan is not None:
+            row |= {"num_train": plan.num_train, "noise_multiplier": plan.noise_multiplier,
+                    "sample_rate": plan.sample_rate, "steps": plan.steps,
+                    "rounds_allowed": plan.rounds_allowed}
+        rows.append(row)
+    return rows
+
+
 def build_results(
-    config: FedMoEConfig, noise_multiplier: float, history: Sequence[Any], wall_seconds: float
+    config: FedMoEConfig,
+    history: Sequence[Any],
+    wall_seconds: float,
+    *,
+    privacy: list[dict],
+    stopped: str | None = None,
 ) -> dict[str, Any]:
     """Turn the strategy's per-round history into the ``results.json`` document."""
     rounds, latest = [], {}
     for rec in history:
         clients = []
-        for pid in sorted(set(rec.train) | set(rec.evaluate)):
-            train, ev = rec.train.get(pid), rec.evaluate.get(pid)
+        for cid in sorted(set(rec.train) | set(rec.evaluate), key=client_sort_key):
+            train, ev = rec.train.get(cid), rec.evaluate.get(cid)
             row = {
-                "client": pid,
+                "client": cid,
                 "epsilon": ev.epsilon if ev else train.epsilon,
                 "personalized_accuracy": ev.personalized_accuracy if ev else None,
                 "global_accuracy": ev.global_accuracy if ev else None,
-                "num_examples": train.num_examples if train else latest.get(pid, {}).get("num_examples"),
+                "num_examples": train.num_examples if train else latest.get(cid, {}).get("num_examples"),
                 "num_test_examples": ev.num_examples if ev else None,
-                "train_loss": train.train_loss if train else None,
             }
             clients.append(row)
             if ev:
-                latest[pid] = row
+                latest[cid] = row
         rounds.append({
             "round": rec.server_round,
             "sampled": rec.sampled,
             "rejected": list(rec.rejected),
+            "mismatches": {c: {"server": s, "client": r} for c, (s, r) in rec.mismatches.items()},
             "clients": clients,
             **_summary(clients),
         })
-    final_clients = [latest[p] for p in sorted(latest)]
+    final_clients = [latest[c] for c in sorted(latest, key=client_sort_key)]
     return {
         "config": config.to_run_config(),
-        "noise_multiplier": noise_multiplier,
+        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
         "rounds": rounds,
         "final": {**_summary(final_clients), "clients": final_clients},
         "wall_seconds": round(wall_seconds, 2),
@@ -85,11 +129,12 @@ def _summary(clients: list[dict]) -> dict[str, float | None]:
     }
 
 
-def write_run_folder(run_dir: Path, results: dict[str, Any]) -> Path:
-    """Write ``results.json`` and ``progress.png`` under ``run_dir``; return the JSON path."""
+def write_run_folder(run_dir: Path, results: dict[str, Any], book: LedgerBook) -> Path:
+    """Write ``results.json``, ``progress.png`` and ``privacy.png``; return the JSON path."""
     path = run_dir / RESULTS
     write_atomic(path, json.dumps(_json_safe(results), indent=2, allow_nan=False).encode())
     plot_progress(results, run_dir / PLOT)
+    plot_privacy(book, run_dir / PRIVACY_PLOT)
     return path
 
 
@@ -127,6 +172,35 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
     ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)", title="Privacy")
     for ax in (ax_acc, ax_eps):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_privacy(book: LedgerBook, path: Path) -> None:
+    """ε spent per client over rounds (server's ledger), with each client's budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    budgets = set()
+    for client in book.clients():
+        points = [(r, e) for r, e in book.trajectory(client) if r > 0]
+        prior = max((e for r, e in book.trajectory(client) if r == 0), default=0.0)
+        if points:
+            xs, ys = zip(*[(0, prior), *points], strict=True)
+            ax.plot(xs, ys, "o-", markersize=3, linewidth=1, label=client)
+        budgets.add(book.get(client).budget)
+    for budget in sorted(budgets):
+        ax.axhline(budget, color="grey", linestyle=":")
+    ax.set(xlabel="round", ylabel="ε spent", title="Privacy spend per client (dotted: budget)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(book.clients()) <= 12:
+        ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -39,7 +39,7 @@ def train_dp_round(
     model: nn.Module,
     train_set: TensorDataset,
     *,
-    epochs: int,
+    steps: int,
     sample_rate: float,
     noise_multiplier: float,
     max_grad_norm: float,
@@ -47,10 +47,11 @@ def train_dp_round(
     balance_coef: float,
     generator: torch.Generator | None = None,
 ) -> TrainResult:
-    """Run ``epochs`` of DP-SGD on ``model`` in place (the model is wrapped, then released).
+    """Run exactly ``steps`` DP-SGD steps on ``model`` in place (wrapped, then released).
 
-    An empty Poisson batch still takes a noise-only step: skipping it would reveal that
-    the batch was empty.
+    ``steps`` is what the ledgers charged for the round; the Poisson loader is restarted as
+    often as needed. An empty Poisson batch still takes a noise-only step: skipping it
+    would reveal that the batch was empty.
     """
     model.train()
     private = make_private(
@@ -62,23 +63,25 @@ def train_dp_round(
         learning_rate=learning_rate,
         generator=generator,
     )
-    total, count, steps = 0.0, 0, 0
+    total, count, taken = 0.0, 0, 0
     # Opacus' backward hooks fire on module outputs because inputs need no grad: harmless.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
-        for _ in range(epochs):
+        while taken < steps:
             for x, y in private.loader:
                 private.optimizer.zero_grad(set_to_none=True)
                 losses = per_sample_loss(private.module, x, y, balance_coef)  # (B,)
                 loss = losses.mean() if len(losses) else losses.sum()
                 loss.backward()
                 private.optimizer.step()
-                steps += 1
+                taken += 1
                 total += float(losses.detach().sum())
                 count += len(losses)
+                if taken == steps:
+                    break
     finally:
         private.module._close()  # remove Opacus hooks: `model` is plain again
-    return TrainResult(loss=total / count if count else math.nan, steps=steps)
+    return TrainResult(loss=total / count if count else math.nan, steps=taken)
 
 
 @torch.no_grad()

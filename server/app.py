@@ -1,4 +1,4 @@
-"""The fedmoe ServerApp: plan σ once, run the FedMoE strategy, write the run folder.
+"""The fedmoe ServerApp: run the FedMoE strategy with its privacy ledger, write the run folder.
 
 ``app`` reads its configuration from Flower's run config (``flwr run .``).
 :func:`make_server_app` builds the same app around an already validated config and a
@@ -19,9 +19,9 @@ from flwr.supercore import log
 
 from fedmoe.config import FedMoEConfig
 from fedmoe.models import model_for
-from fedmoe.privacy import plan_noise
+from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
-from fedmoe.reporting import build_results, resolve_run_dir, write_run_folder
+from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
 from fedmoe.roles import split_state_dict
 from server.strategy import FedMoE, RoundRecord
 
@@ -29,7 +29,7 @@ from server.strategy import FedMoE, RoundRecord
 class RunListener(Protocol):
     """Hooks into a run's life, e.g. for a progress display."""
 
-    def started(self, config: FedMoEConfig, noise_multiplier: float, run_dir: Path) -> None: ...
+    def started(self, config: FedMoEConfig, run_dir: Path) -> None: ...
     def round_finished(self, record: RoundRecord) -> None: ...
     def finished(self, results: dict[str, Any], results_path: Path) -> None: ...
 
@@ -37,22 +37,26 @@ class RunListener(Protocol):
 def run_federation(
     grid: Grid, config: FedMoEConfig, listener: RunListener | None = None
 ) -> dict[str, Any]:
-    """Run all rounds of FedMoE on ``grid``; write and return the results."""
+    """Run FedMoE on ``grid`` until the planned rounds are done or no client can afford
+    another; write the run folder and return the results."""
     start = time.time()
     run_dir = resolve_run_dir(config)
     torch.manual_seed(config.seed)
     initial = to_arrays(split_state_dict(model_for(config)))  # shared + gate only
-    sigma = plan_noise(config)
-    log(INFO, "fedmoe: σ=%.4f planned for %s rounds (target ε=%g, δ=%g); run folder %s",
-        sigma, config.num_server_rounds, config.target_epsilon, config.delta, run_dir)
+    log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s",
+        config.num_server_rounds, config.target_epsilon, run_dir)
     if listener:
-        listener.started(config, sigma, run_dir)
-    strategy = FedMoE(
-        config, noise_multiplier=sigma, on_round=listener.round_finished if listener else None
-    )
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds)
-    results = build_results(config, sigma, strategy.history, time.time() - start)
-    path = write_run_folder(run_dir, results)
+        listener.started(config, run_dir)
+    with LedgerBook(run_dir / LEDGER_FILE) as book:
+        strategy = FedMoE(
+            config, book=book, on_round=listener.round_finished if listener else None
+        )
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds)
+        results = build_results(
+            config, strategy.history, time.time() - start,
+            privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
+        )
+        path = write_run_folder(run_dir, results, book)
     log(INFO, "fedmoe: results written to %s", path)
     if listener:
         listener.finished(results, path)

@@ -1,11 +1,17 @@
-"""FedMoE: FedAvg over the ``shared`` and ``gate`` tensors, with a per-client privacy ledger.
+"""FedMoE: FedAvg over the ``shared`` and ``gate`` tensors, with a durable per-client privacy ledger.
 
-A small subclass of Flower's :class:`~flwr.serverapp.strategy.FedAvg`: sampling, message
+A subclass of Flower's :class:`~flwr.serverapp.strategy.FedAvg`: sampling fractions, message
 construction and weighted averaging are Flower's; FedMoE adds
 
-- budget-aware sampling: a client whose ledger cannot pay for the next round is never
-  sampled; the server charges a sampled client's ledger when it sends the round;
-- the fedmoe message format (global arrays + round plan + run config);
+- discovery: before a client's first round the server queries it (stable client id, train
+  set size, own budget, earlier spend) and plans its δ, q, steps and σ once
+  (:func:`fedmoe.privacy.plan_client`);
+- budget-aware sampling: a client whose ledger cannot pay for the next round is never sent
+  one; the server charges its own ledger (a :class:`~fedmoe.privacy.LedgerBook` in the run
+  folder) when it sends the round, from the DP parameters it sent, whatever the client says;
+- a mismatch flag when a client's reported ε differs from the server's own;
+- a clean stop when no client can afford a round (:meth:`FedMoE.start`), after which the
+  last evaluation and the report still happen;
 - reply validation before aggregation: exactly the global keys (a ``local`` tensor is
   refused), the same shapes, finite values, well-formed metrics — Flower's own
   aggregation would broadcast a wrong shape and propagate NaN;
@@ -14,7 +20,9 @@ construction and weighted averaging are Flower's; FedMoE adds
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -22,16 +30,27 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 from flwr.supercore import log
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.privacy import LedgerEntry, PrivacyLedger, new_ledger, round_cost
+from fedmoe.privacy import (
+    BudgetExceededError,
+    ClientPlan,
+    LedgerBook,
+    LedgerEntry,
+    LedgerError,
+    client_delta,
+    plan_client,
+)
 from fedmoe.records import (
     ARRAYS,
+    CLIENT,
     METRICS,
+    REFUSALS,
     WEIGHT_KEY,
+    ClientInfo,
     EvalReport,
     ReplyError,
     RoundPlan,
@@ -39,27 +58,32 @@ from fedmoe.records import (
     server_message,
 )
 
+#: Relative difference between a client's reported ε and the server's that is flagged.
+MISMATCH_TOLERANCE = 1e-6
+
 
 @dataclass
 class RoundRecord:
-    """What one round did, per client (keyed by partition id) and overall."""
+    """What one round did, per client id and overall."""
 
     server_round: int
     sampled: int = 0
-    train: dict[int, TrainReport] = field(default_factory=dict)
-    evaluate: dict[int, EvalReport] = field(default_factory=dict)
+    train: dict[str, TrainReport] = field(default_factory=dict)
+    evaluate: dict[str, EvalReport] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    #: client -> (server's ε, client's reported ε) where they differ
+    mismatches: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class FedMoE(FedAvg):
-    """Federated MoE strategy.
+    """Federated MoE strategy with per-client privacy budgets.
 
     Parameters
     ----------
     config : FedMoEConfig
         The run's validated config (sampling fractions, DP parameters, budgets).
-    noise_multiplier : float
-        σ planned once for the whole run (see :func:`fedmoe.privacy.calibrate_noise`).
+    book : LedgerBook
+        The server's privacy ledgers, one per client id (``<run folder>/ledger.sqlite``).
     on_round : callable, optional (default: None)
         Called with each finished :class:`RoundRecord` (progress display).
     """
@@ -68,11 +92,9 @@ class FedMoE(FedAvg):
         self,
         config: FedMoEConfig,
         *,
-        noise_multiplier: float,
+        book: LedgerBook,
         on_round: Callable[[RoundRecord], None] | None = None,
     ) -> None:
-        if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
         super().__init__(
             fraction_train=config.fraction_train,
             fraction_evaluate=config.fraction_evaluate,
@@ -82,53 +104,193 @@ class FedMoE(FedAvg):
             weighted_by_key=WEIGHT_KEY,
         )
         self.config = config
-        self.noise_multiplier = noise_multiplier
+        self.book = book
+        for client in book.clients():  # a reused run folder: its accounting must match
+            ledger = book.get(client)
+            if ledger.accountant != config.accountant:
+                raise LedgerError(
+                    f"{book.path}: client {client!r} is accounted with {ledger.accountant!r}, "
+                    f"this run asks accountant={config.accountant!r}; ε from two accountings "
+                    "cannot be mixed. Use a new run-dir or the ledger's accountant"
+                )
         self.on_round = on_round
-        self.ledgers: dict[int, PrivacyLedger] = {}  # node id -> server-side ledger
+        self.clients: dict[int, str] = {}  # node id -> client id
+        self.plans: dict[str, ClientPlan] = {}  # client id -> its plan for this run
+        self.excluded: dict[str, str] = {}  # client id -> why it gets no more rounds
+        self.failed_nodes: dict[int, str] = {}  # nodes whose query failed -> why
         self.history: list[RoundRecord] = []
+        self.stop_reason: str | None = None
         self._rng = random.Random(config.seed)
         self._expected: dict[str, tuple[int, ...]] = {}  # global keys -> shapes, this round
 
     def summary(self) -> None:
         super().summary()
         c = self.config
-        log(INFO, "\t└──> DP-SGD: σ=%.4f, q=%g, C=%g, target ε=%g, δ=%g, accountant=%s",
-            self.noise_multiplier, c.sample_rate, c.max_grad_norm, c.target_epsilon,
-            c.delta, c.accountant)
+        sigma = f"σ={c.noise_multiplier:g} (given)" if c.noise_multiplier else "σ calibrated per client"
+        log(INFO, "\t└──> DP-SGD: %s, C=%g, target ε=%g, δ=%s, accountant=%s", sigma,
+            c.max_grad_norm, c.target_epsilon, c.target_delta or "auto (< 1/n per client)",
+            c.accountant)
+
+    # ------------------------------------------------------------------ the run
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's round loop (train, aggregate, evaluate), stopping cleanly when no client
+        can afford another round: the last evaluation and the report still happen.
+
+        Flower's own :meth:`Strategy.start` has no early exit and would keep sending empty
+        rounds; centralised evaluation (``evaluate_fn``) is not used by fedmoe.
+        """
+        if evaluate_fn is not None:
+            raise ValueError("FedMoE evaluates on the clients; evaluate_fn is not supported")
+        log(INFO, "Starting %s strategy for %s rounds:", type(self).__name__, num_rounds)
+        self.summary()
+        result, arrays, evaluated = Result(arrays=initial_arrays), initial_arrays, False
+        t_start = time.time()
+        for current_round in range(1, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            messages = list(self.configure_train(current_round, arrays, ConfigRecord(), grid))
+            if not messages:
+                log(WARNING, "fedmoe: training stops before round %s: %s", current_round,
+                    self.stop_reason)
+                self.history = [r for r in self.history if r.server_round != current_round]
+                break
+            replies = grid.send_and_receive(messages=messages, timeout=timeout)
+            agg_arrays, train_metrics = self.aggregate_train(current_round, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[current_round] = train_metrics
+            evaluate_metrics = self._evaluate(current_round, arrays, grid, timeout)
+            evaluated = True
+            if evaluate_metrics is not None:
+                result.evaluate_metrics_clientapp[current_round] = evaluate_metrics
+        if not evaluated:  # stopped before any training: report the initial model
+            self._evaluate(0, arrays, grid, timeout)
+        log(INFO, "Strategy finished in %.2fs", time.time() - t_start)
+        return result
+
+    def _evaluate(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid, timeout: float
+    ) -> MetricRecord | None:
+        messages = self.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        return self.aggregate_evaluate(server_round, replies)
+
+    # ------------------------------------------------------------------ clients
+    def discover(self, grid: Grid, node_ids: Iterable[int], server_round: int) -> None:
+        """Query nodes seen for the first time and plan their clients."""
+        new = [n for n in node_ids if n not in self.clients and n not in self.failed_nodes]
+        if not new:
+            return
+        content = server_message(None, RoundPlan(server_round), self.config)
+        queries = self._construct_messages(content, new, MessageType.QUERY)
+        for reply in grid.send_and_receive(messages=queries, timeout=600):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.failed_nodes[node] = reply.error.reason
+                log(WARNING, "node %s cannot take part: %s", node, reply.error.reason)
+                continue
+            try:
+                info = ClientInfo.from_record(reply.content.config_records[CLIENT])
+            except (KeyError, ReplyError) as err:
+                self.failed_nodes[node] = f"malformed query reply: {err}"
+                log(WARNING, "node %s cannot take part: %s", node, self.failed_nodes[node])
+                continue
+            if info.client in self.clients.values():
+                self.failed_nodes[node] = f"client id {info.client!r} is already taken"
+                log(WARNING, "node %s: client id %r is already used by another node; set a "
+                    "distinct client-id in its node config", node, info.client)
+                continue
+            self.clients[node] = info.client
+            self._plan(info)
+
+    def _plan(self, info: ClientInfo) -> None:
+        """Plan a new client against the server's own ledger (seeded with its earlier spend)."""
+        c, client = self.config, info.client
+        budget = min(c.target_epsilon, info.epsilon_budget) if info.epsilon_budget > 0 \
+            else c.target_epsilon
+        if info.ledger_accountant and info.ledger_accountant != c.accountant:
+            self._exclude(client, f"its ledger accounts with {info.ledger_accountant!r}, this "
+                                  f"run with {c.accountant!r}")
+            return
+        delta = info.ledger_delta or None  # a client's existing ledger keeps its δ
+        if delta and c.target_delta and delta != c.target_delta:
+            self._exclude(client, f"its ledger is at δ={delta:g}, this run asks "
+                                  f"target-delta={c.target_delta:g}")
+            return
+        if delta is None:
+            delta = client_delta(c, info.num_train)
+        try:
+            existing = self.book.get(client)
+            self.book.open(client, budget=budget, delta=delta, accountant=c.accountant)
+            if existing is None:  # seed with the spend the client reports from earlier runs
+                for sigma, q, steps in info.history:
+                    self.book.charge(client, LedgerEntry(0, sigma, q, steps))
+        except BudgetExceededError:
+            self._exclude(client, "its earlier spend already exceeds its budget")
+            return
+        except LedgerError as err:
+            self._exclude(client, str(err))
+            return
+        prior = self.book.get(client).history
+        plan = plan_client(c, client, num_train=info.num_train, budget=budget, delta=delta,
+                           prior=prior)
+        self.plans[client] = plan
+        log(INFO, "client %s: n=%s, δ=%g, q=%g, %s steps/round, σ=%.4f, budget ε=%g allows %s "
+            "round(s)", client, plan.num_train, plan.delta, plan.sample_rate, plan.steps,
+            plan.noise_multiplier, budget, plan.rounds_allowed)
+        if plan.rounds_allowed == 0:
+            self._exclude(client, "its budget cannot pay for one round")
+
+    def _exclude(self, client: str, why: str) -> None:
+        if client not in self.excluded:
+            self.excluded[client] = why
+            log(WARNING, "client %s gets no more rounds: %s", client, why)
+
+    def can_afford(self, client: str, server_round: int) -> bool:
+        plan = self.plans.get(client)
+        if plan is None or client in self.excluded:
+            return False
+        ledger = self.book.get(client)
+        return ledger is not None and ledger.can_afford(plan.entry(server_round))
 
     # ------------------------------------------------------------------ train
-    def round_entry(self, server_round: int) -> LedgerEntry:
-        """The privacy cost of one round for one client."""
-        return round_cost(self.config, server_round, self.noise_multiplier)
-
-    def ledger(self, node_id: int) -> PrivacyLedger:
-        if node_id not in self.ledgers:
-            self.ledgers[node_id] = new_ledger(self.config)
-        return self.ledgers[node_id]
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample among the clients that can afford this round and charge their ledgers."""
+        """Sample among the clients that can afford this round and charge the server's ledger."""
         self._record(server_round)
         self._expected = {k: tuple(a.shape) for k, a in arrays.items()}
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
-        entry = self.round_entry(server_round)
-        affordable = [n for n in all_nodes if self.ledger(n).can_afford(entry)]
+        self.discover(grid, all_nodes, server_round)
+        affordable = [n for n in all_nodes
+                      if n in self.clients and self.can_afford(self.clients[n], server_round)]
         if not affordable:
-            log(WARNING, "configure_train: no client can afford round %s; training stops",
-                server_round)
+            self.stop_reason = (f"no client can afford round {server_round} within its budget "
+                                f"(target ε={self.config.target_epsilon:g})")
             return []
         size = min(len(affordable), max(self.min_train_nodes,
                                         int(len(all_nodes) * self.fraction_train)))
         nodes = self._rng.sample(affordable, size)
+        messages = []
         for node in nodes:
-            self.ledger(node).charge(entry)  # sent = spent: the server never under-counts
+            plan = self.plans[self.clients[node]]
+            self.book.charge(plan.client, plan.entry(server_round))  # sent = spent
+            content = server_message(arrays, RoundPlan.for_training(server_round, plan),
+                                     self.config)
+            messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
         self.history[-1].sampled = len(nodes)
         log(INFO, "configure_train: sampled %s of %s clients (%s can afford the round)",
             len(nodes), len(all_nodes), len(affordable))
-        record = server_message(arrays, RoundPlan(server_round, self.noise_multiplier), self.config)
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -137,15 +299,21 @@ class FedMoE(FedAvg):
         record = self._record(server_round)
         valid: list = []
         for msg in replies:
+            node = msg.metadata.src_node_id
+            client = self.clients.get(node, f"node-{node}")
             if msg.has_error():
-                record.rejected.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                record.rejected.append(f"{client}: {msg.error.reason}")
+                if msg.error.code in REFUSALS:  # its own ledger says no: it will again
+                    self._exclude(client, f"it refused round {server_round}: "
+                                          f"{msg.error.reason}")
                 continue
             try:
                 report = self._check_train_reply(msg)
             except ReplyError as err:
-                record.rejected.append(f"node {msg.metadata.src_node_id}: {err}")
+                record.rejected.append(f"{client}: {err}")
                 continue
-            record.train[report.partition_id] = report
+            self._check_epsilon(record, client, report.epsilon)
+            record.train[client] = report
             valid.append(msg.content)
         for reason in record.rejected:
             log(WARNING, "aggregate_train: dropped reply from %s", reason)
@@ -154,11 +322,19 @@ class FedMoE(FedAvg):
         arrays = aggregate_arrayrecords(valid, self.weighted_by_key)
         reports = list(record.train.values())
         metrics = MetricRecord({
-            "train-loss": _weighted([r.train_loss for r in reports], reports),
             "epsilon-max": max(r.epsilon for r in reports),
             "num-clients": len(reports),
         })
         return arrays, metrics
+
+    def _check_epsilon(self, record: RoundRecord, client: str, reported: float) -> None:
+        """Flag a client whose own ε differs from what the server charged it."""
+        trajectory = self.book.trajectory(client)
+        ours = trajectory[-1][1] if trajectory else 0.0
+        if not math.isclose(ours, reported, rel_tol=MISMATCH_TOLERANCE, abs_tol=1e-9):
+            record.mismatches[client] = (ours, reported)
+            log(WARNING, "privacy mismatch: client %s reports ε=%.6f, the server's ledger "
+                "says ε=%.6f for the same rounds", client, reported, ours)
 
     def _check_train_reply(self, msg: Message) -> TrainReport:
         content = msg.content
@@ -189,9 +365,11 @@ class FedMoE(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        self.discover(grid, all_nodes, server_round)
+        known = [n for n in all_nodes if n in self.clients]
         size = max(self.min_evaluate_nodes, int(len(all_nodes) * self.fraction_evaluate))
-        nodes = self._rng.sample(all_nodes, min(size, len(all_nodes)))
-        record = server_message(arrays, RoundPlan(server_round, self.noise_multiplier), self.config)
+        nodes = self._rng.sample(known, min(size, len(known)))
+        record = server_message(arrays, RoundPlan(server_round), self.config)
         return self._construct_messages(record, nodes, MessageType.EVALUATE)
 
     def aggregate_evaluate(
@@ -200,16 +378,17 @@ class FedMoE(FedAvg):
         """Per-client personalised and global-only accuracy, and their weighted means."""
         record = self._record(server_round)
         for msg in replies:
+            client = self.clients.get(msg.metadata.src_node_id, "?")
             if msg.has_error():
-                log(WARNING, "aggregate_evaluate: node %s failed: %s",
-                    msg.metadata.src_node_id, msg.error.reason)
+                log(WARNING, "aggregate_evaluate: client %s failed: %s", client,
+                    msg.error.reason)
                 continue
             try:
                 report = EvalReport.from_record(msg.content.metric_records[METRICS])
             except (KeyError, ReplyError) as err:
-                log(WARNING, "aggregate_evaluate: dropped reply: %s", err)
+                log(WARNING, "aggregate_evaluate: dropped reply of %s: %s", client, err)
                 continue
-            record.evaluate[report.partition_id] = report
+            record.evaluate[client] = report
         if self.on_round is not None:
             self.on_round(record)
         reports = list(record.evaluate.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,14 @@ class ProgressListener:
         self.task = None
         self.results: dict[str, Any] | None = None
 
-    def started(self, config: FedMoEConfig, noise_multiplier: float, run_dir: Path) -> None:
+    def started(self, config: FedMoEConfig, run_dir: Path) -> None:
+        sigma = (f"σ={config.noise_multiplier:g}" if config.noise_multiplier
+                 else "σ calibrated per client")
+        delta = f"δ={config.target_delta:g}" if config.target_delta else "δ<1/n per client"
         self.console.print(
             f"[bold]fedmoe[/bold] {config.model} on {config.dataset}: "
-            f"{config.num_server_rounds} rounds, DP-SGD σ={noise_multiplier:.3f} "
-            f"(ε≤{config.target_epsilon:g}, δ={config.delta:g}), run folder {run_dir}"
+            f"{config.num_server_rounds} rounds, DP-SGD {sigma} "
+            f"(ε≤{config.target_epsilon:g}, {delta}, {config.accountant}), run folder {run_dir}"
         )
         self.progress.start()
         self.task = self.progress.add_task(
@@ -62,6 +66,9 @@ class ProgressListener:
         self.results = results
         self.progress.stop()
         self.console.print(client_table(results))
+        if results["privacy"]["stopped"]:
+            self.console.print(f"[yellow]training stopped early: "
+                               f"{results['privacy']['stopped']}[/yellow]")
         final = results["final"]
         self.console.print(
             f"mean personalised accuracy {_fmt(final['personalized_accuracy_mean'])} · "
@@ -77,14 +84,20 @@ def _fmt(value: float | None) -> str:
 
 def client_table(results: dict[str, Any]) -> Table:
     table = Table(title="Per-client results (own test split)")
-    for col in ("client", "personalised acc", "global-only acc", "ε spent", "train ex.", "test ex."):
+    for col in ("client", "personalised acc", "global-only acc", "rounds", "ε spent", "δ",
+                "σ", "train ex.", "test ex."):
         table.add_column(col, justify="right")
+    privacy = {p["client"]: p for p in results["privacy"]["clients"]}
     for c in results["final"]["clients"]:
+        p = privacy.get(c["client"], {})
         table.add_row(
             str(c["client"]),
             _fmt(c["personalized_accuracy"]),
             _fmt(c["global_accuracy"]),
+            str(p.get("rounds", "")),
             f"{c['epsilon']:.3f}",
+            f"{p['delta']:g}" if p else "",
+            f"{p['noise_multiplier']:.3f}" if p.get("noise_multiplier") else "",
             str(c["num_examples"]),
             str(c["num_test_examples"]),
         )
@@ -118,7 +131,8 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    listener = ProgressListener(Console())
+    # piped output (CI logs, make run | tee) gets a width that fits the per-client table
+    listener = ProgressListener(Console(width=None if sys.stdout.isatty() else 120))
     run_simulation(
         server_app=make_server_app(config, listener),
         client_app=client_app,

@@ -30,7 +30,9 @@ def test_unknown_key_is_named_with_the_valid_keys():
     ("sample-rate", 1.5, "sample-rate must be in"),
     ("target-epsilon", -1.0, "target-epsilon must be"),
     ("top-k", 5, "top-k must be between 1 and"),
-    ("delta", 1.0, "delta must be in"),
+    ("target-delta", 1.0, "target-delta must be in"),
+    ("noise-multiplier", -0.5, "noise-multiplier must be finite and >= 0"),
+    ("batch-size", -1, "batch-size must be >= 0"),
     ("accountant", "moments", "accountant must be one of"),
     ("num-server-rounds", 0, "num-server-rounds must be >= 1"),
 ])

@@ -195,6 +195,7 @@ def test_flwr_run_local_simulation(tmp_path):
     assert results["config"]["num-server-rounds"] == 2
     assert results["config"]["run-dir"] == str(run_dir)
     assert [r["round"] for r in results["rounds"]] == [1, 2]
-    assert sorted(c["client"] for c in results["rounds"][-1]["clients"]) == [0, 1, 2]
+    assert sorted(c["client"] for c in results["rounds"][-1]["clients"]) == [
+        "partition-0", "partition-1", "partition-2"]
     assert results["final"]["epsilon_max"] > 0
     assert results["final"]["epsilon_max"] <= results["config"]["target-epsilon"]

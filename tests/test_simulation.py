@@ -20,8 +20,9 @@ def test_two_rounds_three_clients_end_to_end(tmp_path):
     assert [r["round"] for r in results["rounds"]] == [1, 2]
 
     by_round = [{c["client"]: c for c in r["clients"]} for r in results["rounds"]]
-    assert sorted(by_round[0]) == sorted(by_round[1]) == [0, 1, 2]
-    for pid in range(3):
+    clients = ["partition-0", "partition-1", "partition-2"]
+    assert sorted(by_round[0]) == sorted(by_round[1]) == clients
+    for pid in clients:
         first, second = by_round[0][pid]["epsilon"], by_round[1][pid]["epsilon"]
         assert 0 < first < second <= config.target_epsilon  # ε composes across rounds
         assert by_round[1][pid]["num_examples"] > 0
@@ -31,4 +32,13 @@ def test_two_rounds_three_clients_end_to_end(tmp_path):
     assert final["epsilon_max"] <= config.target_epsilon
     # ten classes: chance is 0.1
     assert final["personalized_accuracy_mean"] > 0.2
-    assert all(not r["rejected"] for r in results["rounds"])
+    assert all(not r["rejected"] and not r["mismatches"] for r in results["rounds"])
+    # the server's ledger and every client's agree, and the privacy report lists each client
+    privacy = {p["client"]: p for p in results["privacy"]["clients"]}
+    assert sorted(privacy) == clients and results["privacy"]["stopped"] is None
+    for pid in clients:
+        assert privacy[pid]["rounds"] == 2 and privacy[pid]["rounds_allowed"] == 2
+        assert privacy[pid]["epsilon"] == pytest.approx(by_round[1][pid]["epsilon"], rel=1e-9)
+        assert privacy[pid]["delta"] < 1 / privacy[pid]["num_train"]
+    assert (tmp_path / "run" / "privacy.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "ledger.sqlite").exists()

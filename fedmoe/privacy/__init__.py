@@ -1,12 +1,26 @@
-"""Differential privacy: Opacus wiring, accounting, σ calibration and the privacy ledger."""
+"""Differential privacy: Opacus wiring, accounting, per-client plans and the privacy ledger."""
 
 from fedmoe.privacy.accountant import calibrate_noise, epsilon, steps_per_epoch
 from fedmoe.privacy.dp import PrivateTraining, make_private, secret_generator
-from fedmoe.privacy.ledger import BudgetExceededError, LedgerEntry, LedgerError, PrivacyLedger
-from fedmoe.privacy.plan import new_ledger, plan_noise, round_cost, steps_per_round
+from fedmoe.privacy.ledger import (
+    LEDGER_FILE,
+    BudgetExceededError,
+    LedgerBook,
+    LedgerEntry,
+    LedgerError,
+    PrivacyLedger,
+)
+from fedmoe.privacy.plan import (
+    ClientPlan,
+    client_delta,
+    client_sample_rate,
+    plan_client,
+    rounds_allowed,
+)
 
 __all__ = [
     "calibrate_noise", "epsilon", "steps_per_epoch", "PrivateTraining", "make_private",
-    "secret_generator", "BudgetExceededError", "LedgerEntry", "LedgerError", "PrivacyLedger",
-    "new_ledger", "plan_noise", "round_cost", "steps_per_round",
+    "secret_generator", "LEDGER_FILE", "BudgetExceededError", "LedgerBook", "LedgerEntry",
+    "LedgerError", "PrivacyLedger", "ClientPlan", "client_delta", "client_sample_rate",
+    "plan_client", "rounds_allowed",
 ]

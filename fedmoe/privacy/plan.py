@@ -1,42 +1,144 @@
-"""A run's privacy plan, derived from its config: σ for the run, the cost of one round,
-and a fresh ledger. Server and client both price a round here, so they always agree."""
+"""A client's privacy plan for a run: δ, q, steps per round, σ, and what its budget allows.
+
+The server plans every client once, before its first round, from what the client told it
+(train set size, own budget, prior spend) and the run config. The train message carries the
+plan's DP parameters; server and client both charge exactly those, so their ledgers agree.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
 from fedmoe.config import FedMoEConfig
-from fedmoe.privacy.accountant import calibrate_noise, steps_per_epoch
-from fedmoe.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedmoe.privacy.accountant import Segment, calibrate_noise, epsilon, steps_per_epoch
+from fedmoe.privacy.ledger import LedgerEntry
+
+#: "Rounds the budget allows" is searched up to this many times the planned rounds (the
+#: accountants slow down with very long histories); a plan at the cap allows at least that.
+ROUNDS_ALLOWED_CAP = 10
 
 
-def steps_per_round(config: FedMoEConfig) -> int:
-    return config.local_epochs * steps_per_epoch(config.sample_rate)
+def client_delta(config: FedMoEConfig, num_train: int) -> float:
+    """δ for a client with ``num_train`` examples: ``target-delta``, or if that is 0 the
+    largest power of ten ≤ 1/(10·n) (so δ < 1/n with a margin, and readable)."""
+    if config.target_delta > 0:
+        return config.target_delta
+    return 10.0 ** math.floor(math.log10(1.0 / (10.0 * max(num_train, 1))))
 
 
-def plan_noise(config: FedMoEConfig) -> float:
-    """σ that keeps a client within ``target-epsilon`` if it trains in every planned round."""
-    return calibrate_noise(
-        config.target_epsilon,
-        config.delta,
-        config.sample_rate,
-        config.num_server_rounds * steps_per_round(config),
-        config.accountant,
+def client_sample_rate(config: FedMoEConfig, num_train: int) -> float:
+    """q for a client: ``batch-size / n`` (capped at 1) if a batch size is set, else ``sample-rate``."""
+    if config.batch_size > 0:
+        return min(1.0, config.batch_size / max(num_train, 1))
+    return config.sample_rate
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One client's DP parameters for the run.
+
+    ``rounds_allowed`` is how many rounds of these parameters its budget pays for, after its
+    ``prior`` spend (ledger history from earlier runs), searched up to
+    ``ROUNDS_ALLOWED_CAP`` × the planned rounds; 0 means it cannot take part.
+    """
+
+    client: str
+    num_train: int
+    budget: float
+    delta: float
+    accountant: str
+    sample_rate: float
+    steps: int  # per round
+    noise_multiplier: float
+    rounds_allowed: int
+    prior: tuple[Segment, ...] = ()
+
+    def entry(self, server_round: int) -> LedgerEntry:
+        return LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_dict(self) -> dict:
+        return {
+            "client": self.client,
+            "num_train": self.num_train,
+            "budget": self.budget,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps_per_round": self.steps,
+            "rounds_allowed": self.rounds_allowed,
+            "prior_rounds": len(self.prior),
+        }
+
+
+def plan_client(
+    config: FedMoEConfig,
+    client: str,
+    *,
+    num_train: int,
+    budget: float,
+    delta: float | None = None,
+    prior: Sequence[Segment] = (),
+) -> ClientPlan:
+    """Plan ``client``: calibrate σ (unless ``noise-multiplier`` is set) for all planned rounds.
+
+    ``delta`` overrides :func:`client_delta` (a client whose ledger already has a δ keeps it).
+    """
+    delta = client_delta(config, num_train) if delta is None else delta
+    q = client_sample_rate(config, num_train)
+    steps = config.local_epochs * steps_per_epoch(q)
+    prior = tuple((float(s), float(r), int(n)) for s, r, n in prior)
+    sigma = config.noise_multiplier
+    if sigma == 0:
+        sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
+                           config.accountant, prior)
+    allowed = 0 if math.isinf(sigma) else rounds_allowed(
+        budget, delta, config.accountant, (sigma, q, steps), prior,
+        start=config.num_server_rounds, cap=ROUNDS_ALLOWED_CAP * config.num_server_rounds,
     )
+    return ClientPlan(client, num_train, budget, delta, config.accountant, q, steps, sigma,
+                      allowed, prior)
 
 
-def round_cost(config: FedMoEConfig, server_round: int, noise_multiplier: float) -> LedgerEntry:
-    """The ledger entry one round of local DP-SGD costs a client."""
-    return LedgerEntry(
-        server_round=server_round,
-        noise_multiplier=noise_multiplier,
-        sample_rate=config.sample_rate,
-        steps=steps_per_round(config),
-    )
+@lru_cache(maxsize=256)
+def _calibrate(budget: float, delta: float, q: float, steps: int, accountant: str,
+               prior: tuple[Segment, ...]) -> float:
+    """σ for one (budget, δ, q, steps, prior) — clients alike share one calibration.
+    ``inf`` if the prior spend leaves no room."""
+    try:
+        return calibrate_noise(budget, delta, q, steps, accountant, prior=prior)
+    except ValueError:
+        return math.inf
 
 
-def new_ledger(config: FedMoEConfig, budget: float | None = None) -> PrivacyLedger:
-    """An empty ledger at the run's δ and accountant; ``budget`` defaults to target-epsilon."""
-    return PrivacyLedger(
-        budget=config.target_epsilon if budget is None else budget,
-        delta=config.delta,
-        accountant=config.accountant,
-    )
+def rounds_allowed(
+    budget: float, delta: float, accountant: str, per_round: Segment,
+    prior: Sequence[Segment] = (), *, start: int = 1, cap: int = 10_000,
+) -> int:
+    """The most rounds (at most ``cap``) of ``per_round`` that keep ε ≤ ``budget`` after
+    ``prior``. ``start`` is a guess (the planned rounds): a calibrated plan costs two
+    accountant calls."""
+    sigma, q, steps = per_round
+
+    def fits(rounds: int) -> bool:
+        history = [*prior, (sigma, q, steps * rounds)] if rounds else list(prior)
+        return epsilon(history, delta, accountant) <= budget + 1e-9
+
+    start = max(1, min(start, cap))
+    if fits(start):
+        low, high = start, start + 1
+        while fits(high):  # ε grows with rounds: find a bracket, then bisect
+            if high >= cap:
+                return cap
+            low, high = high, min(cap, 2 * high)
+    elif not fits(1):
+        return 0
+    else:
+        low, high = 1, start
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
