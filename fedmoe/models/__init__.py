@@ -1,4 +1,16 @@
-"""The fedmoe model family, built by name: ``build_model("moe-mlp", top_k=1)``."""
+"""The fedmoe model family, built by name: ``build_model("hmoe", top_k=1)``.
+
+| name    | model                                   | data           | task                       |
+|---------|-----------------------------------------|----------------|----------------------------|
+| `moe`   | flat top-k MoE classifier               | digits         | classification             |
+| `hmoe`  | deep MoE, hierarchical (2-level) gating | digits         | classification             |
+| `mtmoe` | multi-gate multi-task MoE               | digits (3 tasks) | multi-task, uncertainty-weighted |
+| `tmoe`  | Transformer with MoE feed-forward blocks | Python stdlib source | next-token pretraining, then classification |
+
+Every model's forward returns ``(outputs, aux)`` with ``aux`` (B,) its per-sample router
+losses, and names its task in ``model.task`` (:mod:`fedmoe.models.tasks`). Use
+:func:`fedmoe.models.layers.set_use_local` to score a model without its local experts.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +21,27 @@ from typing import Any
 from torch import nn
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.data import dataset_shape
-from fedmoe.models.layers import Expert, TopKMoE, per_sample_balance_loss
-from fedmoe.models.moe_mlp import MoEMLPClassifier, MoEMLPConfig
+from fedmoe.models.hmoe import HierarchicalMoEClassifier, HMoEConfig
+from fedmoe.models.layers import (
+    Expert,
+    HierarchicalMoE,
+    MultiGateMoE,
+    Router,
+    TopKMoE,
+    expert_usage,
+    per_sample_balance_loss,
+    set_use_local,
+)
+from fedmoe.models.moe import MoEClassifier, MoEConfig
+from fedmoe.models.mtmoe import DIGIT_TASKS, MTMoEConfig, MultiTaskMoE
+from fedmoe.models.tmoe import TMoEConfig, TransformerMoE
 
-#: name -> (config dataclass, model class). Every model's forward returns
-#: ``(logits, per_sample_balance_loss)`` and offers ``set_use_local(bool)``.
+#: name -> (config dataclass, model class).
 MODELS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
-    "moe-mlp": (MoEMLPConfig, MoEMLPClassifier),
+    "moe": (MoEConfig, MoEClassifier),
+    "hmoe": (HMoEConfig, HierarchicalMoEClassifier),
+    "mtmoe": (MTMoEConfig, MultiTaskMoE),
+    "tmoe": (TMoEConfig, TransformerMoE),
 }
 
 
@@ -26,27 +51,64 @@ def build_model(name: str, **overrides: Any) -> nn.Module:
     Raises
     ------
     ValueError
-        For an unknown model name or an override its config does not have.
+        For an unknown model name, an override its config does not have, or a bad value.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; available: {sorted(MODELS)}")
-    config_cls, model_cls = MODELS[name]
+    return MODELS[_known(name)][1](model_config(name, **overrides))
+
+
+def model_config(name: str, **overrides: Any) -> Any:
+    """The model's config dataclass with ``overrides`` (validated; cheap, builds no model)."""
+    config_cls = MODELS[_known(name)][0]
     valid = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"model '{name}' has no option(s) {unknown}; valid: {sorted(valid)}")
-    return model_cls(config_cls(**overrides))
+    return config_cls(**overrides)
 
 
-def model_for(config: FedMoEConfig) -> nn.Module:
-    """The run's model, shaped for its data set (server and clients build the same one)."""
-    in_features, num_classes = dataset_shape(config.dataset)
-    return build_model(
-        config.model, in_features=in_features, num_classes=num_classes, **config.model_overrides()
-    )
+def _known(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; available: {sorted(MODELS)}")
+    return name
+
+
+def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
+    """The run config's keyword overrides for its model's config dataclass (the one place
+    that maps run-config keys onto model shapes)."""
+    common = {
+        "hidden_dim": config.hidden_dim,
+        "num_local_experts": config.num_local_experts,
+        "top_k": config.top_k,
+        "gate": config.gate,
+        "balance_coef": config.balance_coef,
+        "z_loss_coef": config.z_loss_coef,
+    }
+    if config.model == "moe":
+        return common | {"num_shared_experts": config.num_shared_experts}
+    if config.model == "hmoe":
+        return common | {"num_groups": config.num_groups,
+                         "experts_per_group": config.num_shared_experts,
+                         "group_top_k": config.group_top_k, "expert_depth": config.expert_depth}
+    if config.model == "mtmoe":
+        return common | {"num_shared_experts": config.num_shared_experts, "tasks": DIGIT_TASKS}
+    return common | {"num_shared_experts": config.num_shared_experts,
+                     "num_always_on_experts": config.num_always_on_experts,
+                     "num_layers": config.num_layers, "num_heads": config.num_heads,
+                     "seq_len": config.seq_len}
+
+
+def model_for(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
+    """The run's model (server and clients build the same one), set up for the training
+    phase of ``server_round`` (``tmoe``: pretraining or fine-tuning)."""
+    model = build_model(config.model, **run_overrides(config))
+    if config.model == "tmoe":
+        model.set_phase(config.phase(server_round))
+    return model
 
 
 __all__ = [
-    "MODELS", "build_model", "model_for", "Expert", "TopKMoE", "per_sample_balance_loss",
-    "MoEMLPClassifier", "MoEMLPConfig",
+    "MODELS", "build_model", "model_config", "model_for", "run_overrides", "Expert", "Router",
+    "TopKMoE", "HierarchicalMoE", "MultiGateMoE", "per_sample_balance_loss", "set_use_local",
+    "expert_usage", "MoEClassifier", "MoEConfig", "HierarchicalMoEClassifier", "HMoEConfig",
+    "MultiTaskMoE", "MTMoEConfig", "TransformerMoE", "TMoEConfig",
 ]

@@ -1,4 +1,4 @@
-"""MoE building blocks: experts, the top-k router and the dense-masked MoE layer.
+"""MoE building blocks: experts, routers, the flat and the hierarchical dense-masked MoE layer.
 
 Routing is *dense-masked* top-k: every expert runs on every token and the router's
 non-chosen weights are zero. It costs E/k× the expert compute of sparse dispatch, but it
@@ -6,9 +6,24 @@ is built from ``nn.Linear`` only, so every Opacus grad-sample mode gives exact p
 gradients, including for an expert that no token chose (its per-sample gradient is zero,
 not missing). Do not replace it with ``x[sel]``/``index_add`` dispatch: that silently
 breaks per-sample gradients (see docs/architecture.md).
+
+Auxiliary router losses are computed **per sample**, over that sample's own tokens:
+
+- the Switch-Transformer balance term ``E · Σ_e f_e · P_e`` (f: share of the sample's
+  token-slots routed to e, P: its mean router probability for e);
+- the ST-MoE router z-loss ``mean_t logsumexp(logits_t)²``.
+
+A batch-level term would couple samples and void DP-SGD's per-sample sensitivity bound,
+and so would capacity-based token dropping; neither exists here. Each MoE layer returns
+``(output, aux)`` with ``aux`` (B,) = ``balance_coef · balance + z_loss_coef · z``.
+
+Expert usage (routing weight per expert, summed over tokens) is recorded only while
+:attr:`MoELayer.track_usage` is on (evaluation); it never enters a loss.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,75 +31,68 @@ from torch import nn
 
 from fedmoe.roles import Role, set_role
 
+GATES = ("linear", "attention")
+
 
 class Expert(nn.Module):
-    """A two-layer feed-forward expert: D -> H -> D."""
+    """A feed-forward expert D -> H (-> H)*(depth-1) -> D with ReLU between layers."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, depth: int = 1) -> None:
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"expert depth must be >= 1, got {depth}")
         self.fc1 = nn.Linear(dim, hidden)
+        self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        return self.fc2(F.relu(self.fc1(x)))
+        h = F.relu(self.fc1(x))
+        for layer in self.hidden:
+            h = F.relu(layer(h))
+        return self.fc2(h)
 
 
-class TopKMoE(nn.Module):
-    """Shared + local experts behind one learned top-k router.
+class Router(nn.Module):
+    """Scores E experts for each token: logits (..., E).
 
-    Experts ``0 .. S-1`` are shared (aggregated), ``S .. S+L-1`` local (personal). The
-    router scores all of them; :attr:`use_local` = False masks the local ones out, which
-    is how a client's model is scored "global-only".
-
-    The forward returns the mixed output and a per-sample load-balancing loss. The loss
-    is the Switch-Transformer balance term computed *within* each sample (its own tokens),
-    never across the batch: a batch-level term would couple samples and void the DP-SGD
-    per-sample sensitivity bound.
+    ``linear``: one linear layer. ``attention``: the token's query (a linear projection to
+    ``key_dim``) attends over a learned table of E expert keys, ``q · k_e / sqrt(key_dim)``;
+    the key table is an ``nn.Linear`` without bias, so Opacus handles it like any layer.
     """
 
-    def __init__(self, dim: int, hidden: int, num_shared: int, num_local: int, top_k: int):
+    def __init__(self, dim: int, num_experts: int, kind: str = "linear", key_dim: int = 16):
         super().__init__()
-        if not 1 <= top_k <= num_shared + num_local:
-            raise ValueError(f"top_k={top_k} must be in [1, {num_shared + num_local}]")
-        self.num_shared, self.num_local, self.top_k = num_shared, num_local, top_k
-        self.gate = set_role(nn.Linear(dim, num_shared + num_local), Role.GATE)
-        self.shared_experts = set_role(
-            nn.ModuleList(Expert(dim, hidden) for _ in range(num_shared)), Role.SHARED
-        )
-        self.local_experts = set_role(
-            nn.ModuleList(Expert(dim, hidden) for _ in range(num_local)), Role.LOCAL
-        )
-        self.use_local = True
+        if kind not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {kind!r}")
+        self.kind = kind
+        set_role(self, Role.GATE)
+        if kind == "linear":
+            self.proj = nn.Linear(dim, num_experts)
+        else:
+            self.query = nn.Linear(dim, key_dim)
+            self.keys = nn.Linear(key_dim, num_experts, bias=False)
+            self.scale = 1.0 / math.sqrt(key_dim)
 
-    @property
-    def num_experts(self) -> int:
-        return self.num_shared + self.num_local
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return self.proj(x)
+        return self.keys(self.query(x)) * self.scale
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router probabilities and normalised top-k weights, both (..., E)."""
-        logits = self.gate(x)  # (..., E)
-        if not self.use_local and self.num_local:
-            mask = torch.zeros(self.num_experts, dtype=torch.bool, device=x.device)
-            mask[self.num_shared:] = True
-            logits = logits.masked_fill(mask, float("-inf"))
-        probs = logits.softmax(dim=-1)  # (..., E)
-        k = self.top_k if self.use_local else min(self.top_k, self.num_shared)
-        chosen = probs.topk(k, dim=-1).indices  # (..., k)
-        keep = torch.zeros_like(probs).scatter(-1, chosen, 1.0)  # (..., E) in {0, 1}
-        weights = probs * keep
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # (..., E), k non-zeros
-        return probs, weights
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, D) or (B, T, D) -> output of the same shape, balance loss (B,)."""
-        probs, weights = self.route(x)
-        experts = [*self.shared_experts, *self.local_experts]
-        if not self.use_local:
-            experts = experts[: self.num_shared]
-            probs, weights = probs[..., : self.num_shared], weights[..., : self.num_shared]
-        outs = torch.stack([e(x) for e in experts], dim=-2)  # (..., E, D)
-        y = (weights.unsqueeze(-1) * outs).sum(dim=-2)  # (..., D)
-        return y, per_sample_balance_loss(probs, weights)
+def top_k_weights(
+    logits: torch.Tensor, k: int, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router probabilities and normalised top-k weights, both (..., E).
+
+    ``allowed`` (E,) bool masks experts out (their probability and weight are 0).
+    """
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    chosen = probs.topk(k, dim=-1).indices  # (..., k)
+    keep = torch.zeros_like(probs).scatter(-1, chosen, 1.0)  # (..., E) in {0, 1}
+    weights = probs * keep
+    return probs, weights / weights.sum(dim=-1, keepdim=True)
 
 
 def per_sample_balance_loss(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -101,3 +109,260 @@ def per_sample_balance_loss(probs: torch.Tensor, weights: torch.Tensor) -> torch
         frac, mean_prob = dispatched, probs
     frac = frac / frac.sum(dim=-1, keepdim=True)
     return num_experts * (frac * mean_prob).sum(dim=-1)  # (B,)
+
+
+def per_sample_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss: logsumexp(logits)², averaged over one sample's tokens. (B,)."""
+    z = torch.logsumexp(logits, dim=-1) ** 2  # (B,) or (B, T)
+    return z.mean(dim=1) if z.dim() == 2 else z
+
+
+class MoELayer(nn.Module):
+    """What every MoE layer shares: aux-loss coefficients, the local switch, usage tracking."""
+
+    def __init__(self, balance_coef: float, z_loss_coef: float) -> None:
+        super().__init__()
+        self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
+        self.use_local = True
+        self.track_usage = False
+        self.usage: torch.Tensor | None = None  # (E,) routing weight summed over tokens
+
+    def _aux(self, probs, weights, logits) -> torch.Tensor:
+        aux = self.balance_coef * per_sample_balance_loss(probs, weights)
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * per_sample_z_loss(logits)
+        return aux
+
+    def _record(self, weights: torch.Tensor) -> None:
+        if self.track_usage:
+            used = weights.detach().reshape(-1, weights.shape[-1]).sum(dim=0)
+            self.usage = used if self.usage is None else self.usage + used
+
+    def reset_usage(self) -> None:
+        self.usage = None
+
+
+class TopKMoE(MoELayer):
+    """Always-on experts + shared and local experts behind one learned top-k router.
+
+    ``num_always_on`` experts (``shared``) process every token unrouted (DeepSeek-style
+    shared experts). Routed experts ``0 .. S-1`` are shared (aggregated), ``S .. S+L-1``
+    local (personal). :attr:`use_local` = False masks the local ones out of routing, which
+    is how a client's model is scored "global-only".
+
+    Forward: x (B, D) or (B, T, D) -> (output of the same shape, aux (B,)).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_shared: int,
+        num_local: int,
+        top_k: int,
+        *,
+        num_always_on: int = 0,
+        depth: int = 1,
+        gate: str = "linear",
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        super().__init__(balance_coef, z_loss_coef)
+        if not 1 <= top_k <= num_shared + num_local:
+            raise ValueError(f"top_k={top_k} must be in [1, {num_shared + num_local}]")
+        if num_shared < 1:
+            raise ValueError("a routed MoE needs at least one shared routed expert")
+        self.num_shared, self.num_local, self.top_k = num_shared, num_local, top_k
+        self.gate = Router(dim, num_shared + num_local, gate)
+        self.always_on = set_role(
+            nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_always_on)), Role.SHARED
+        )
+        self.shared_experts = set_role(
+            nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_shared)), Role.SHARED
+        )
+        self.local_experts = set_role(
+            nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_local)), Role.LOCAL
+        )
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts."""
+        return self.num_shared + self.num_local
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, probabilities and normalised top-k weights, each (..., E)."""
+        logits = self.gate(x)
+        allowed = None
+        if not self.use_local and self.num_local:
+            allowed = torch.arange(self.num_experts, device=x.device) < self.num_shared
+        k = self.top_k if self.use_local else min(self.top_k, self.num_shared)
+        probs, weights = top_k_weights(logits, k, allowed)
+        return logits, probs, weights
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, probs, weights = self.route(x)
+        experts = [*self.shared_experts, *self.local_experts]
+        if not self.use_local:
+            experts = experts[: self.num_shared]
+            logits = logits[..., : self.num_shared]
+            probs, weights = probs[..., : self.num_shared], weights[..., : self.num_shared]
+        outs = torch.stack([e(x) for e in experts], dim=-2)  # (..., E, D)
+        y = (weights.unsqueeze(-1) * outs).sum(dim=-2)  # (..., D)
+        for expert in self.always_on:
+            y = y + expert(x)
+        self._record(weights if self.use_local else F.pad(weights, (0, self.num_local)))
+        return y, self._aux(probs, weights, logits)
+
+
+class HierarchicalMoE(MoELayer):
+    """Two-level gating over groups of deep experts.
+
+    A group router picks ``group_top_k`` of the groups; inside each group its own router
+    picks ``expert_top_k`` of the group's experts. An expert's weight is its group's weight
+    times its weight within the group. Groups ``0 .. G-1`` hold shared experts; if
+    ``num_local > 0`` one more group holds the local (personal) experts, and
+    :attr:`use_local` = False masks that group out at the first level.
+
+    Forward: x (B, D) or (B, T, D) -> (output of the same shape, aux (B,)), aux summing
+    both levels' balance and z terms.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        num_groups: int,
+        experts_per_group: int,
+        num_local: int,
+        group_top_k: int,
+        expert_top_k: int,
+        depth: int = 2,
+        gate: str = "linear",
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        super().__init__(balance_coef, z_loss_coef)
+        total_groups = num_groups + (1 if num_local else 0)
+        if not 1 <= group_top_k <= total_groups:
+            raise ValueError(f"group_top_k={group_top_k} must be in [1, {total_groups}]")
+        if not 1 <= expert_top_k <= experts_per_group:
+            raise ValueError(f"expert_top_k={expert_top_k} must be in [1, {experts_per_group}]")
+        if num_local and expert_top_k > num_local:
+            raise ValueError(f"expert_top_k={expert_top_k} exceeds num_local={num_local}")
+        self.num_groups, self.num_local = num_groups, num_local
+        self.group_top_k, self.expert_top_k = group_top_k, expert_top_k
+        self.group_gate = Router(dim, total_groups, gate)
+        self.expert_gates = nn.ModuleList(
+            Router(dim, experts_per_group, gate) for _ in range(num_groups)
+        )
+        self.groups = set_role(nn.ModuleList(
+            nn.ModuleList(Expert(dim, hidden, depth) for _ in range(experts_per_group))
+            for _ in range(num_groups)
+        ), Role.SHARED)
+        if num_local:
+            self.local_gate = Router(dim, num_local, gate)
+            self.local_experts = set_role(
+                nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_local)), Role.LOCAL
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total_groups = self.num_groups + (1 if self.num_local else 0)
+        group_logits = self.group_gate(x)
+        allowed, k = None, self.group_top_k
+        if self.num_local and not self.use_local:
+            allowed = torch.arange(total_groups, device=x.device) < self.num_groups
+            k = min(k, self.num_groups)
+        group_probs, group_weights = top_k_weights(group_logits, k, allowed)
+        aux = self._aux(group_probs, group_weights, group_logits)
+
+        members = [(gate, experts) for gate, experts in zip(self.expert_gates, self.groups,
+                                                            strict=True)]
+        if self.num_local:
+            members.append((self.local_gate, self.local_experts))
+        y = torch.zeros_like(x)
+        usage = []
+        for g, (gate, experts) in enumerate(members):
+            if g >= self.num_groups and not self.use_local:
+                usage.append(torch.zeros_like(group_weights[..., :1]).expand(
+                    *group_weights.shape[:-1], len(experts)))
+                continue
+            logits = gate(x)
+            probs, weights = top_k_weights(logits, self.expert_top_k)
+            aux = aux + self._aux(probs, weights, logits)
+            outs = torch.stack([e(x) for e in experts], dim=-2)  # (..., E_g, D)
+            combined = group_weights[..., g : g + 1] * weights  # (..., E_g)
+            y = y + (combined.unsqueeze(-1) * outs).sum(dim=-2)
+            usage.append(combined)
+        self._record(torch.cat(usage, dim=-1))
+        return y, aux
+
+
+class MultiGateMoE(MoELayer):
+    """One set of experts, one top-k router per task (multi-gate mixture-of-experts).
+
+    Experts ``0 .. S-1`` are shared, ``S .. S+L-1`` local; every task's router scores all of
+    them. Forward: x (B, D) -> (list of one (B, D) mixture per task, aux (B,) summed over
+    the task routers).
+    """
+
+    def __init__(self, dim: int, hidden: int, num_shared: int, num_local: int, top_k: int,
+                 num_tasks: int, *, gate: str = "linear", balance_coef: float = 0.01,
+                 z_loss_coef: float = 0.0) -> None:
+        super().__init__(balance_coef, z_loss_coef)
+        if not 1 <= top_k <= num_shared + num_local:
+            raise ValueError(f"top_k={top_k} must be in [1, {num_shared + num_local}]")
+        self.num_shared, self.num_local, self.top_k = num_shared, num_local, top_k
+        self.gates = nn.ModuleList(Router(dim, num_shared + num_local, gate)
+                                   for _ in range(num_tasks))
+        self.shared_experts = set_role(
+            nn.ModuleList(Expert(dim, hidden) for _ in range(num_shared)), Role.SHARED
+        )
+        self.local_experts = set_role(
+            nn.ModuleList(Expert(dim, hidden) for _ in range(num_local)), Role.LOCAL
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        experts = [*self.shared_experts, *(self.local_experts if self.use_local else [])]
+        outs = torch.stack([e(x) for e in experts], dim=-2)  # (..., E, D)
+        k = self.top_k if self.use_local else min(self.top_k, self.num_shared)
+        mixtures, aux, usage = [], None, []
+        for gate in self.gates:
+            logits = gate(x)[..., : len(experts)]
+            probs, weights = top_k_weights(logits, k)
+            mixtures.append((weights.unsqueeze(-1) * outs).sum(dim=-2))
+            term = self._aux(probs, weights, logits)
+            aux = term if aux is None else aux + term
+            usage.append(weights if self.use_local else F.pad(weights, (0, self.num_local)))
+        self._record(torch.cat(usage, dim=-1))
+        return mixtures, aux
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def set_use_local(model: nn.Module, enabled: bool) -> None:
+    """Route over local experts too (personalised) or over shared ones only (global-only)."""
+    for layer in moe_layers(model):
+        layer.use_local = enabled
+
+
+def expert_usage(model: nn.Module, forward) -> list[float]:
+    """Share of routing weight per expert (all MoE layers, concatenated) during ``forward()``."""
+    layers = moe_layers(model)
+    for layer in layers:
+        layer.reset_usage()
+        layer.track_usage = True
+    try:
+        forward()
+    finally:
+        for layer in layers:
+            layer.track_usage = False
+    shares = []
+    for layer in layers:
+        if layer.usage is not None:
+            total = float(layer.usage.sum())
+            shares += [float(u) / total if total else 0.0 for u in layer.usage]
+        layer.reset_usage()
+    return shares

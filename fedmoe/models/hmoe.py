@@ -1,0 +1,83 @@
+"""Deep MoE with hierarchical gating (``hmoe``): trunk -> two-level MoE of deep experts -> head.
+
+A first router picks groups of experts, a second router inside each chosen group picks
+experts (top-k at each level; see :class:`fedmoe.models.layers.HierarchicalMoE`). Experts
+are ``expert_depth``-layer networks. Roles: trunk and head ``shared``; both levels of
+routers ``gate``; the experts of the ``num_groups`` groups ``shared``; the extra group of
+``num_local_experts`` ``local``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmoe.models.layers import HierarchicalMoE
+from fedmoe.models.moe import check_positive
+from fedmoe.models.tasks import Classification
+from fedmoe.roles import Role, set_role
+
+
+@dataclass(frozen=True)
+class HMoEConfig:
+    """Shape of a :class:`HierarchicalMoEClassifier`."""
+
+    in_features: int = 64
+    num_classes: int = 10
+    hidden_dim: int = 64
+    expert_hidden_dim: int = 32
+    num_groups: int = 2
+    experts_per_group: int = 2
+    num_local_experts: int = 2
+    group_top_k: int = 1
+    top_k: int = 1  # experts picked inside each chosen group
+    expert_depth: int = 2
+    gate: str = "linear"
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("in_features", "num_classes", "hidden_dim", "expert_hidden_dim",
+                              "num_groups", "experts_per_group", "group_top_k", "top_k",
+                              "expert_depth"),
+                       ("num_local_experts", "balance_coef", "z_loss_coef"))
+        groups = self.num_groups + (1 if self.num_local_experts else 0)
+        if self.group_top_k > groups:
+            raise ValueError(f"HMoEConfig: group_top_k exceeds the {groups} groups")
+        if self.top_k > self.experts_per_group or (
+                self.num_local_experts and self.top_k > self.num_local_experts):
+            raise ValueError("HMoEConfig: top_k exceeds the experts of a group")
+
+
+class HierarchicalMoEClassifier(nn.Module):
+    """x: (B, in_features) -> logits (B, num_classes), aux (B,)."""
+
+    task = Classification()
+
+    def __init__(self, config: HMoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        set_role(self, Role.SHARED)
+        self.trunk = nn.Linear(config.in_features, config.hidden_dim)
+        self.moe = HierarchicalMoE(
+            config.hidden_dim,
+            config.expert_hidden_dim,
+            num_groups=config.num_groups,
+            experts_per_group=config.experts_per_group,
+            num_local=config.num_local_experts,
+            group_top_k=config.group_top_k,
+            expert_top_k=config.top_k,
+            depth=config.expert_depth,
+            gate=config.gate,
+            balance_coef=config.balance_coef,
+            z_loss_coef=config.z_loss_coef,
+        )
+        self.head = nn.Linear(config.hidden_dim, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.trunk(x))
+        m, aux = self.moe(h)
+        return self.head(h + m), aux

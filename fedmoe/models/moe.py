@@ -1,0 +1,78 @@
+"""Flat top-k MoE classifier (``moe``): trunk -> (residual) top-k MoE -> head.
+
+Roles: trunk and head ``shared``; router ``gate``; shared experts ``shared``; local
+experts ``local`` (declared in :class:`fedmoe.models.layers.TopKMoE`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmoe.models.layers import GATES, TopKMoE
+from fedmoe.models.tasks import Classification
+from fedmoe.roles import Role, set_role
+
+
+def check_positive(config, names: tuple[str, ...], nonnegative: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming every field of ``config`` that is out of range."""
+    bad = [f"{n} must be >= 1" for n in names if getattr(config, n) < 1]
+    bad += [f"{n} must be >= 0" for n in nonnegative if getattr(config, n) < 0]
+    if getattr(config, "gate", "linear") not in GATES:
+        bad.append(f"gate must be one of {GATES}")
+    if bad:
+        raise ValueError(f"{type(config).__name__}: " + "; ".join(bad))
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape of a :class:`MoEClassifier` (defaults fit scikit-learn's 8x8 digits)."""
+
+    in_features: int = 64
+    num_classes: int = 10
+    hidden_dim: int = 64
+    expert_hidden_dim: int = 64
+    num_shared_experts: int = 2
+    num_local_experts: int = 2
+    top_k: int = 2
+    gate: str = "linear"
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("in_features", "num_classes", "hidden_dim", "expert_hidden_dim",
+                              "num_shared_experts", "top_k"),
+                       ("num_local_experts", "balance_coef", "z_loss_coef"))
+        if self.top_k > self.num_shared_experts + self.num_local_experts:
+            raise ValueError("MoEConfig: top_k exceeds the number of experts")
+
+
+class MoEClassifier(nn.Module):
+    """x: (B, in_features) -> logits (B, num_classes), aux (B,)."""
+
+    task = Classification()
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        set_role(self, Role.SHARED)  # trunk and head; the MoE tags gate and local experts
+        self.trunk = nn.Linear(config.in_features, config.hidden_dim)
+        self.moe = TopKMoE(
+            config.hidden_dim,
+            config.expert_hidden_dim,
+            config.num_shared_experts,
+            config.num_local_experts,
+            config.top_k,
+            gate=config.gate,
+            balance_coef=config.balance_coef,
+            z_loss_coef=config.z_loss_coef,
+        )
+        self.head = nn.Linear(config.hidden_dim, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.trunk(x))  # (B, H)
+        m, aux = self.moe(h)  # (B, H), (B,)
+        return self.head(h + m), aux  # (B, C), (B,)

@@ -1,0 +1,288 @@
+"""TransformerMoE: exact per-sample gradients, no coupling, causality, local switch, roles, DP-SGD."""
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from torch.utils.data import TensorDataset
+
+from fedmoe.models.layers import expert_usage, set_use_local
+from fedmoe.models.tasks import Classification, LanguageModel
+from fedmoe.models.tmoe import TMoEConfig, TransformerMoE
+from fedmoe.privacy import make_private
+from fedmoe.roles import Role, tensor_roles, unwrap
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+VOCAB, SEQ, CLASSES = 32, 8, 3
+PHASES = ["pretrain", "finetune"]
+
+
+def tiny(phase="pretrain", **overrides):
+    config = {"vocab_size": VOCAB, "seq_len": SEQ, "num_classes": CLASSES, "hidden_dim": 16,
+              "num_heads": 2, "num_layers": 2, "expert_hidden_dim": 8,
+              "num_always_on_experts": 1, "num_shared_experts": 2, "num_local_experts": 2,
+              "top_k": 2, "balance_coef": 0.05, "z_loss_coef": 0.01, **overrides}
+    model = TransformerMoE(TMoEConfig(**config)).double()
+    model.set_phase(phase)
+    return model
+
+
+def batch(phase, n=5, length=SEQ):
+    x = torch.randint(0, VOCAB, (n, length))
+    y = torch.randint(0, VOCAB, (n, length)) if phase == "pretrain" else torch.randint(0, CLASSES, (n,))
+    return x, y
+
+
+def per_sample_loss(model, x, y):
+    outputs, aux = model(x)
+    return unwrap(model).task.loss(outputs, y) + aux  # (B,)
+
+
+def naive_per_sample_grads(model, x, y):
+    """The oracle: backprop each sample alone, with no Opacus anywhere."""
+    grads = []
+    for i in range(len(x)):
+        model.zero_grad(set_to_none=True)
+        per_sample_loss(model, x[i : i + 1], y[i : i + 1]).sum().backward()
+        grads.append({n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                      for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def opacus_grad_samples(model, x, y):
+    """Per-sample losses and Opacus (hooks) per-sample gradients, keys without ``_module.``."""
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        losses = per_sample_loss(gsm, x, y)
+        losses.mean().backward()
+        samples = {n.removeprefix("_module."): p.grad_sample.detach().clone()
+                   for n, p in gsm.named_parameters() if p.grad_sample is not None}
+    finally:
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+    return losses.detach(), samples
+
+
+def starve(model, layer: int, expert: int) -> None:
+    """Make one MoE layer's router never pick routed expert ``expert``."""
+    with torch.no_grad():
+        model.blocks[layer].moe.gate.proj.bias[expert] = -50.0
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("phase", PHASES)
+def test_per_sample_grads_match_naive_loop(phase, num_layers):
+    model = tiny(phase, num_layers=num_layers)
+    starve(model, 0, 3)  # layer 0's local expert 1 receives no token in this batch
+    x, y = batch(phase)
+    usage = expert_usage(model, lambda: model(x))  # routed experts, layer by layer
+    assert usage[3] == 0.0, "test setup: layer 0's expert 3 must receive no token"
+
+    oracle = naive_per_sample_grads(model, x, y)
+    _, samples = opacus_grad_samples(model, x, y)
+    assert set(samples) == {n for n, _ in model.named_parameters()}
+    for name, gs in samples.items():
+        expected = torch.stack([g[name] for g in oracle])
+        assert gs.shape == expected.shape, name
+        assert (gs - expected).abs().max() < 1e-5, name
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        starved = samples[f"blocks.0.moe.local_experts.1.{name}"]
+        assert starved.abs().max() == 0, name  # present, and exactly zero
+    # Every routed expert no token chose (at random init a deeper layer may leave one idle)
+    # has an all-zero per-sample gradient. In pretraining every position is scored, so every
+    # chosen expert has a non-zero one (in finetuning only the last position is scored).
+    experts = [f"blocks.{layer}.moe.{kind}.{i}.fc2.weight" for layer in range(num_layers)
+               for kind in ("shared_experts", "local_experts") for i in range(2)]
+    for name, share in zip(experts, usage, strict=True):
+        if share == 0:
+            assert samples[name].abs().max() == 0, name
+        elif phase == "pretrain":
+            assert samples[name].abs().max() > 0, name
+    # The head of the other phase takes part with weight 0: present and exactly zero.
+    idle = "cls_head" if phase == "pretrain" else "lm_head"
+    active = "lm_head" if phase == "pretrain" else "cls_head"
+    assert samples[f"{idle}.weight"].abs().max() == 0
+    assert samples[f"{active}.weight"].abs().max() > 0
+    assert samples["pos_emb.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("gate", ["linear", "attention"])
+@pytest.mark.parametrize("phase", PHASES)
+def test_no_coupling_between_samples(phase, gate):
+    model = tiny(phase, gate=gate)
+    x, y = batch(phase, n=4)
+    losses, grads = opacus_grad_samples(model, x, y)
+    x2 = x.clone()
+    x2[0] = torch.randint(0, VOCAB, (SEQ,))
+    assert not torch.equal(x2[0], x[0])
+    losses2, grads2 = opacus_grad_samples(model, x2, y)
+    assert losses2[0] != losses[0]  # sample 0 did change
+    torch.testing.assert_close(losses2[1:], losses[1:], rtol=0, atol=1e-12)
+    # and per sample it is the loss of that sample alone
+    alone = torch.cat([per_sample_loss(model, x[i : i + 1], y[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(alone.detach(), losses, rtol=0, atol=1e-10)
+    changed = 0
+    for name, g in grads.items():
+        torch.testing.assert_close(grads2[name][1:], g[1:], rtol=0, atol=1e-12, msg=name)
+        changed += int(not torch.allclose(grads2[name][0], g[0]))
+    assert changed > 0
+
+
+def test_causality():
+    model = tiny("pretrain")
+    x, _ = batch("pretrain", n=3)
+    t = 5
+    x2 = x.clone()
+    x2[:, t] = (x[:, t] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = model(x)[0], model(x2)[0]
+    torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-12)
+    assert (after[:, t:] - before[:, t:]).abs().amax(dim=(0, 2)).min() > 0  # every later position
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("length", [1, 3, SEQ])
+def test_shapes_and_shorter_inputs(phase, length):
+    model = tiny(phase)
+    x, _ = batch(phase, n=4, length=length)
+    outputs, aux = model(x)
+    if phase == "pretrain":
+        assert isinstance(model.task, LanguageModel)
+        assert outputs.shape == (4, length, VOCAB)
+    else:
+        assert isinstance(model.task, Classification)
+        assert outputs.shape == (4, CLASSES)
+    assert aux.shape == (4,) and (aux > 0).all()
+    with pytest.raises(ValueError, match="sequence length"):
+        model(torch.randint(0, VOCAB, (2, SEQ + 1)))
+
+
+def test_finetune_reads_the_last_position():
+    model = tiny("finetune")
+    x, _ = batch("finetune", n=2)
+    x2 = x.clone()
+    x2[:, -1] = (x[:, -1] + 1) % VOCAB  # only the last position sees the last token
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[0], model(x2)[0])
+
+
+def test_aux_is_the_sum_of_the_layers_aux():
+    model = tiny("pretrain", num_layers=2)
+    x, _ = batch("pretrain")
+    seen = []
+    hooks = [b.moe.register_forward_hook(lambda m, i, o: seen.append(o[1]))
+             for b in model.blocks]
+    _, aux = model(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2
+    torch.testing.assert_close(aux, seen[0] + seen[1])
+    no_aux = tiny("pretrain", balance_coef=0.0, z_loss_coef=0.0)
+    assert (no_aux(x)[1] == 0).all()
+
+
+def test_phase_validation_and_config_validation():
+    model = tiny()
+    with pytest.raises(ValueError, match="phase"):
+        model.set_phase("train")
+    with pytest.raises(ValueError, match="num_heads"):
+        TMoEConfig(hidden_dim=10, num_heads=4)
+    with pytest.raises(ValueError, match="top_k"):
+        TMoEConfig(num_shared_experts=1, num_local_experts=0, top_k=2)
+    with pytest.raises(ValueError, match="gate"):
+        TMoEConfig(gate="sparse")
+    with pytest.raises(ValueError, match="num_layers"):
+        TMoEConfig(num_layers=0)
+    with pytest.raises(ValueError, match="num_local_experts"):
+        TMoEConfig(num_local_experts=-1)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_use_local_switch(phase):
+    model = tiny(phase)
+    x, _ = batch(phase)
+
+    def perturb_local():
+        with torch.no_grad():
+            for block in model.blocks:
+                for p in block.moe.local_experts.parameters():
+                    p.add_(torch.randn_like(p))
+
+    with torch.no_grad():
+        set_use_local(model, False)
+        global_before = model(x)[0]
+        perturb_local()
+        torch.testing.assert_close(model(x)[0], global_before, rtol=0, atol=0)
+        set_use_local(model, True)
+        personal_before = model(x)[0]
+        perturb_local()
+        assert not torch.allclose(model(x)[0], personal_before)
+
+
+@pytest.mark.parametrize("gate", ["linear", "attention"])
+def test_roles(gate):
+    model = tiny(gate=gate, num_layers=1, num_always_on_experts=1, num_shared_experts=1,
+                 num_local_experts=1, top_k=1)
+    roles = tensor_roles(model)
+    expert = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    router = ["proj.weight", "proj.bias"] if gate == "linear" else ["query.weight",
+                                                                     "query.bias", "keys.weight"]
+    local = {f"blocks.0.moe.local_experts.0.{n}" for n in expert}
+    gates = {f"blocks.0.moe.gate.{n}" for n in router}
+    shared = {
+        "tok_emb.weight", "pos_emb.weight",
+        "blocks.0.ln1.weight", "blocks.0.ln1.bias",
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.out.weight", "blocks.0.attn.out.bias",
+        "blocks.0.ln2.weight", "blocks.0.ln2.bias",
+        *(f"blocks.0.moe.always_on.0.{n}" for n in expert),
+        *(f"blocks.0.moe.shared_experts.0.{n}" for n in expert),
+        "ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias",
+        "cls_head.weight", "cls_head.bias",
+    }
+    assert {k for k, r in roles.items() if r == Role.LOCAL} == local
+    assert {k for k, r in roles.items() if r == Role.GATE} == gates
+    assert {k for k, r in roles.items() if r == Role.SHARED} == shared
+    assert set(roles) == local | gates | shared
+
+    # and by pattern, on a deeper model with the default expert counts
+    model = tiny(gate=gate, num_layers=3)
+    for key, role in tensor_roles(model).items():
+        if ".moe.local_experts." in key:
+            assert role == Role.LOCAL, key
+        elif ".moe.gate." in key:
+            assert role == Role.GATE, key
+        else:
+            assert role == Role.SHARED, key
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_dp_sgd_steps_end_to_end(phase):
+    model = TransformerMoE(TMoEConfig(vocab_size=VOCAB, seq_len=SEQ, num_classes=CLASSES,
+                                      hidden_dim=16, num_heads=2, num_layers=2,
+                                      expert_hidden_dim=8))
+    model.set_phase(phase)
+    x, y = batch(phase, n=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    private = make_private(model, TensorDataset(x, y), sample_rate=0.5, noise_multiplier=1.0,
+                           max_grad_norm=1.0, learning_rate=0.1,
+                           generator=torch.Generator().manual_seed(0))
+    try:
+        steps = 0
+        for _ in range(2):
+            for xb, yb in private.loader:
+                if len(xb) == 0:
+                    continue
+                private.optimizer.zero_grad()
+                loss = per_sample_loss(private.module, xb, yb).mean()
+                assert torch.isfinite(loss)
+                loss.backward()
+                private.optimizer.step()
+                steps += 1
+    finally:
+        private.module._close()
+    assert steps > 0
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        assert not torch.equal(p, before[n]), n  # clipped gradient + noise reach every tensor
