@@ -16,12 +16,13 @@ Flower glue only: the work is done by :mod:`fedmoe`. Three handlers:
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.state import ClientStore, open_store
 from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
+from fedmoe.data.text import unigram_perplexity
 from fedmoe.models import model_for
 from fedmoe.privacy import BudgetExceededError, LedgerError
 from fedmoe.records import (
@@ -29,6 +30,7 @@ from fedmoe.records import (
     BAD_MESSAGE,
     BUDGET_EXCEEDED,
     CLIENT,
+    DETAILS,
     LEDGER_UNUSABLE,
     METRICS,
     ClientInfo,
@@ -78,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
 
-    model = personal_model(config, node, store, global_state)
+    model = personal_model(config, node, store, global_state, plan.server_round)
     result = train_dp_round(
         model,
         data.train,
@@ -87,7 +89,6 @@ def train(msg: Message, context: Context) -> Message:
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=config.max_grad_norm,
         learning_rate=config.learning_rate,
-        balance_coef=config.balance_coef,
     )
     store.save_local(split_state_dict(model, {Role.LOCAL}))
 
@@ -98,13 +99,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    node, store, (global_state, _, config), data = _open(msg, context)
+    node, store, (global_state, plan, config), data = _open(msg, context)
     try:
         with store.book() as book:
             ledger = book.get(node.client)
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
-    model = personal_model(config, node, store, global_state)
+    model = personal_model(config, node, store, global_state, plan.server_round)
     personal = evaluate(model, data.test, use_local=True)
     global_only = evaluate(model, data.test, use_local=False)
     report = EvalReport(
@@ -112,9 +113,18 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         personalized_accuracy=personal.accuracy,
         global_accuracy=global_only.accuracy,
         personalized_loss=personal.loss,
+        global_loss=global_only.loss,
         epsilon=ledger.spent() if ledger else 0.0,
     )
-    return Message(RecordDict({METRICS: report.to_record()}), reply_to=msg)
+    details = MetricRecord({
+        **{f"personalized-{k}": v for k, v in personal.details.items()},
+        **{f"global-{k}": v for k, v in global_only.details.items()},
+        "expert-usage": personal.expert_usage,
+    })
+    if "perplexity" in personal.details:  # the baseline a language model must beat
+        details["unigram-perplexity"] = unigram_perplexity(data.train.tensors[1],
+                                                           data.test.tensors[1])
+    return Message(RecordDict({METRICS: report.to_record(), DETAILS: details}), reply_to=msg)
 
 
 def _open(
@@ -123,8 +133,9 @@ def _open(
     """What every handler starts from: node settings, state store, the message, own data."""
     node = NodeSettings.from_node_config(context.node_config)
     message = read_server_message(msg.content)
-    config = message[2]
-    data = load_client_data(config, node.partition_id, node.num_partitions)
+    plan, config = message[1], message[2]
+    data = load_client_data(config, node.partition_id, node.num_partitions,
+                            config.phase(plan.server_round))
     return node, open_store(context, node), message, data
 
 
@@ -134,7 +145,8 @@ def _refuse(msg: Message, code: int, reason: str) -> Message:
 
 
 def personal_model(
-    config: FedMoEConfig, node: NodeSettings, store: ClientStore, global_state: dict
+    config: FedMoEConfig, node: NodeSettings, store: ClientStore, global_state: dict,
+    server_round: int = 1,
 ) -> torch.nn.Module:
     """The run's model with the global shared+gate tensors and this client's local experts.
 
@@ -143,7 +155,7 @@ def personal_model(
     """
     with torch.random.fork_rng():
         torch.manual_seed(config.seed * 100_003 + node.partition_id)
-        model = model_for(config)
+        model = model_for(config, server_round)
     local = store.load_local()
     if local is not None:
         merge_state_dict(model, local, {Role.LOCAL})

@@ -18,8 +18,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv")
-MODELS = ("moe-mlp",)
-DATASETS = ("digits",)
+MODELS = ("moe", "hmoe", "mtmoe", "tmoe")
+GATES = ("linear", "attention")
+DATASETS = ("auto", "digits", "pystdlib")
+#: The data set each model trains on (``dataset = "auto"``).
+MODEL_DATASET = {"moe": "digits", "hmoe": "digits", "mtmoe": "digits", "tmoe": "pystdlib"}
 PARTITIONERS = ("iid", "dirichlet")
 
 
@@ -65,11 +68,30 @@ class FedMoEConfig:
         each client's budget allows. 0 means "calibrate σ from target-epsilon".
     accountant : str (default: "rdp")
         ``rdp`` or ``prv`` (Opacus accountants).
-    model : str (default: "moe-mlp")
-        A name known to :func:`fedmoe.models.build_model`.
-    hidden_dim, num_shared_experts, num_local_experts, top_k, balance_coef
-        Model overrides, passed to the model's own config dataclass.
-    dataset : str (default: "digits")
+    model : str (default: "moe")
+        ``moe`` (flat top-k), ``hmoe`` (hierarchical gating, deep experts), ``mtmoe``
+        (multi-task, one gate per task) or ``tmoe`` (Transformer-MoE on text).
+    gate : str (default: "linear")
+        Router kind: ``linear`` or ``attention`` (query attends over learned expert keys).
+    hidden_dim, num_shared_experts, num_local_experts, top_k
+        Model shape (``hmoe``: experts per group, local experts in one extra group, top-k
+        inside a group). Mapped onto each model's own config dataclass in one place,
+        :func:`fedmoe.models.run_overrides`.
+    balance_coef, z_loss_coef : float (default: 0.01, 0.001)
+        Weights of the per-sample router balance loss and router z-loss.
+    num_groups, group_top_k, expert_depth : int (default: 2, 1, 2)
+        ``hmoe``: groups of shared experts, groups picked per token, layers per expert.
+    num_layers, num_heads, num_always_on_experts, seq_len : int (default: 2, 4, 1, 64)
+        ``tmoe``: blocks, attention heads, unrouted shared experts per block, window length.
+    pretrain_rounds : int (default: 10)
+        ``tmoe``: rounds 1..N are next-token pretraining, the rest fine-tune a classifier
+        (indentation level of the next line).
+    partial_labels : bool (default: true)
+        ``mtmoe``: client p holds no labels for task ``p mod 3`` (when there are >= 2 clients).
+    max_windows : int (default: 400)
+        ``pystdlib``: at most this many text windows per client.
+    dataset : str (default: "auto")
+        ``digits`` or ``pystdlib``; ``auto`` picks the model's own (``tmoe``: pystdlib).
     partitioner : str (default: "dirichlet")
         ``iid`` or ``dirichlet`` (flwr-datasets partitioners).
     dirichlet_alpha : float (default: 0.5)
@@ -93,13 +115,25 @@ class FedMoEConfig:
     target_delta: float = 0.0
     noise_multiplier: float = 0.0
     accountant: str = "rdp"
-    model: str = "moe-mlp"
+    model: str = "moe"
+    gate: str = "linear"
     hidden_dim: int = 64
     num_shared_experts: int = 2
     num_local_experts: int = 2
     top_k: int = 2
     balance_coef: float = 0.01
-    dataset: str = "digits"
+    z_loss_coef: float = 0.001
+    num_groups: int = 2
+    group_top_k: int = 1
+    expert_depth: int = 2
+    num_layers: int = 2
+    num_heads: int = 4
+    num_always_on_experts: int = 1
+    seq_len: int = 64
+    pretrain_rounds: int = 10
+    partial_labels: bool = True
+    max_windows: int = 400
+    dataset: str = "auto"
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
@@ -129,23 +163,53 @@ class FedMoEConfig:
             ),
             (self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}"),
             (self.model in MODELS, f"model must be one of {MODELS}"),
+            (self.gate in GATES, f"gate must be one of {GATES}"),
             (self.hidden_dim >= 1, "hidden-dim must be >= 1"),
             (self.num_shared_experts >= 1, "num-shared-experts must be >= 1"),
             (self.num_local_experts >= 0, "num-local-experts must be >= 0"),
-            (
-                1 <= self.top_k <= self.num_shared_experts + self.num_local_experts,
-                "top-k must be between 1 and num-shared-experts + num-local-experts",
-            ),
+            (self.top_k >= 1, "top-k must be >= 1"),
             (self.balance_coef >= 0.0, "balance-coef must be >= 0"),
+            (self.z_loss_coef >= 0.0, "z-loss-coef must be >= 0"),
+            (self.pretrain_rounds >= 0, "pretrain-rounds must be >= 0"),
+            (self.seq_len >= 2, "seq-len must be >= 2"),
+            (self.max_windows >= 2, "max-windows must be >= 2"),
             (self.dataset in DATASETS, f"dataset must be one of {DATASETS}"),
+            (
+                self.dataset in ("auto", MODEL_DATASET.get(self.model)),
+                f"model '{self.model}' trains on dataset "
+                f"'{MODEL_DATASET.get(self.model)}' (or 'auto')",
+            ),
             (self.partitioner in PARTITIONERS, f"partitioner must be one of {PARTITIONERS}"),
             (self.dirichlet_alpha > 0.0, "dirichlet-alpha must be > 0"),
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
             (self.seed >= 0, "seed must be >= 0"),
         ]
         errors = [msg for ok, msg in checks if not ok]
+        if not errors:
+            errors = self._model_errors()
         if errors:
             raise ConfigError("invalid run config: " + "; ".join(errors))
+
+    def _model_errors(self) -> list[str]:
+        """The model's own config dataclass checks its shape (cheap: no model is built)."""
+        from fedmoe.models import model_config, run_overrides
+
+        try:
+            model_config(self.model, **run_overrides(self))
+        except ValueError as err:  # the model's field names are the run config's keys
+            return [f"model '{self.model}': " + str(err).replace("_", "-")]
+        return []
+
+    @property
+    def data(self) -> str:
+        """The data set this run trains on (``dataset``, or the model's own for ``auto``)."""
+        return MODEL_DATASET[self.model] if self.dataset == "auto" else self.dataset
+
+    def phase(self, server_round: int) -> str:
+        """``pretrain`` (next-token) or ``finetune`` for ``tmoe``; ``train`` otherwise."""
+        if self.model != "tmoe":
+            return "train"
+        return "pretrain" if server_round <= self.pretrain_rounds else "finetune"
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -176,15 +240,6 @@ class FedMoEConfig:
 
     def replace(self, **changes: Any) -> FedMoEConfig:
         return dataclasses.replace(self, **changes)
-
-    def model_overrides(self) -> dict[str, Any]:
-        """Keyword overrides for the model's own config dataclass."""
-        return {
-            "hidden_dim": self.hidden_dim,
-            "num_shared_experts": self.num_shared_experts,
-            "num_local_experts": self.num_local_experts,
-            "top_k": self.top_k,
-        }
 
 
 @dataclass(frozen=True)

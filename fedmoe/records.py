@@ -31,6 +31,8 @@ from fedmoe.privacy.plan import ClientPlan
 ARRAYS, CONFIG, RUN_CONFIG, METRICS = "arrays", "config", "run-config", "metrics"
 #: Record of a query reply (:class:`ClientInfo`).
 CLIENT = "client"
+#: Record of an evaluate reply with task-specific metrics (:func:`read_details`).
+DETAILS = "details"
 #: Error codes of a client's error reply refusing a round: its budget cannot pay for it; its
 #: ledger cannot be used (unreadable, inconsistent, or at another δ/accountant); the
 #: message is malformed.
@@ -215,10 +217,33 @@ class TrainReport:
 @_metrics_dataclass
 @dataclass(frozen=True)
 class EvalReport:
-    """Evaluate-reply metrics, computed on the client's own test split (released in the clear)."""
+    """Evaluate-reply metrics, computed on the client's own test split (released in the clear).
+
+    ``accuracy`` is the task's: classification accuracy, the mean over tasks (multi-task)
+    or next-token accuracy (language model); ``loss`` its mean loss (per token for a
+    language model, so perplexity = exp(loss))."""
 
     num_examples: int
     personalized_accuracy: float
     global_accuracy: float
     personalized_loss: float
+    global_loss: float
     epsilon: float
+
+
+def read_details(record: MetricRecord) -> dict[str, float | list[float]]:
+    """Task-specific evaluate metrics (``personalized-perplexity``, ``task-<name>-accuracy``,
+    ``expert-usage``...): finite numbers or lists of them.
+
+    Raises
+    ------
+    ReplyError
+        For any other value.
+    """
+    details: dict[str, float | list[float]] = {}
+    for key, value in record.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ReplyError(f"detail '{key}' must be finite numbers, got {value!r}")
+        details[key] = [float(v) for v in value] if isinstance(value, list) else float(value)
+    return details

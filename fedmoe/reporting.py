@@ -30,7 +30,8 @@ from fedmoe.privacy import ClientPlan, LedgerBook
 from fedmoe.privacy.ledger import client_sort_key
 from fedmoe.storage import write_atomic
 
-RESULTS, PLOT, PRIVACY_PLOT = "results.json", "progress.png", "privacy.png"
+RESULTS, PLOT, PRIVACY_PLOT, USAGE_PLOT = ("results.json", "progress.png", "privacy.png",
+                                          "usage.png")
 DELTA_RULE = ("target-delta, or if 0, per client the largest power of ten <= 1/(10 n) "
               "for its train set size n")
 
@@ -92,14 +93,18 @@ def build_results(
                 "epsilon": ev.epsilon if ev else train.epsilon,
                 "personalized_accuracy": ev.personalized_accuracy if ev else None,
                 "global_accuracy": ev.global_accuracy if ev else None,
+                "personalized_loss": ev.personalized_loss if ev else None,
+                "global_loss": ev.global_loss if ev else None,
                 "num_examples": train.num_examples if train else latest.get(cid, {}).get("num_examples"),
                 "num_test_examples": ev.num_examples if ev else None,
+                **rec.details.get(cid, {}),
             }
             clients.append(row)
             if ev:
                 latest[cid] = row
         rounds.append({
             "round": rec.server_round,
+            "phase": rec.phase,
             "sampled": rec.sampled,
             "rejected": list(rec.rejected),
             "mismatches": {c: {"server": s, "client": r} for c, (s, r) in rec.mismatches.items()},
@@ -116,17 +121,28 @@ def build_results(
     }
 
 
-def _summary(clients: list[dict]) -> dict[str, float | None]:
+#: Per-client metrics whose mean over clients each round and the final summary report.
+MEANS = ("personalized_accuracy", "global_accuracy", "personalized-perplexity",
+         "global-perplexity", "unigram-perplexity")
+
+
+def _summary(clients: list[dict]) -> dict[str, Any]:
     evaluated = [c for c in clients if c["personalized_accuracy"] is not None]
-
-    def mean(key: str) -> float | None:
-        return sum(c[key] for c in evaluated) / len(evaluated) if evaluated else None
-
-    return {
-        "personalized_accuracy_mean": mean("personalized_accuracy"),
-        "global_accuracy_mean": mean("global_accuracy"),
-        "epsilon_max": max((c["epsilon"] for c in clients), default=0.0),
-    }
+    summary: dict[str, Any] = {}
+    for key in MEANS:
+        values = [c[key] for c in evaluated if c.get(key) is not None]
+        if values or key.endswith("accuracy"):
+            summary[f"{key.replace('-', '_')}_mean"] = (sum(values) / len(values)
+                                                        if values else None)
+    tasks = sorted({k for c in evaluated for k in c if k.startswith("personalized-task-")})
+    for key in tasks:
+        values = [c[key] for c in evaluated if key in c]
+        summary[f"{key.replace('-', '_')}_mean"] = sum(values) / len(values)
+    usage = [c["expert-usage"] for c in evaluated if c.get("expert-usage")]
+    if usage and all(len(u) == len(usage[0]) for u in usage):
+        summary["expert_usage_mean"] = [sum(col) / len(usage) for col in zip(*usage, strict=True)]
+    summary["epsilon_max"] = max((c["epsilon"] for c in clients), default=0.0)
+    return summary
 
 
 def write_run_folder(run_dir: Path, results: dict[str, Any], book: LedgerBook) -> Path:
@@ -135,6 +151,7 @@ def write_run_folder(run_dir: Path, results: dict[str, Any], book: LedgerBook) -
     write_atomic(path, json.dumps(_json_safe(results), indent=2, allow_nan=False).encode())
     plot_progress(results, run_dir / PLOT)
     plot_privacy(book, run_dir / PRIVACY_PLOT)
+    plot_usage(results, run_dir / USAGE_PLOT)
     return path
 
 
@@ -201,6 +218,35 @@ def plot_privacy(book: LedgerBook, path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(book.clients()) <= 12:
         ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_usage(results: dict[str, Any], path: Path) -> None:
+    """Mean share of routing weight per expert (personalised model, clients' test splits)
+    over rounds; nothing is drawn for a run without usage figures."""
+    rows = [r for r in results["rounds"] if r.get("expert_usage_mean")]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    x = [r["round"] for r in rows]
+    # several MoE layers (or task routers) each sum to 1: show each expert's share of all
+    shares = list(zip(*[[u / sum(r["expert_usage_mean"]) for u in r["expert_usage_mean"]]
+                        for r in rows], strict=True))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.stackplot(x, shares, labels=[f"expert {i}" for i in range(len(shares))])
+    ax.set(xlabel="round", ylabel="share of routing weight", ylim=(0, 1),
+           title="Expert usage (routing weight, all MoE layers and routers)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(shares) <= 16:
+        ax.legend(fontsize="x-small", ncol=4, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

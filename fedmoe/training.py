@@ -1,17 +1,22 @@
-"""Local training and evaluation of a fedmoe model on one client's data."""
+"""Local training and evaluation of a fedmoe model on one client's data.
+
+Model-agnostic: the model's forward gives ``(outputs, aux)`` and its ``task``
+(:mod:`fedmoe.models.tasks`) turns outputs and labels into per-sample losses and metrics.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedmoe.models.layers import expert_usage, set_use_local
 from fedmoe.privacy import make_private
+from fedmoe.roles import unwrap
 
 
 @dataclass(frozen=True)
@@ -25,14 +30,19 @@ class EvalResult:
     loss: float
     accuracy: float
     num_examples: int
+    #: task-specific metrics: ``perplexity`` (language model), ``task-<name>-accuracy``
+    #: (multi-task)
+    details: dict[str, float] = field(default_factory=dict)
+    #: share of routing weight per expert over the test split (all MoE layers, in order)
+    expert_usage: list[float] = field(default_factory=list)
 
 
-def per_sample_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, balance_coef: float
-) -> torch.Tensor:
-    """Cross-entropy plus the per-sample balance loss, one value per sample: (B,)."""
-    logits, balance = model(x)  # (B, C), (B,)
-    return F.cross_entropy(logits, y, reduction="none") + balance_coef * balance
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The task loss plus the model's router losses, one value per sample: (B,).
+
+    ``model`` may be wrapped by Opacus; its task is the wrapped model's."""
+    outputs, aux = model(x)
+    return unwrap(model).task.loss(outputs, y) + aux
 
 
 def train_dp_round(
@@ -44,7 +54,6 @@ def train_dp_round(
     noise_multiplier: float,
     max_grad_norm: float,
     learning_rate: float,
-    balance_coef: float,
     generator: torch.Generator | None = None,
 ) -> TrainResult:
     """Run exactly ``steps`` DP-SGD steps on ``model`` in place (wrapped, then released).
@@ -70,7 +79,7 @@ def train_dp_round(
         while taken < steps:
             for x, y in private.loader:
                 private.optimizer.zero_grad(set_to_none=True)
-                losses = per_sample_loss(private.module, x, y, balance_coef)  # (B,)
+                losses = per_sample_loss(private.module, x, y)  # (B,)
                 loss = losses.mean() if len(losses) else losses.sum()
                 loss.backward()
                 private.optimizer.step()
@@ -86,16 +95,26 @@ def train_dp_round(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, test_set: TensorDataset, *, use_local: bool = True) -> EvalResult:
-    """Accuracy and cross-entropy on ``test_set``, routing with or without local experts."""
+    """The task's metrics on ``test_set``, routing with or without local experts, and the
+    routing weight each expert received."""
     model.eval()
-    model.set_use_local(use_local)
+    set_use_local(model, use_local)
+    task, sums, n = model.task, {}, 0
+    loader = DataLoader(test_set, batch_size=256)
+
+    def run() -> None:
+        nonlocal n
+        for x, y in loader:
+            outputs, _ = model(x)
+            for key, value in task.sums(outputs, y).items():
+                sums[key] = sums.get(key, 0.0) + value
+            n += len(x)
+
     try:
-        correct, loss, n = 0, 0.0, 0
-        for x, y in DataLoader(test_set, batch_size=256):
-            logits, _ = model(x)
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(dim=-1) == y).sum())
-            n += len(y)
+        usage = expert_usage(model, run)
     finally:
-        model.set_use_local(True)
-    return EvalResult(loss=loss / max(n, 1), accuracy=correct / max(n, 1), num_examples=n)
+        set_use_local(model, True)
+    summary = task.summarize(sums)
+    details = {k: v for k, v in summary.items() if k not in ("accuracy", "loss")}
+    return EvalResult(loss=summary["loss"], accuracy=summary["accuracy"], num_examples=n,
+                      details=details, expert_usage=usage)

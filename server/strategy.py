@@ -47,6 +47,7 @@ from fedmoe.privacy import (
 from fedmoe.records import (
     ARRAYS,
     CLIENT,
+    DETAILS,
     METRICS,
     REFUSALS,
     WEIGHT_KEY,
@@ -55,6 +56,7 @@ from fedmoe.records import (
     ReplyError,
     RoundPlan,
     TrainReport,
+    read_details,
     server_message,
 )
 
@@ -70,6 +72,9 @@ class RoundRecord:
     sampled: int = 0
     train: dict[str, TrainReport] = field(default_factory=dict)
     evaluate: dict[str, EvalReport] = field(default_factory=dict)
+    #: client -> task-specific evaluate metrics (perplexity, per-task accuracy, expert usage)
+    details: dict[str, dict] = field(default_factory=dict)
+    phase: str = "train"
     rejected: list[str] = field(default_factory=list)
     #: client -> (server's ε, client's reported ε) where they differ
     mismatches: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -385,6 +390,8 @@ class FedMoE(FedAvg):
                 continue
             try:
                 report = EvalReport.from_record(msg.content.metric_records[METRICS])
+                details = msg.content.metric_records.get(DETAILS)
+                record.details[client] = read_details(details) if details else {}
             except (KeyError, ReplyError) as err:
                 log(WARNING, "aggregate_evaluate: dropped reply of %s: %s", client, err)
                 continue
@@ -403,7 +410,8 @@ class FedMoE(FedAvg):
     # ---------------------------------------------------------------- helpers
     def _record(self, server_round: int) -> RoundRecord:
         if not self.history or self.history[-1].server_round != server_round:
-            self.history.append(RoundRecord(server_round))
+            self.history.append(RoundRecord(server_round,
+                                            phase=self.config.phase(max(server_round, 1))))
         return self.history[-1]
 
 

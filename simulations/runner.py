@@ -43,7 +43,7 @@ class ProgressListener:
                  else "σ calibrated per client")
         delta = f"δ={config.target_delta:g}" if config.target_delta else "δ<1/n per client"
         self.console.print(
-            f"[bold]fedmoe[/bold] {config.model} on {config.dataset}: "
+            f"[bold]fedmoe[/bold] {config.model} on {config.data}: "
             f"{config.num_server_rounds} rounds, DP-SGD {sigma} "
             f"(ε≤{config.target_epsilon:g}, {delta}, {config.accountant}), run folder {run_dir}"
         )
@@ -56,7 +56,8 @@ class ProgressListener:
         evals = list(record.evaluate.values())
         acc = sum(e.personalized_accuracy for e in evals) / len(evals) if evals else float("nan")
         eps = max((e.epsilon for e in evals), default=0.0)
-        status = (f"clients {len(record.train)}/{record.sampled} trained · "
+        phase = "" if record.phase == "train" else f"{record.phase} · "
+        status = (f"{phase}clients {len(record.train)}/{record.sampled} trained · "
                   f"ε max {eps:.2f} · personalised acc {acc:.3f}")
         if record.rejected:
             status += f" · {len(record.rejected)} rejected"
@@ -83,17 +84,27 @@ def _fmt(value: float | None) -> str:
 
 
 def client_table(results: dict[str, Any]) -> Table:
+    """Final per-client table; perplexity (language model) and per-task accuracy
+    (multi-task) columns appear when the run has them."""
+    clients = results["final"]["clients"]
+    extra = [k for k in ("personalized-perplexity", "global-perplexity", "unigram-perplexity")
+             if any(k in c for c in clients)]
+    extra += sorted({k for c in clients for k in c if k.startswith("personalized-task-")})
     table = Table(title="Per-client results (own test split)")
-    for col in ("client", "personalised acc", "global-only acc", "rounds", "ε spent", "δ",
-                "σ", "train ex.", "test ex."):
+    columns = ["client", "personalised acc", "global-only acc",
+               *[k.replace("personalized-", "pers. ").replace("-accuracy", " acc")
+                 .replace("global-", "global ").replace("unigram-", "unigram ") for k in extra],
+               "rounds", "ε spent", "δ", "σ", "train ex.", "test ex."]
+    for col in columns:
         table.add_column(col, justify="right")
     privacy = {p["client"]: p for p in results["privacy"]["clients"]}
-    for c in results["final"]["clients"]:
+    for c in clients:
         p = privacy.get(c["client"], {})
         table.add_row(
             str(c["client"]),
             _fmt(c["personalized_accuracy"]),
             _fmt(c["global_accuracy"]),
+            *[_fmt(c.get(k)) for k in extra],
             str(p.get("rounds", "")),
             f"{c['epsilon']:.3f}",
             f"{p['delta']:g}" if p else "",
@@ -119,6 +130,14 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
             f"min-available-clients={config.min_available_clients} exceeds --clients "
             f"{num_clients}; the server would wait forever. Lower min-available-clients."
         )
+    if config.data == "pystdlib":
+        from fedmoe.data.text import stdlib_packages
+
+        if num_clients > len(stdlib_packages()):
+            raise ConfigError(
+                f"--clients {num_clients}: the text corpus has one client per standard-library "
+                f"package and this Python has {len(stdlib_packages())}; use fewer clients"
+            )
     # Imported here: the simulation engine (Ray) is heavy and only needed to run.
     from flwr.simulation import run_simulation
 

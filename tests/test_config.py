@@ -29,7 +29,11 @@ def test_unknown_key_is_named_with_the_valid_keys():
 @pytest.mark.parametrize("key,value,message", [
     ("sample-rate", 1.5, "sample-rate must be in"),
     ("target-epsilon", -1.0, "target-epsilon must be"),
-    ("top-k", 5, "top-k must be between 1 and"),
+    ("top-k", 5, "model 'moe': MoEConfig: top-k exceeds the number of experts"),
+    ("model", "gpt", "model must be one of"),
+    ("gate", "mlp", "gate must be one of"),
+    ("dataset", "pystdlib", "model 'moe' trains on dataset 'digits'"),
+    ("group-top-k", 4, None),
     ("target-delta", 1.0, "target-delta must be in"),
     ("noise-multiplier", -0.5, "noise-multiplier must be finite and >= 0"),
     ("batch-size", -1, "batch-size must be >= 0"),
@@ -37,6 +41,11 @@ def test_unknown_key_is_named_with_the_valid_keys():
     ("num-server-rounds", 0, "num-server-rounds must be >= 1"),
 ])
 def test_out_of_range_values_are_explained(key, value, message):
+    if message is None:  # group-top-k only matters to hmoe: another model ignores it
+        FedMoEConfig.from_run_config({key: value})
+        with pytest.raises(ConfigError, match="group-top-k exceeds the 3 groups"):
+            FedMoEConfig.from_run_config({key: value, "model": "hmoe"})
+        return
     with pytest.raises(ConfigError, match=message):
         FedMoEConfig.from_run_config({key: value})
 
@@ -63,6 +72,8 @@ def test_node_settings():
     (["--run-config", "sample-rate=2.0"], "sample-rate must be in"),
     (["--rounds", "0"], "num-server-rounds must be >= 1"),
     (["--clients", "2", "--run-config", "min-available-clients=3"], "would wait forever"),
+    (["--clients", "99", "--run-config", "model='tmoe'"], "one client per standard-library"),
+    (["--run-config", "model='tmoe' dataset='digits'"], "model 'tmoe' trains on dataset"),
 ])
 def test_cli_rejects_bad_config_before_starting(argv, message, capsys, tmp_path):
     out = tmp_path / "run"

@@ -1,8 +1,16 @@
-"""Client datasets: embedded data sets split over clients by flwr-datasets partitioners.
+"""Client datasets: embedded data sets, each client loading only its own share.
 
-Nothing is downloaded: ``digits`` is scikit-learn's bundled copy of the UCI handwritten
-digits (1,797 8x8 images). A client loads only its own partition and splits it into its
-own train and test sets.
+Nothing is downloaded:
+
+- ``digits``: scikit-learn's bundled copy of the UCI handwritten digits (1,797 8x8
+  images), split over clients by flwr-datasets partitioners (IID or Dirichlet). For the
+  multi-task model the labels become (digit, parity, ≥5), and with ``partial-labels``
+  client p holds no label for task ``p mod 3``.
+- ``pystdlib``: Python's own standard-library source, one client per top-level package
+  (a natural non-IID split; :mod:`fedmoe.data.text`): byte windows for next-token
+  pretraining, or the indentation level of the next line for fine-tuning.
+
+A client splits its share into its own train and test sets.
 """
 
 from __future__ import annotations
@@ -26,17 +34,6 @@ if TYPE_CHECKING:  # Hugging Face `datasets` is slow to import; load it only to 
 class ClientData:
     train: TensorDataset
     test: TensorDataset
-
-
-#: (features per example, classes) of each embedded data set.
-_SHAPES = {"digits": (64, 10)}
-
-
-def dataset_shape(name: str) -> tuple[int, int]:
-    """(in_features, num_classes) of an embedded data set, known without loading it."""
-    if name not in _SHAPES:
-        raise ValueError(f"unknown embedded dataset '{name}'; available: {sorted(_SHAPES)}")
-    return _SHAPES[name]
 
 
 def load_embedded(name: str) -> Dataset:
@@ -75,10 +72,42 @@ def _partitioner(
     return partitioner
 
 
-def load_client_data(config: FedMoEConfig, partition_id: int, num_partitions: int) -> ClientData:
-    """This client's train/test split of its partition (deterministic in ``config.seed``)."""
+def load_client_data(
+    config: FedMoEConfig, partition_id: int, num_partitions: int, phase: str = "train"
+) -> ClientData:
+    """This client's train/test split of its share for a training ``phase`` (see
+    :meth:`FedMoEConfig.phase`), deterministic in ``config.seed``."""
+    if config.data == "pystdlib":
+        from fedmoe.data import text
+
+        windows = text.lm_windows if phase == "pretrain" else text.indent_windows
+        data = windows(partition_id, num_partitions, seq_len=config.seq_len,
+                       max_windows=config.max_windows, test_fraction=config.test_fraction,
+                       seed=config.seed)
+        return ClientData(data.train, data.test)
+    digits = _digits(config, partition_id, num_partitions)
+    if config.model != "mtmoe":
+        return digits
+    return ClientData(*(
+        TensorDataset(x, digit_tasks(y, partition_id, num_partitions, config.partial_labels))
+        for x, y in (digits.train.tensors, digits.test.tensors)
+    ))
+
+
+def digit_tasks(
+    digits: torch.Tensor, partition_id: int, num_partitions: int, partial: bool
+) -> torch.Tensor:
+    """Multi-task labels (digit, parity, ≥5), (N, 3); with ``partial`` and >= 2 clients,
+    client p's task ``p mod 3`` is unlabelled (:data:`fedmoe.models.tasks.MISSING`)."""
+    labels = torch.stack([digits, digits % 2, (digits >= 5).long()], dim=1)
+    if partial and num_partitions > 1:
+        labels[:, partition_id % 3] = -1
+    return labels
+
+
+def _digits(config: FedMoEConfig, partition_id: int, num_partitions: int) -> ClientData:
     partitioner = _partitioner(
-        config.dataset, config.partitioner, num_partitions, config.dirichlet_alpha, config.seed
+        config.data, config.partitioner, num_partitions, config.dirichlet_alpha, config.seed
     )
     part = partitioner.load_partition(partition_id)
     if len(part) < 2:
