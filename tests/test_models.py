@@ -24,38 +24,47 @@ def digits_batch(n=7, tasks=False):
     return x, y
 
 
-def moe_case(gate="linear"):
-    model = build_model("moe", hidden_dim=16, expert_hidden_dim=8, gate=gate, **AUX)
-    return model, digits_batch(), lambda m: _starve(m.moe.gate, 3), "moe.local_experts.1.fc1.weight"
+def _unused(bank: str, expert: int, dispatch: str) -> tuple[str, int | None]:
+    """Where the starved expert's per-sample gradient lives: (parameter, index on dim 1)."""
+    if dispatch == "dense":
+        return f"{bank}.{expert}.fc1.weight", None
+    return f"{bank}.fc1.weight", expert
 
 
-def hmoe_case(gate="linear"):
+def moe_case(gate="linear", dispatch="dense"):
+    model = build_model("moe", hidden_dim=16, expert_hidden_dim=8, gate=gate, dispatch=dispatch,
+                        **AUX)
+    return (model, digits_batch(), lambda m: _starve(m.moe.gate, 3),
+            _unused("moe.local_experts", 1, dispatch))
+
+
+def hmoe_case(gate="linear", dispatch="dense"):
     model = build_model("hmoe", hidden_dim=16, expert_hidden_dim=8, num_groups=2,
                         experts_per_group=2, num_local_experts=2, group_top_k=2, top_k=1,
-                        gate=gate, **AUX)
+                        gate=gate, dispatch=dispatch, **AUX)
     return (model, digits_batch(), lambda m: _starve(m.moe.expert_gates[0], 1),
-            "moe.groups.0.1.fc1.weight")
+            _unused("moe.groups.0", 1, dispatch))
 
 
-def mtmoe_case(gate="linear"):
-    model = build_model("mtmoe", hidden_dim=16, expert_hidden_dim=8, gate=gate, **AUX)
+def mtmoe_case(gate="linear", dispatch="dense"):
+    model = build_model("mtmoe", hidden_dim=16, expert_hidden_dim=8, gate=gate,
+                        dispatch=dispatch, **AUX)
 
     def starve(m):
         for g in m.moe.gates:
             _starve(g, 2)
-    return model, digits_batch(tasks=True), starve, "moe.local_experts.0.fc1.weight"
+    return model, digits_batch(tasks=True), starve, _unused("moe.local_experts", 0, dispatch)
 
 
-def tmoe_case(phase, gate="linear"):
+def tmoe_case(phase, gate="linear", dispatch="dense"):
     model = build_model("tmoe", hidden_dim=16, expert_hidden_dim=8, num_heads=2, num_layers=1,
-                        seq_len=8, vocab_size=32, num_classes=4, gate=gate, **AUX)
+                        seq_len=8, vocab_size=32, num_classes=4, gate=gate, dispatch=dispatch,
+                        **AUX)
     model.set_phase(phase)
     x = torch.randint(0, 32, (5, 8))
     y = torch.randint(0, 32, (5, 8)) if phase == "pretrain" else torch.randint(0, 4, (5,))
-    layer = model.blocks[0].moe
-
-    return model, (x, y), lambda m: _starve(m.blocks[0].moe.gate, 3), \
-        "blocks.0.moe.local_experts.1.fc1.weight" if layer.num_local else None
+    return (model, (x, y), lambda m: _starve(m.blocks[0].moe.gate, 3),
+            _unused("blocks.0.moe.local_experts", 1, dispatch))
 
 
 def _starve(router, expert):
@@ -70,9 +79,10 @@ def _starve(router, expert):
 
 CASES = {
     "moe": moe_case, "hmoe": hmoe_case, "mtmoe": mtmoe_case,
-    "tmoe-pretrain": lambda gate="linear": tmoe_case("pretrain", gate),
-    "tmoe-finetune": lambda gate="linear": tmoe_case("finetune", gate),
+    "tmoe-pretrain": lambda *a: tmoe_case("pretrain", *a),
+    "tmoe-finetune": lambda *a: tmoe_case("finetune", *a),
 }
+DISPATCHES = ["dense", "sparse"]
 
 
 def naive_per_sample_grads(model, x, y):
@@ -96,10 +106,11 @@ def opacus_grad_samples(model, x, y, mode="hooks"):
     return out
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("gate", ["linear", "attention"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_per_sample_grads_match_naive_loop_with_an_unused_expert(name, gate):
-    model, (x, y), starve, starved_name = CASES[name](gate)
+def test_per_sample_grads_match_naive_loop_with_an_unused_expert(name, gate, dispatch):
+    model, (x, y), starve, (starved_name, index) = CASES[name](gate, dispatch)
     model = model.double()
     if x.is_floating_point():
         x = x.double()
@@ -111,8 +122,8 @@ def test_per_sample_grads_match_naive_loop_with_an_unused_expert(name, gate):
         expected = torch.stack([g[param] for g in oracle])
         assert gs.shape == expected.shape, param
         assert (gs - expected).abs().max() < 1e-5, param
-    if starved_name:
-        assert samples[starved_name].abs().max() == 0  # present, and exactly zero
+    starved = samples[starved_name] if index is None else samples[starved_name][:, index]
+    assert starved.abs().max() == 0  # present, and exactly zero
 
 
 @pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe"])
@@ -125,9 +136,10 @@ def test_functorch_mode_agrees_too(name):
         assert (hooks[param] - functorch[param]).abs().max() < 1e-8, param
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_changing_one_sample_changes_no_other_samples_loss_or_gradient(name):
-    model, (x, y), _, _ = CASES[name]()
+def test_changing_one_sample_changes_no_other_samples_loss_or_gradient(name, dispatch):
+    model, (x, y), _, _ = CASES[name]("linear", dispatch)
     model = model.double()
     x = x.double() if x.is_floating_point() else x
     x2 = x.clone()
@@ -141,9 +153,10 @@ def test_changing_one_sample_changes_no_other_samples_loss_or_gradient(name):
         assert torch.allclose(a[param][1:], b[param][1:], atol=1e-10), param
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_global_only_ignores_local_experts(name):
-    model, (x, y), _, _ = CASES[name]()
+def test_global_only_ignores_local_experts(name, dispatch):
+    model, (x, y), _, _ = CASES[name]("linear", dispatch)
     model.eval()
     if name.startswith("tmoe"):
         model.set_phase("finetune")
@@ -182,11 +195,12 @@ def test_roles_of_the_hierarchical_moe_with_attention_gates():
     local, gate, roles = _roles(build_model("hmoe", gate="attention", num_groups=2,
                                             experts_per_group=2, num_local_experts=2,
                                             expert_depth=3))
-    assert local and all(k.startswith("moe.local_experts.") for k in local)
+    router = ("query.weight", "query.bias", "keys.weight")
+    assert local == {k for k in roles if k.startswith("moe.local_experts.")} | {
+        f"moe.local_gate.{p}" for p in router}  # the router among personal experts is personal
     assert "moe.local_experts.1.hidden.1.weight" in local  # deep experts: 3 layers
-    assert gate == {f"moe.{g}.{p}" for g in ("group_gate", "expert_gates.0", "expert_gates.1",
-                                               "local_gate")
-                    for p in ("query.weight", "query.bias", "keys.weight")}
+    assert gate == {f"moe.{g}.{p}" for g in ("group_gate", "expert_gates.0", "expert_gates.1")
+                    for p in router}
     assert roles["moe.groups.1.0.fc2.bias"] is Role.SHARED
 
 
@@ -228,3 +242,41 @@ def test_clipped_and_summed_gradient_matches_naive():
     for n, p in gsm.named_parameters():
         assert (p.grad - expected[n.removeprefix("_module.")]).abs().max() < 1e-7, n
     gsm._close()
+
+
+def _to_sparse_layout(state: dict) -> dict:
+    """A dense model's state dict with each bank's experts stacked as a sparse bank's."""
+    banks: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        # a bank entry: <bank path>.<expert index>.<layer...>.<weight|bias>, not always-on
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()
+                    and (parts[i - 1].endswith("experts") or parts[i - 2] == "groups")
+                    and "always_on" not in parts[i - 1]), None)
+        if idx is None:
+            out[key] = value
+            continue
+        target = ".".join(parts[:idx] + parts[idx + 1:])
+        banks.setdefault(target, {})[int(parts[idx])] = value.T if key.endswith("weight") \
+            else value
+    for target, experts in banks.items():
+        out[target] = torch.stack([experts[e] for e in sorted(experts)])
+    return out
+
+
+@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe", "tmoe-pretrain"])
+def test_sparse_dispatch_computes_what_dense_dispatch_computes(name):
+    """Same parameters (re-laid out), same outputs: dispatch changes cost, not the model."""
+    dense, (x, _), _, _ = CASES[name]("linear", "dense")
+    sparse, _, _, _ = CASES[name]("linear", "sparse")
+    sparse.load_state_dict(_to_sparse_layout(dense.state_dict()))
+    dense, sparse = dense.double().eval(), sparse.double().eval()
+    out_d, aux_d = dense(x)
+    out_s, aux_s = sparse(x)
+
+    def flat(o):
+        return torch.cat([t.flatten() for t in o[0]]) if isinstance(o, tuple) else o.flatten()
+
+    assert torch.allclose(flat(out_d), flat(out_s), atol=1e-5)
+    assert torch.allclose(aux_d, aux_s, atol=1e-6)

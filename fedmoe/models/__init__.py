@@ -80,6 +80,7 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
         "num_local_experts": config.num_local_experts,
         "top_k": config.top_k,
         "gate": config.gate,
+        "dispatch": config.expert_dispatch,
         "balance_coef": config.balance_coef,
         "z_loss_coef": config.z_loss_coef,
     }

@@ -2,9 +2,10 @@
 
 A first router picks groups of experts, a second router inside each chosen group picks
 experts (top-k at each level; see :class:`fedmoe.models.layers.HierarchicalMoE`). Experts
-are ``expert_depth``-layer networks. Roles: trunk and head ``shared``; both levels of
-routers ``gate``; the experts of the ``num_groups`` groups ``shared``; the extra group of
-``num_local_experts`` ``local``.
+are ``expert_depth``-layer networks. Roles: trunk and head ``shared``; the group router
+and the routers inside shared groups ``gate``; the experts of the ``num_groups`` groups
+``shared``; the extra group of ``num_local_experts`` and the router inside it ``local``
+(it only ever chooses among this client's own experts).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class HMoEConfig:
     top_k: int = 1  # experts picked inside each chosen group
     expert_depth: int = 2
     gate: str = "linear"
+    dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
 
@@ -71,7 +73,7 @@ class HierarchicalMoEClassifier(nn.Module):
             group_top_k=config.group_top_k,
             expert_top_k=config.top_k,
             depth=config.expert_depth,
-            gate=config.gate,
+            gate=config.gate, dispatch=config.dispatch,
             balance_coef=config.balance_coef,
             z_loss_coef=config.z_loss_coef,
         )

@@ -1,11 +1,11 @@
 """MoE building blocks: experts, routers, the flat and the hierarchical dense-masked MoE layer.
 
-Routing is *dense-masked* top-k: every expert runs on every token and the router's
-non-chosen weights are zero. It costs E/k× the expert compute of sparse dispatch, but it
-is built from ``nn.Linear`` only, so every Opacus grad-sample mode gives exact per-sample
-gradients, including for an expert that no token chose (its per-sample gradient is zero,
-not missing). Do not replace it with ``x[sel]``/``index_add`` dispatch: that silently
-breaks per-sample gradients (see docs/architecture.md).
+Routers compute dense top-k weights (zero for the experts a token was not routed to);
+the experts are a bank from :mod:`fedmoe.models.experts`, ``dispatch = "dense"`` (every
+expert on every token, ``nn.Linear`` only) or ``"sparse"`` (only routed tokens, with its
+own Opacus grad sampler). Either way an expert that no token chose gets an exact zero
+per-sample gradient, not a missing one. Never route with plain ``x[sel]``/``index_add``:
+that silently breaks per-sample gradients (see docs/architecture.md).
 
 Auxiliary router losses are computed **per sample**, over that sample's own tokens:
 
@@ -29,27 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmoe.config import GATES as ROUTERS
+from fedmoe.models.experts import Expert, make_experts
 from fedmoe.roles import Role, set_role
 
-GATES = ("linear", "attention")
+__all__ = ["Expert"]  # re-exported: experts live in fedmoe.models.experts
 
-
-class Expert(nn.Module):
-    """A feed-forward expert D -> H (-> H)*(depth-1) -> D with ReLU between layers."""
-
-    def __init__(self, dim: int, hidden: int, depth: int = 1) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"expert depth must be >= 1, got {depth}")
-        self.fc1 = nn.Linear(dim, hidden)
-        self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        h = F.relu(self.fc1(x))
-        for layer in self.hidden:
-            h = F.relu(layer(h))
-        return self.fc2(h)
+GATES = ROUTERS  # the router kinds, named once in fedmoe.config
 
 
 class Router(nn.Module):
@@ -164,6 +150,7 @@ class TopKMoE(MoELayer):
         num_always_on: int = 0,
         depth: int = 1,
         gate: str = "linear",
+        dispatch: str = "dense",
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
     ) -> None:
@@ -178,10 +165,10 @@ class TopKMoE(MoELayer):
             nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_always_on)), Role.SHARED
         )
         self.shared_experts = set_role(
-            nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_shared)), Role.SHARED
+            make_experts(dispatch, num_shared, dim, hidden, depth), Role.SHARED
         )
         self.local_experts = set_role(
-            nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_local)), Role.LOCAL
+            make_experts(dispatch, num_local, dim, hidden, depth), Role.LOCAL
         )
 
     @property
@@ -201,13 +188,12 @@ class TopKMoE(MoELayer):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, probs, weights = self.route(x)
-        experts = [*self.shared_experts, *self.local_experts]
         if not self.use_local:
-            experts = experts[: self.num_shared]
             logits = logits[..., : self.num_shared]
             probs, weights = probs[..., : self.num_shared], weights[..., : self.num_shared]
-        outs = torch.stack([e(x) for e in experts], dim=-2)  # (..., E, D)
-        y = (weights.unsqueeze(-1) * outs).sum(dim=-2)  # (..., D)
+        y = self.shared_experts(x, weights[..., : self.num_shared])  # (..., D)
+        if self.use_local and self.num_local:
+            y = y + self.local_experts(x, weights[..., self.num_shared :])
         for expert in self.always_on:
             y = y + expert(x)
         self._record(weights if self.use_local else F.pad(weights, (0, self.num_local)))
@@ -239,6 +225,7 @@ class HierarchicalMoE(MoELayer):
         expert_top_k: int,
         depth: int = 2,
         gate: str = "linear",
+        dispatch: str = "dense",
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
     ) -> None:
@@ -257,13 +244,14 @@ class HierarchicalMoE(MoELayer):
             Router(dim, experts_per_group, gate) for _ in range(num_groups)
         )
         self.groups = set_role(nn.ModuleList(
-            nn.ModuleList(Expert(dim, hidden, depth) for _ in range(experts_per_group))
+            make_experts(dispatch, experts_per_group, dim, hidden, depth)
             for _ in range(num_groups)
         ), Role.SHARED)
         if num_local:
-            self.local_gate = Router(dim, num_local, gate)
+            # routes among this client's own experts only: personal, like them
+            self.local_gate = set_role(Router(dim, num_local, gate), Role.LOCAL)
             self.local_experts = set_role(
-                nn.ModuleList(Expert(dim, hidden, depth) for _ in range(num_local)), Role.LOCAL
+                make_experts(dispatch, num_local, dim, hidden, depth), Role.LOCAL
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,9 +278,8 @@ class HierarchicalMoE(MoELayer):
             logits = gate(x)
             probs, weights = top_k_weights(logits, self.expert_top_k)
             aux = aux + self._aux(probs, weights, logits)
-            outs = torch.stack([e(x) for e in experts], dim=-2)  # (..., E_g, D)
-            combined = group_weights[..., g : g + 1] * weights  # (..., E_g)
-            y = y + (combined.unsqueeze(-1) * outs).sum(dim=-2)
+            combined = group_weights[..., g : g + 1] * weights  # (..., E_g), 0 if g not chosen
+            y = y + experts(x, combined)
             usage.append(combined)
         self._record(torch.cat(usage, dim=-1))
         return y, aux
@@ -307,8 +294,8 @@ class MultiGateMoE(MoELayer):
     """
 
     def __init__(self, dim: int, hidden: int, num_shared: int, num_local: int, top_k: int,
-                 num_tasks: int, *, gate: str = "linear", balance_coef: float = 0.01,
-                 z_loss_coef: float = 0.0) -> None:
+                 num_tasks: int, *, gate: str = "linear", dispatch: str = "dense",
+                 balance_coef: float = 0.01, z_loss_coef: float = 0.0) -> None:
         super().__init__(balance_coef, z_loss_coef)
         if not 1 <= top_k <= num_shared + num_local:
             raise ValueError(f"top_k={top_k} must be in [1, {num_shared + num_local}]")
@@ -316,24 +303,29 @@ class MultiGateMoE(MoELayer):
         self.gates = nn.ModuleList(Router(dim, num_shared + num_local, gate)
                                    for _ in range(num_tasks))
         self.shared_experts = set_role(
-            nn.ModuleList(Expert(dim, hidden) for _ in range(num_shared)), Role.SHARED
+            make_experts(dispatch, num_shared, dim, hidden), Role.SHARED
         )
         self.local_experts = set_role(
-            nn.ModuleList(Expert(dim, hidden) for _ in range(num_local)), Role.LOCAL
+            make_experts(dispatch, num_local, dim, hidden), Role.LOCAL
         )
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        experts = [*self.shared_experts, *(self.local_experts if self.use_local else [])]
-        outs = torch.stack([e(x) for e in experts], dim=-2)  # (..., E, D)
+        num = self.num_shared + (self.num_local if self.use_local else 0)
         k = self.top_k if self.use_local else min(self.top_k, self.num_shared)
         mixtures, aux, usage = [], None, []
+        routed = []
         for gate in self.gates:
-            logits = gate(x)[..., : len(experts)]
+            logits = gate(x)[..., :num]
             probs, weights = top_k_weights(logits, k)
-            mixtures.append((weights.unsqueeze(-1) * outs).sum(dim=-2))
+            routed.append(weights)
             term = self._aux(probs, weights, logits)
             aux = term if aux is None else aux + term
             usage.append(weights if self.use_local else F.pad(weights, (0, self.num_local)))
+        # each bank runs once for all tasks
+        mixtures = self.shared_experts.mix_many(x, [w[..., : self.num_shared] for w in routed])
+        if num > self.num_shared:
+            local = self.local_experts.mix_many(x, [w[..., self.num_shared :] for w in routed])
+            mixtures = [m + loc for m, loc in zip(mixtures, local, strict=True)]
         self._record(torch.cat(usage, dim=-1))
         return mixtures, aux
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmoe.models.experts import DISPATCH
 from fedmoe.models.layers import GATES, TopKMoE
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
@@ -23,6 +24,8 @@ def check_positive(config, names: tuple[str, ...], nonnegative: tuple[str, ...] 
     bad += [f"{n} must be >= 0" for n in nonnegative if getattr(config, n) < 0]
     if getattr(config, "gate", "linear") not in GATES:
         bad.append(f"gate must be one of {GATES}")
+    if getattr(config, "dispatch", "dense") not in DISPATCH:
+        bad.append(f"dispatch must be one of {DISPATCH}")
     if bad:
         raise ValueError(f"{type(config).__name__}: " + "; ".join(bad))
 
@@ -39,6 +42,7 @@ class MoEConfig:
     num_local_experts: int = 2
     top_k: int = 2
     gate: str = "linear"
+    dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
 
@@ -66,7 +70,7 @@ class MoEClassifier(nn.Module):
             config.num_shared_experts,
             config.num_local_experts,
             config.top_k,
-            gate=config.gate,
+            gate=config.gate, dispatch=config.dispatch,
             balance_coef=config.balance_coef,
             z_loss_coef=config.z_loss_coef,
         )

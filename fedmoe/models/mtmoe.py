@@ -40,6 +40,7 @@ class MTMoEConfig:
     num_local_experts: int = 2
     top_k: int = 2
     gate: str = "linear"
+    dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
 
@@ -65,6 +66,7 @@ class MultiTaskMoE(nn.Module):
         self.moe = MultiGateMoE(
             config.hidden_dim, config.expert_hidden_dim, config.num_shared_experts,
             config.num_local_experts, config.top_k, len(config.tasks), gate=config.gate,
+            dispatch=config.dispatch,
             balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef,
         )
         self.heads = nn.ModuleList(nn.Linear(config.hidden_dim, c) for _, c in config.tasks)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmoe.models.experts import DISPATCH
 from fedmoe.models.layers import GATES, TopKMoE
 from fedmoe.models.tasks import Classification, LanguageModel
 from fedmoe.roles import Role, set_role
@@ -35,6 +36,7 @@ class TMoEConfig:
     num_local_experts: int = 2  # routed, local (never leave the client)
     top_k: int = 2
     gate: str = "linear"  # "linear" | "attention" (see layers.Router)
+    dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
 
@@ -55,6 +57,9 @@ class TMoEConfig:
         if self.top_k > self.num_shared_experts + self.num_local_experts:
             raise ValueError("TMoEConfig: top_k exceeds the number of routed experts "
                              "(num_shared_experts + num_local_experts)")
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"TMoEConfig: dispatch must be one of {DISPATCH}, got "
+                             f"{self.dispatch!r}")
         if self.gate not in GATES:
             raise ValueError(f"TMoEConfig: gate must be one of {GATES}, got {self.gate!r}")
 
@@ -91,7 +96,7 @@ class Block(nn.Module):
             config.num_local_experts,
             config.top_k,
             num_always_on=config.num_always_on_experts,
-            gate=config.gate,
+            gate=config.gate, dispatch=config.dispatch,
             balance_coef=config.balance_coef,
             z_loss_coef=config.z_loss_coef,
         )
@@ -168,7 +173,7 @@ class TransformerMoE(nn.Module):
         b, n = x.shape
         if not 1 <= n <= self.config.seq_len:
             raise ValueError(f"sequence length {n} is not in [1, {self.config.seq_len}]")
-        positions = torch.arange(n, device=x.device).expand(b, n)
+        positions = torch.arange(n, device=x.device).expand(b, n).contiguous()
         h = self.tok_emb(x) + self.pos_emb(positions)  # (B, L, D)
         aux = h.new_zeros(b)
         for block in self.blocks:

@@ -1,0 +1,196 @@
+"""Banks of feed-forward experts, mixed by routing weights: dense-masked or sparse dispatch.
+
+``bank(x, weights)`` returns ``Σ_e weights[..., e] · expert_e(x)`` for x (..., D) and
+weights (..., E) that are zero for the experts a token was not routed to. Two layouts, one
+contract (select with the run-config key ``dispatch``):
+
+- :class:`DenseExperts` (``dense``): every expert runs on every token, built from
+  ``nn.Linear`` only. E/k× the expert compute of sparse dispatch, exact per-sample
+  gradients in every Opacus mode (hooks, functorch, ghost).
+- :class:`SparseExperts` (``sparse``): only the (token, expert) pairs with a non-zero
+  weight are computed, by :class:`GroupedLinear` layers (one weight slice per expert,
+  rows grouped by expert). Opacus cannot infer per-sample gradients of dispatched rows —
+  plain ``x[sel]``/``index_add`` routing gives silently *wrong* ones when an expert happens
+  to receive exactly B rows — so :class:`GroupedLinear` has its own registered grad sampler
+  and ghost-norm sampler. Each call passes a (B,) reference tensor as its *last* input,
+  from which Opacus reads the batch size. Correct in Opacus' hooks and ghost modes; not in
+  functorch mode (it would vmap over rows, not samples).
+
+Both give the same output and the same per-sample gradients (tests/test_experts.py); the
+parameters differ in layout (a ModuleList of experts vs stacked (E, ·, ·) weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.utils import register_norm_sampler
+from torch import nn
+
+from fedmoe.config import DISPATCHES
+
+DISPATCH = DISPATCHES  # the layouts, named once in fedmoe.config
+
+
+class Expert(nn.Module):
+    """A feed-forward expert D -> H (-> H)*(depth-1) -> D with ReLU between layers."""
+
+    def __init__(self, dim: int, hidden: int, depth: int = 1) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"expert depth must be >= 1, got {depth}")
+        self.fc1 = nn.Linear(dim, hidden)
+        self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        h = F.relu(self.fc1(x))
+        for layer in self.hidden:
+            h = F.relu(layer(h))
+        return self.fc2(h)
+
+
+class DenseExperts(nn.ModuleList):
+    """E experts, each run on every token; non-chosen ones are weighted by exactly 0."""
+
+    def __init__(self, num: int, dim: int, hidden: int, depth: int = 1) -> None:
+        super().__init__(Expert(dim, hidden, depth) for _ in range(num))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.mix_many(x, [weights])[0]
+
+    def mix_many(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One mixture per weight tensor, each expert run once (several routers, one bank:
+        a module run twice in one forward is "parameter tying" to Opacus' ghost clipping)."""
+        if not len(self):
+            return [torch.zeros_like(x) for _ in weights]
+        outs = torch.stack([expert(x) for expert in self], dim=-2)  # (..., E, D)
+        return [(w.unsqueeze(-1) * outs).sum(dim=-2) for w in weights]
+
+
+class GroupedLinear(nn.Module):
+    """E independent affine maps over dispatched rows: row r uses expert ``experts[r]``.
+
+    ``forward(x, experts, samples, ref)``: x (M, in) rows grouped by expert (ascending),
+    experts (M,) and samples (M,) the expert and the sample of each row, ref (B,) any
+    tensor whose length is the batch size (Opacus reads B from the last input).
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = (
+            num_experts, in_features, out_features)
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features)
+                                   .uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, samples: torch.Tensor,
+                ref: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        chunks = torch.split(x, counts)
+        outs = [c @ self.weight[e] + self.bias[e] for e, c in enumerate(chunks)]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.out_features)
+
+
+def _segments(layer: GroupedLinear, activations, backprops):
+    """Rows padded per (expert, sample): X (E·B, L, in), G (E·B, L, out) and the key of
+    every row, so that per-sample sums become batched matrix products."""
+    x, experts, samples, ref = activations
+    batch = ref.shape[0]
+    x = x.to(backprops.dtype)
+    key = experts * batch + samples  # rows are grouped by expert; order within a key is free
+    cells = layer.num_experts * batch
+    counts = torch.bincount(key, minlength=cells)
+    length = int(counts.max()) if key.numel() else 0
+    order = torch.argsort(key, stable=True)
+    key_sorted = key[order]
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(key.numel(), device=key.device) - starts[key_sorted]
+    xs = x.new_zeros(cells, length, x.shape[-1])
+    gs = x.new_zeros(cells, length, backprops.shape[-1])
+    xs[key_sorted, position] = x[order]
+    gs[key_sorted, position] = backprops[order]
+    return xs, gs, key, batch
+
+
+@register_grad_sampler(GroupedLinear)
+def grouped_linear_grad_sample(layer: GroupedLinear, activations, backprops):
+    """Per-sample gradients: weight (B, E, in, out), bias (B, E, out); zero for an expert
+    that a sample sent no row to."""
+    xs, gs, key, batch = _segments(layer, activations, backprops)
+    e, i, o = layer.num_experts, layer.in_features, layer.out_features
+    weight = torch.bmm(xs.transpose(1, 2), gs)  # (E·B, in, out)
+    bias = gs.sum(dim=1)  # (E·B, out)
+    return {
+        layer.weight: weight.view(e, batch, i, o).transpose(0, 1),
+        layer.bias: bias.view(e, batch, o).transpose(0, 1),
+    }
+
+
+@register_norm_sampler(GroupedLinear)
+def grouped_linear_norm_sample(layer: GroupedLinear, activations, backprops):
+    """Per-sample gradient norms without materialising the gradients (ghost clipping):
+    ||Σ_r x_r g_rᵀ||² = Σ_{r,r'} (x_r·x_r')(g_r·g_r') over each (expert, sample)'s rows."""
+    xs, gs, key, batch = _segments(layer, activations, backprops)
+    e = layer.num_experts
+    gram = (torch.bmm(xs, xs.transpose(1, 2)) * torch.bmm(gs, gs.transpose(1, 2))).sum((1, 2))
+    weight_sq = gram.view(e, batch).sum(0).clamp(min=0)
+    bias_sq = (gs.sum(dim=1) ** 2).sum(-1).view(e, batch).sum(0)
+    return {layer.weight: weight_sq.sqrt(), layer.bias: bias_sq.sqrt()}
+
+
+class SparseExperts(nn.Module):
+    """E experts (stacked weights) computed only on the tokens routed to them."""
+
+    def __init__(self, num: int, dim: int, hidden: int, depth: int = 1) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"expert depth must be >= 1, got {depth}")
+        self.num = num
+        self.fc1 = GroupedLinear(num, dim, hidden)
+        self.hidden = nn.ModuleList(GroupedLinear(num, hidden, hidden) for _ in range(depth - 1))
+        self.fc2 = GroupedLinear(num, hidden, dim)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.mix_many(x, [weights])[0]
+
+    def mix_many(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One mixture per weight tensor; each (token, expert) pair that any of them routes
+        is computed once, in one pass through the bank."""
+        batch, dim = x.shape[0], x.shape[-1]
+        per_sample = x[0].numel() // dim if batch else 1  # tokens per sample
+        flat_x = x.reshape(-1, dim)
+        flat_w = [w.reshape(-1, self.num) for w in weights]
+        active = flat_w[0] != 0
+        for w in flat_w[1:]:
+            active = active | (w != 0)
+        tokens, experts = active.nonzero(as_tuple=True)
+        order = torch.argsort(experts, stable=True)  # rows grouped by expert
+        tokens, experts = tokens[order], experts[order]
+        samples = torch.div(tokens, per_sample, rounding_mode="floor")
+        ref = x.new_zeros(batch)
+        h = F.relu(self.fc1(flat_x[tokens], experts, samples, ref))
+        for layer in self.hidden:
+            h = F.relu(layer(h, experts, samples, ref))
+        out = self.fc2(h, experts, samples, ref)  # (rows, D)
+        return [torch.zeros_like(flat_x).index_add(0, tokens, out * w[tokens, experts]
+                                                   .unsqueeze(-1)).view_as(x) for w in flat_w]
+
+
+def make_experts(dispatch: str, num: int, dim: int, hidden: int, depth: int = 1) -> nn.Module:
+    """A bank of ``num`` experts in the ``dispatch`` layout (``dense`` or ``sparse``).
+
+    An empty bank has no parameters in either layout (Opacus requires a per-sample
+    gradient for every parameter, and an empty stack would never get one)."""
+    if dispatch == "dense" or (num == 0 and dispatch in DISPATCH):
+        return DenseExperts(num, dim, hidden, depth)
+    if dispatch == "sparse":
+        return SparseExperts(num, dim, hidden, depth)
+    raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
