@@ -20,6 +20,12 @@ from typing import Any
 ACCOUNTANTS = ("rdp", "prv")
 MODELS = ("moe", "hmoe", "mtmoe", "tmoe")
 GATES = ("linear", "attention")
+DISPATCHES = ("dense", "sparse")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+#: (dispatch, grad-sample-mode) that ``auto`` picks per model: the fastest correct pair in a
+#: measured DP round of the model at its defaults (docs/benchmarks.md).
+FASTEST = {"moe": ("dense", "ghost"), "hmoe": ("dense", "hooks"),
+           "mtmoe": ("dense", "ghost"), "tmoe": ("sparse", "hooks")}
 DATASETS = ("auto", "digits", "pystdlib")
 #: The data set each model trains on (``dataset = "auto"``).
 MODEL_DATASET = {"moe": "digits", "hmoe": "digits", "mtmoe": "digits", "tmoe": "pystdlib"}
@@ -57,6 +63,10 @@ class FedMoEConfig:
     learning_rate : float (default: 0.5)
     max_grad_norm : float (default: 1.0)
         Per-sample clipping bound C.
+    grad_sample_mode : str (default: "auto")
+        How Opacus clips per sample: ``hooks`` (materialise per-sample gradients) or
+        ``ghost`` (ghost clipping: per-sample norms only, then a second backward pass);
+        ``auto`` = the model's fastest (:data:`FASTEST`).
     target_epsilon : float (default: 8.0)
         Each client's ε budget; the server calibrates σ so that a client taking part in
         every planned round ends at or just under it.
@@ -73,6 +83,10 @@ class FedMoEConfig:
         (multi-task, one gate per task) or ``tmoe`` (Transformer-MoE on text).
     gate : str (default: "linear")
         Router kind: ``linear`` or ``attention`` (query attends over learned expert keys).
+    dispatch : str (default: "auto")
+        Expert layout: ``dense`` (every expert on every token) or ``sparse`` (only routed
+        tokens, own Opacus grad sampler); see :mod:`fedmoe.models.experts`. ``auto`` = the
+        model's fastest (:data:`FASTEST`).
     hidden_dim, num_shared_experts, num_local_experts, top_k
         Model shape (``hmoe``: experts per group, local experts in one extra group, top-k
         inside a group). Mapped onto each model's own config dataclass in one place,
@@ -111,12 +125,14 @@ class FedMoEConfig:
     batch_size: int = 0
     learning_rate: float = 0.5
     max_grad_norm: float = 1.0
+    grad_sample_mode: str = "auto"
     target_epsilon: float = 8.0
     target_delta: float = 0.0
     noise_multiplier: float = 0.0
     accountant: str = "rdp"
     model: str = "moe"
     gate: str = "linear"
+    dispatch: str = "auto"
     hidden_dim: int = 64
     num_shared_experts: int = 2
     num_local_experts: int = 2
@@ -152,6 +168,10 @@ class FedMoEConfig:
             (self.batch_size >= 0, "batch-size must be >= 0 (0 = use sample-rate)"),
             (self.learning_rate > 0.0, "learning-rate must be > 0"),
             (self.max_grad_norm > 0.0, "max-grad-norm must be > 0"),
+            (
+                self.grad_sample_mode in ("auto", *GRAD_SAMPLE_MODES),
+                f"grad-sample-mode must be one of {('auto', *GRAD_SAMPLE_MODES)}",
+            ),
             (0.0 < self.target_epsilon < math.inf, "target-epsilon must be a finite value > 0"),
             (
                 0.0 <= self.target_delta < 1.0,
@@ -164,6 +184,10 @@ class FedMoEConfig:
             (self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}"),
             (self.model in MODELS, f"model must be one of {MODELS}"),
             (self.gate in GATES, f"gate must be one of {GATES}"),
+            (
+                self.dispatch in ("auto", *DISPATCHES),
+                f"dispatch must be one of {('auto', *DISPATCHES)}",
+            ),
             (self.hidden_dim >= 1, "hidden-dim must be >= 1"),
             (self.num_shared_experts >= 1, "num-shared-experts must be >= 1"),
             (self.num_local_experts >= 0, "num-local-experts must be >= 0"),
@@ -204,6 +228,16 @@ class FedMoEConfig:
     def data(self) -> str:
         """The data set this run trains on (``dataset``, or the model's own for ``auto``)."""
         return MODEL_DATASET[self.model] if self.dataset == "auto" else self.dataset
+
+    @property
+    def expert_dispatch(self) -> str:
+        """The expert layout this run uses (``dispatch``, or the model's fastest for auto)."""
+        return FASTEST[self.model][0] if self.dispatch == "auto" else self.dispatch
+
+    @property
+    def clipping(self) -> str:
+        """The Opacus grad-sample mode this run uses (resolving ``auto``)."""
+        return FASTEST[self.model][1] if self.grad_sample_mode == "auto" else self.grad_sample_mode
 
     def phase(self, server_round: int) -> str:
         """``pretrain`` (next-token) or ``finetune`` for ``tmoe``; ``train`` otherwise."""

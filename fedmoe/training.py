@@ -54,6 +54,7 @@ def train_dp_round(
     noise_multiplier: float,
     max_grad_norm: float,
     learning_rate: float,
+    grad_sample_mode: str = "hooks",
     generator: torch.Generator | None = None,
 ) -> TrainResult:
     """Run exactly ``steps`` DP-SGD steps on ``model`` in place (wrapped, then released).
@@ -70,6 +71,7 @@ def train_dp_round(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
+        mode=grad_sample_mode,
         generator=generator,
     )
     total, count, taken = 0.0, 0, 0
@@ -78,18 +80,14 @@ def train_dp_round(
     try:
         while taken < steps:
             for x, y in private.loader:
-                private.optimizer.zero_grad(set_to_none=True)
-                losses = per_sample_loss(private.module, x, y)  # (B,)
-                loss = losses.mean() if len(losses) else losses.sum()
-                loss.backward()
-                private.optimizer.step()
+                losses = private.step(lambda m: per_sample_loss(m, x, y), len(x))  # noqa: B023
                 taken += 1
-                total += float(losses.detach().sum())
+                total += float(losses.sum())
                 count += len(losses)
                 if taken == steps:
                     break
     finally:
-        private.module._close()  # remove Opacus hooks: `model` is plain again
+        private.close()  # remove Opacus hooks: `model` is plain again
     return TrainResult(loss=total / count if count else math.nan, steps=taken)
 
 

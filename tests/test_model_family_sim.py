@@ -71,3 +71,19 @@ def test_transformer_moe_pretrains_then_fine_tunes(tmp_path):
         assert "personalized-perplexity" not in details
         assert 0 <= finetune.evaluate[client].personalized_accuracy <= 1
     assert len(finetune.train) == 2 and not finetune.rejected
+
+
+@pytest.mark.parametrize("model", ["moe", "hmoe", "mtmoe"])
+def test_sparse_dispatch_with_ghost_clipping_trains_through_the_federated_path(tmp_path, model):
+    config = FedMoEConfig(model=model, dispatch="sparse", grad_sample_mode="ghost",
+                          num_server_rounds=1, min_available_clients=2)
+    with LedgerBook(tmp_path / LEDGER_FILE) as book:
+        strategy = FedMoE(config, book=book)
+        grid = LocalGrid(2)
+        strategy.start(grid, to_arrays(split_state_dict(model_for(config))), 1)
+    (record,) = strategy.history
+    assert len(record.train) == 2 and not record.rejected
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    keys = set(sent[0].content.array_records["arrays"].keys())
+    assert not any("local_" in k for k in keys)  # local experts (and hmoe's local router) stay
+    assert any(k.endswith("experts.fc1.weight") or ".fc1.weight" in k for k in keys)

@@ -11,24 +11,63 @@ object, so Opacus hooks are never added twice.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import Dataset
 
+from fedmoe.config import GRAD_SAMPLE_MODES
+
+# How per-sample gradients are clipped (fedmoe.config.GRAD_SAMPLE_MODES): ``hooks``
+# materialises them (Opacus' default); ``ghost`` computes only their norms (ghost
+# clipping), then a second backward pass with the clipping factors gives the clipped sum.
+
 
 @dataclass
 class PrivateTraining:
-    """The three Opacus parts of one DP-SGD run; ``module`` wraps the caller's model."""
+    """The Opacus parts of one DP-SGD run; ``module`` wraps the caller's model."""
 
     module: GradSampleModule
     optimizer: DPOptimizer
     loader: DPDataLoader
+    mode: str = "hooks"
+
+    def step(self, per_sample_loss: Callable[[nn.Module], torch.Tensor],
+             batch_size: int) -> torch.Tensor:
+        """One DP-SGD step on one Poisson batch: per-sample losses (B,) of the wrapped module,
+        backward as the mode needs, per-sample clipping, noise, update. Returns the losses.
+
+        An empty batch still takes the step, noise only: skipping it would reveal that the
+        batch was empty. (Ghost mode then skips the forward pass: its two-pass backward
+        has nothing to clip.)
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mode == "ghost" and batch_size == 0:
+            losses = torch.zeros(0)
+            for p in self.module.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        else:
+            losses = per_sample_loss(self.module)
+            if self.mode == "hooks":
+                (losses.mean() if len(losses) else losses.sum()).backward()
+            else:
+                DPTensorFastGradientClipping(self.module, self.optimizer, losses,
+                                             "mean").backward()
+        self.optimizer.step()
+        return losses.detach()
+
+    def close(self) -> None:
+        """Remove Opacus' hooks: the caller's model is plain again."""
+        self.module._close()
 
 
 def make_private(
@@ -39,9 +78,12 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     learning_rate: float,
+    mode: str = "hooks",
     generator: torch.Generator | None = None,
 ) -> PrivateTraining:
-    """Wrap ``model`` for DP-SGD over ``dataset`` with Poisson rate q and noise σ.
+    """Wrap ``model`` for DP-SGD over ``dataset`` with Poisson rate q and noise σ, clipping
+    per sample in ``mode`` (:data:`GRAD_SAMPLE_MODES`); take each step with
+    :meth:`PrivateTraining.step`.
 
     Every trainable parameter (shared, gate and local alike) is clipped and noised
     together, so all that leaves the client is covered by one accounting.
@@ -55,22 +97,32 @@ def make_private(
     ValueError
         If the model contains layers Opacus cannot compute per-sample gradients for.
     """
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad-sample mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model is not DP-trainable with Opacus: {errors}")
     n = len(dataset)  # type: ignore[arg-type]
     generator = generator or secret_generator()
     loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
-    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(
-        torch.optim.SGD(module.parameters(), lr=learning_rate),
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(sample_rate * n)),
-        loss_reduction="mean",
-        generator=generator,
-    )
-    return PrivateTraining(module=module, optimizer=optimizer, loader=loader)
+    dp_kwargs = {
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": max_grad_norm,
+        "expected_batch_size": max(1, round(sample_rate * n)),
+        "loss_reduction": "mean",
+        "generator": generator,
+    }
+    if mode == "hooks":
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=learning_rate),
+                                **dp_kwargs)
+    else:
+        module = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm,
+            use_ghost_clipping=True)
+        optimizer = DPOptimizerFastGradientClipping(
+            torch.optim.SGD(module.parameters(), lr=learning_rate), **dp_kwargs)
+    return PrivateTraining(module=module, optimizer=optimizer, loader=loader, mode=mode)
 
 
 def secret_generator() -> torch.Generator:

@@ -1,0 +1,56 @@
+"""DP-SGD steps in Opacus' hooks and ghost-clipping modes, dense and sparse dispatch: the
+same clipped update for every model, and an empty batch's noise-only step in both."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fedmoe.privacy import make_private
+from fedmoe.training import per_sample_loss
+from tests.test_models import CASES
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe", "tmoe-pretrain", "tmoe-finetune"])
+def test_ghost_clipping_gives_the_same_update_as_hooks(name, dispatch):
+    model, (x, y), _, _ = CASES[name]("linear", dispatch)
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    updated = {}
+    for mode in ("hooks", "ghost"):
+        replica = copy.deepcopy(model)
+        private = make_private(replica, TensorDataset(x, y), sample_rate=0.5,
+                               noise_multiplier=0.0, max_grad_norm=0.05, learning_rate=1.0,
+                               mode=mode)
+        private.step(lambda m: per_sample_loss(m, x, y), len(x))
+        private.close()
+        updated[mode] = dict(replica.named_parameters())
+    moved = 0
+    for n, p in updated["hooks"].items():
+        assert torch.allclose(p, updated["ghost"][n], atol=1e-10), n
+        moved += int(not torch.equal(p, dict(model.named_parameters())[n]))
+    assert moved > 0  # the step did something
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+def test_empty_batch_is_a_noise_only_step(mode, dispatch):
+    model, (x, y), _, _ = CASES["moe"]("linear", dispatch)
+    model = model.float()
+    private = make_private(model, TensorDataset(x.float(), y), sample_rate=0.5,
+                           noise_multiplier=1.0, max_grad_norm=1.0, learning_rate=1.0, mode=mode)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    empty_x, empty_y = x[:0].float(), y[:0]
+    losses = private.step(lambda m: per_sample_loss(m, empty_x, empty_y), 0)
+    private.close()
+    assert losses.shape == (0,)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_unknown_mode_is_refused():
+    model, (x, y), _, _ = CASES["moe"]()
+    with pytest.raises(ValueError, match="grad-sample mode must be one of"):
+        make_private(model, TensorDataset(x.float(), y), sample_rate=0.5, noise_multiplier=1.0,
+                     max_grad_norm=1.0, learning_rate=1.0, mode="functorch")
