@@ -1,5 +1,6 @@
-"""DP-SGD steps in Opacus' hooks and ghost-clipping modes, dense and sparse dispatch: the
-same clipped update for every model, and an empty batch's noise-only step in both."""
+"""DP-SGD steps in Opacus' hooks and ghost-clipping modes and fedmoe's one-backward
+book-keeping mode, dense and sparse dispatch: the same clipped update for every model, the
+planned noise scale, and an empty batch's noise-only step in every mode."""
 
 import copy
 
@@ -34,7 +35,51 @@ def test_ghost_clipping_gives_the_same_update_as_hooks(name, dispatch):
     assert moved > 0  # the step did something
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe"])
+def test_bookkeeping_gives_the_same_update_as_hooks_with_one_backward(name, dispatch):
+    model, (x, y), _, _ = CASES[name]("linear", dispatch)
+    model = model.double()
+    x = x.double()
+    updated = {}
+    for mode, clip in (("hooks", 0.05), ("bookkeeping", 0.05), ("hooks-unclipped", 1e6),
+                       ("bookkeeping-unclipped", 1e6)):
+        replica = copy.deepcopy(model)
+        private = make_private(replica, TensorDataset(x, y), sample_rate=0.5,
+                               noise_multiplier=0.0, max_grad_norm=clip, learning_rate=1.0,
+                               mode=mode.split("-")[0])
+        private.step(lambda m: per_sample_loss(m, x, y), len(x))
+        private.close()
+        updated[mode] = dict(replica.named_parameters())
+    for n, p in updated["hooks"].items():
+        assert torch.allclose(p, updated["bookkeeping"][n], atol=1e-10), n
+        assert torch.allclose(updated["hooks-unclipped"][n],
+                              updated["bookkeeping-unclipped"][n], atol=1e-10), n
+
+
+def test_bookkeeping_noise_has_the_planned_scale():
+    """Zero gradients: one step's update is pure noise, std = lr·σ·C / E[B]."""
+    model = torch.nn.Linear(400, 250)
+    torch.nn.init.zeros_(model.weight)
+    data = TensorDataset(torch.zeros(200, 400), torch.zeros(200))
+    private = make_private(model, data, sample_rate=0.1, noise_multiplier=1.3,
+                           max_grad_norm=0.7, learning_rate=1.0, mode="bookkeeping")
+    x = torch.zeros(20, 400)
+    private.step(lambda m: m(x).sum(dim=1) * 0, len(x))
+    private.close()
+    update = -model.weight.detach().flatten()
+    assert update.std().item() == pytest.approx(1.3 * 0.7 / 20, rel=0.02)
+
+
+def test_bookkeeping_refuses_layers_it_cannot_handle():
+    model, (x, y), _, _ = CASES["tmoe-pretrain"]()
+    with pytest.raises(ValueError, match="supports only nn.Linear and GroupedLinear.*"
+                                         "Embedding.*use grad-sample-mode 'hooks' or 'ghost'"):
+        make_private(model, TensorDataset(x, y), sample_rate=0.5, noise_multiplier=1.0,
+                     max_grad_norm=1.0, learning_rate=1.0, mode="bookkeeping")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_empty_batch_is_a_noise_only_step(mode, dispatch):
     model, (x, y), _, _ = CASES["moe"]("linear", dispatch)

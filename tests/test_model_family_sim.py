@@ -73,9 +73,10 @@ def test_transformer_moe_pretrains_then_fine_tunes(tmp_path):
     assert len(finetune.train) == 2 and not finetune.rejected
 
 
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
 @pytest.mark.parametrize("model", ["moe", "hmoe", "mtmoe"])
-def test_sparse_dispatch_with_ghost_clipping_trains_through_the_federated_path(tmp_path, model):
-    config = FedMoEConfig(model=model, dispatch="sparse", grad_sample_mode="ghost",
+def test_sparse_dispatch_trains_through_the_federated_path(tmp_path, model, mode):
+    config = FedMoEConfig(model=model, dispatch="sparse", grad_sample_mode=mode,
                           num_server_rounds=1, min_available_clients=2)
     with LedgerBook(tmp_path / LEDGER_FILE) as book:
         strategy = FedMoE(config, book=book)

@@ -25,20 +25,24 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedmoe.config import GRAD_SAMPLE_MODES
+from fedmoe.privacy.bookkeeping import BookKeeping
 
 # How per-sample gradients are clipped (fedmoe.config.GRAD_SAMPLE_MODES): ``hooks``
 # materialises them (Opacus' default); ``ghost`` computes only their norms (ghost
-# clipping), then a second backward pass with the clipping factors gives the clipped sum.
+# clipping), then a second backward pass with the clipping factors gives the clipped sum;
+# ``bookkeeping`` needs one backward pass (fedmoe.privacy.bookkeeping; Linear and
+# GroupedLinear layers only).
 
 
 @dataclass
 class PrivateTraining:
     """The Opacus parts of one DP-SGD run; ``module`` wraps the caller's model."""
 
-    module: GradSampleModule
-    optimizer: DPOptimizer
+    module: nn.Module  # the GradSampleModule (hooks, ghost) or the model (bookkeeping)
+    optimizer: DPOptimizer | None
     loader: DPDataLoader
     mode: str = "hooks"
+    bookkeeping: BookKeeping | None = None
 
     def step(self, per_sample_loss: Callable[[nn.Module], torch.Tensor],
              batch_size: int) -> torch.Tensor:
@@ -49,6 +53,8 @@ class PrivateTraining:
         batch was empty. (Ghost mode then skips the forward pass: its two-pass backward
         has nothing to clip.)
         """
+        if self.bookkeeping is not None:
+            return self.bookkeeping.step(per_sample_loss, batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         if self.mode == "ghost" and batch_size == 0:
             losses = torch.zeros(0)
@@ -66,8 +72,11 @@ class PrivateTraining:
         return losses.detach()
 
     def close(self) -> None:
-        """Remove Opacus' hooks: the caller's model is plain again."""
-        self.module._close()
+        """Remove the hooks: the caller's model is plain again."""
+        if self.bookkeeping is not None:
+            self.bookkeeping.close()
+        else:
+            self.module._close()
 
 
 def make_private(
@@ -112,6 +121,13 @@ def make_private(
         "loss_reduction": "mean",
         "generator": generator,
     }
+    if mode == "bookkeeping":
+        engine = BookKeeping(model, max_grad_norm=max_grad_norm,
+                             noise_multiplier=noise_multiplier,
+                             expected_batch_size=dp_kwargs["expected_batch_size"],
+                             learning_rate=learning_rate, generator=generator)
+        return PrivateTraining(module=model, optimizer=None, loader=loader, mode=mode,
+                               bookkeeping=engine)
     if mode == "hooks":
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=learning_rate),
