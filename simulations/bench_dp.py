@@ -273,7 +273,9 @@ One optimiser step (forward, backward, per-sample clipping, noise, update) of a 
 `TopKMoE` layer on (B, T, d) token inputs, router losses on. "dense" runs every expert on
 every token; "sparse" computes only routed tokens with fedmoe's registered grad sampler
 and ghost-norm sampler (`fedmoe/models/experts.py`). Ratios divide by non-private sparse
-dispatch from the same invocation. Regenerate with the command below.
+dispatch from the same invocation. Regenerate with the command below. On these 2-core
+machines the non-private sparse step varies between about 38 and 49 ms from one invocation
+to the next, so its ratios move by ±0.2: compare layouts within one table.
 
 """
 

@@ -102,18 +102,21 @@ def _segments(layer: GroupedLinear, activations, backprops):
     x, experts, samples, ref = activations
     batch = ref.shape[0]
     x = x.to(backprops.dtype)
-    key = experts * batch + samples  # rows are grouped by expert; order within a key is free
+    key = experts * batch + samples
+    if key.numel() > 1 and bool((key[1:] < key[:-1]).any()):
+        # SparseExperts already emits rows by expert, then by token (so by sample): this
+        # sort only runs for other callers
+        order = torch.argsort(key, stable=True)
+        key, x, backprops = key[order], x[order], backprops[order]
     cells = layer.num_experts * batch
     counts = torch.bincount(key, minlength=cells)
     length = int(counts.max()) if key.numel() else 0
-    order = torch.argsort(key, stable=True)
-    key_sorted = key[order]
     starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(key.numel(), device=key.device) - starts[key_sorted]
+    position = torch.arange(key.numel(), device=key.device) - starts[key]
     xs = x.new_zeros(cells, length, x.shape[-1])
     gs = x.new_zeros(cells, length, backprops.shape[-1])
-    xs[key_sorted, position] = x[order]
-    gs[key_sorted, position] = backprops[order]
+    xs[key, position] = x
+    gs[key, position] = backprops
     return xs, gs, key, batch
 
 
