@@ -12,14 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from fedmoe.models.layers import HierarchicalMoE
-from fedmoe.models.moe import check_positive
-from fedmoe.models.tasks import Classification
-from fedmoe.roles import Role, set_role
+from fedmoe.models.moe import ResidualMoEClassifier, check_positive
 
 
 @dataclass(frozen=True)
@@ -54,17 +48,11 @@ class HMoEConfig:
             raise ValueError("HMoEConfig: top_k exceeds the experts of a group")
 
 
-class HierarchicalMoEClassifier(nn.Module):
-    """x: (B, in_features) -> logits (B, num_classes), aux (B,)."""
-
-    task = Classification()
+class HierarchicalMoEClassifier(ResidualMoEClassifier):
+    """The deep MoE classifier with two-level gating."""
 
     def __init__(self, config: HMoEConfig) -> None:
-        super().__init__()
-        self.config = config
-        set_role(self, Role.SHARED)
-        self.trunk = nn.Linear(config.in_features, config.hidden_dim)
-        self.moe = HierarchicalMoE(
+        super().__init__(config, HierarchicalMoE(
             config.hidden_dim,
             config.expert_hidden_dim,
             num_groups=config.num_groups,
@@ -73,13 +61,8 @@ class HierarchicalMoEClassifier(nn.Module):
             group_top_k=config.group_top_k,
             expert_top_k=config.top_k,
             depth=config.expert_depth,
-            gate=config.gate, dispatch=config.dispatch,
+            gate=config.gate,
+            dispatch=config.dispatch,
             balance_coef=config.balance_coef,
             z_loss_coef=config.z_loss_coef,
-        )
-        self.head = nn.Linear(config.hidden_dim, config.num_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.relu(self.trunk(x))
-        m, aux = self.moe(h)
-        return self.head(h + m), aux
+        ))

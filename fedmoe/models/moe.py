@@ -54,29 +54,41 @@ class MoEConfig:
             raise ValueError("MoEConfig: top_k exceeds the number of experts")
 
 
-class MoEClassifier(nn.Module):
-    """x: (B, in_features) -> logits (B, num_classes), aux (B,)."""
+class ResidualMoEClassifier(nn.Module):
+    """trunk -> (residual) MoE layer -> head; subclasses choose the MoE layer.
+
+    x: (B, in_features) -> logits (B, num_classes), aux (B,). Trunk and head are
+    ``shared``; the MoE layer tags its routers and local experts itself.
+    """
 
     task = Classification()
 
-    def __init__(self, config: MoEConfig) -> None:
+    def __init__(self, config, moe: nn.Module) -> None:
         super().__init__()
         self.config = config
-        set_role(self, Role.SHARED)  # trunk and head; the MoE tags gate and local experts
+        set_role(self, Role.SHARED)
         self.trunk = nn.Linear(config.in_features, config.hidden_dim)
-        self.moe = TopKMoE(
-            config.hidden_dim,
-            config.expert_hidden_dim,
-            config.num_shared_experts,
-            config.num_local_experts,
-            config.top_k,
-            gate=config.gate, dispatch=config.dispatch,
-            balance_coef=config.balance_coef,
-            z_loss_coef=config.z_loss_coef,
-        )
+        self.moe = moe
         self.head = nn.Linear(config.hidden_dim, config.num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.trunk(x))  # (B, H)
         m, aux = self.moe(h)  # (B, H), (B,)
         return self.head(h + m), aux  # (B, C), (B,)
+
+
+class MoEClassifier(ResidualMoEClassifier):
+    """The flat top-k MoE classifier."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config, TopKMoE(
+            config.hidden_dim,
+            config.expert_hidden_dim,
+            config.num_shared_experts,
+            config.num_local_experts,
+            config.top_k,
+            gate=config.gate,
+            dispatch=config.dispatch,
+            balance_coef=config.balance_coef,
+            z_loss_coef=config.z_loss_coef,
+        ))
