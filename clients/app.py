@@ -50,8 +50,7 @@ app = ClientApp()
 def query(msg: Message, context: Context) -> Message:
     node, store, (_, _, config), data = _open(msg, context)
     try:
-        with store.book() as book:
-            ledger = book.get(node.client)
+        ledger = store.ledger(node.client)
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
     info = ClientInfo(
@@ -102,8 +101,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     node, store, (global_state, plan, config), data = _open(msg, context)
     try:
-        with store.book() as book:
-            ledger = book.get(node.client)
+        ledger = store.ledger(node.client)
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
     model = personal_model(config, node, store, global_state, plan.server_round)

@@ -20,7 +20,7 @@ import torch
 from flwr.app import Context
 
 from fedmoe.config import NodeSettings
-from fedmoe.privacy import LEDGER_FILE, LedgerBook
+from fedmoe.privacy import LEDGER_FILE, LedgerBook, PrivacyLedger
 from fedmoe.storage import write_atomic
 
 LOCAL_FILE = "local_experts.pt"
@@ -36,6 +36,17 @@ class ClientStore:
     def book(self) -> LedgerBook:
         """The client's privacy ledger book (use as a context manager to close it)."""
         return LedgerBook(self.root / LEDGER_FILE)
+
+    def ledger(self, client: str) -> PrivacyLedger | None:
+        """The client's own ledger, None before its first round.
+
+        Raises
+        ------
+        LedgerError
+            If the ledger file cannot be used (it is left as it is).
+        """
+        with self.book() as book:
+            return book.get(client)
 
     def load_local(self) -> dict[str, torch.Tensor] | None:
         if not self._local.exists():

@@ -93,6 +93,7 @@ def naive_per_sample_grads(model, x, y):
         per_sample_loss(model, x[i : i + 1], y[i : i + 1]).sum().backward()
         grads.append({n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                       for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
     return grads
 
 

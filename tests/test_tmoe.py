@@ -9,7 +9,9 @@ from fedmoe.models.layers import expert_usage, set_use_local
 from fedmoe.models.tasks import Classification, LanguageModel
 from fedmoe.models.tmoe import TMoEConfig, TransformerMoE
 from fedmoe.privacy import make_private
-from fedmoe.roles import Role, tensor_roles, unwrap
+from fedmoe.roles import Role, tensor_roles
+from fedmoe.training import per_sample_loss
+from tests.test_models import naive_per_sample_grads
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -31,23 +33,6 @@ def batch(phase, n=5, length=SEQ):
     x = torch.randint(0, VOCAB, (n, length))
     y = torch.randint(0, VOCAB, (n, length)) if phase == "pretrain" else torch.randint(0, CLASSES, (n,))
     return x, y
-
-
-def per_sample_loss(model, x, y):
-    outputs, aux = model(x)
-    return unwrap(model).task.loss(outputs, y) + aux  # (B,)
-
-
-def naive_per_sample_grads(model, x, y):
-    """The oracle: backprop each sample alone, with no Opacus anywhere."""
-    grads = []
-    for i in range(len(x)):
-        model.zero_grad(set_to_none=True)
-        per_sample_loss(model, x[i : i + 1], y[i : i + 1]).sum().backward()
-        grads.append({n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                      for n, p in model.named_parameters()})
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 def opacus_grad_samples(model, x, y):

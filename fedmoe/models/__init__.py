@@ -21,9 +21,9 @@ from typing import Any
 from torch import nn
 
 from fedmoe.config import FedMoEConfig
+from fedmoe.models.experts import Expert
 from fedmoe.models.hmoe import HierarchicalMoEClassifier, HMoEConfig
 from fedmoe.models.layers import (
-    Expert,
     HierarchicalMoE,
     MultiGateMoE,
     Router,

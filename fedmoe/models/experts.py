@@ -32,8 +32,6 @@ from torch import nn
 
 from fedmoe.config import DISPATCHES
 
-DISPATCH = DISPATCHES  # the layouts, named once in fedmoe.config
-
 
 class Expert(nn.Module):
     """A feed-forward expert D -> H (-> H)*(depth-1) -> D with ReLU between layers."""
@@ -192,8 +190,8 @@ def make_experts(dispatch: str, num: int, dim: int, hidden: int, depth: int = 1)
 
     An empty bank has no parameters in either layout (Opacus requires a per-sample
     gradient for every parameter, and an empty stack would never get one)."""
-    if dispatch == "dense" or (num == 0 and dispatch in DISPATCH):
+    if dispatch == "dense" or (num == 0 and dispatch in DISPATCHES):
         return DenseExperts(num, dim, hidden, depth)
     if dispatch == "sparse":
         return SparseExperts(num, dim, hidden, depth)
-    raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
+    raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")

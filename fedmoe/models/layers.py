@@ -29,13 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.config import GATES as ROUTERS
+from fedmoe.config import GATES
 from fedmoe.models.experts import Expert, make_experts
 from fedmoe.roles import Role, set_role
-
-__all__ = ["Expert"]  # re-exported: experts live in fedmoe.models.experts
-
-GATES = ROUTERS  # the router kinds, named once in fedmoe.config
 
 
 class Router(nn.Module):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.models.experts import DISPATCH
-from fedmoe.models.layers import GATES, TopKMoE
+from fedmoe.config import DISPATCHES, GATES
+from fedmoe.models.layers import TopKMoE
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
 
@@ -24,8 +24,8 @@ def check_positive(config, names: tuple[str, ...], nonnegative: tuple[str, ...] 
     bad += [f"{n} must be >= 0" for n in nonnegative if getattr(config, n) < 0]
     if getattr(config, "gate", "linear") not in GATES:
         bad.append(f"gate must be one of {GATES}")
-    if getattr(config, "dispatch", "dense") not in DISPATCH:
-        bad.append(f"dispatch must be one of {DISPATCH}")
+    if getattr(config, "dispatch", "dense") not in DISPATCHES:
+        bad.append(f"dispatch must be one of {DISPATCHES}")
     if bad:
         raise ValueError(f"{type(config).__name__}: " + "; ".join(bad))
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.models.experts import DISPATCH
-from fedmoe.models.layers import GATES, TopKMoE
+from fedmoe.config import DISPATCHES, GATES
+from fedmoe.models.layers import TopKMoE
 from fedmoe.models.tasks import Classification, LanguageModel
 from fedmoe.roles import Role, set_role
 
@@ -57,8 +57,8 @@ class TMoEConfig:
         if self.top_k > self.num_shared_experts + self.num_local_experts:
             raise ValueError("TMoEConfig: top_k exceeds the number of routed experts "
                              "(num_shared_experts + num_local_experts)")
-        if self.dispatch not in DISPATCH:
-            raise ValueError(f"TMoEConfig: dispatch must be one of {DISPATCH}, got "
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"TMoEConfig: dispatch must be one of {DISPATCHES}, got "
                              f"{self.dispatch!r}")
         if self.gate not in GATES:
             raise ValueError(f"TMoEConfig: gate must be one of {GATES}, got {self.gate!r}")
