@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 
-from fedmoe.models.experts import GroupedLinear, _segments
+from fedmoe.models.experts import GroupedLinear
 
 SUPPORTED = (nn.Linear, GroupedLinear)
 
@@ -105,24 +106,12 @@ class BookKeeping:
 
 
 def _norm_sq(module, inputs, g, batch: int) -> torch.Tensor:
-    """Squared per-sample gradient norm of ``module``'s parameters, (B,)."""
-    if isinstance(module, GroupedLinear):
-        xs, gs, _, _ = _segments(module, list(inputs), g)
-        e = module.num_experts
-        weight = (torch.bmm(xs, xs.transpose(1, 2)) * torch.bmm(gs, gs.transpose(1, 2)))
-        weight = weight.sum((1, 2)).view(e, batch).sum(0).clamp(min=0)
-        bias = (gs.sum(dim=1) ** 2).sum(-1).view(e, batch).sum(0)
-        return weight + bias
-    a = inputs[0].to(g.dtype).reshape(batch, -1, module.in_features)  # (B, T, in)
-    g = g.reshape(batch, -1, module.out_features)  # (B, T, out)
-    if a.shape[1] == 1:
-        weight = (a[:, 0] ** 2).sum(-1) * (g[:, 0] ** 2).sum(-1)
-    else:
-        weight = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    total = weight.clamp(min=0)
-    if module.bias is not None:
-        total = total + (g.sum(dim=1) ** 2).sum(-1)
-    return total
+    """Squared per-sample gradient norm of ``module``'s parameters, (B,): the same
+    ghost-norm samplers Opacus' ghost clipping uses (Opacus' for ``nn.Linear``,
+    fedmoe's for ``GroupedLinear``), so both modes share one norm computation."""
+    sampler = GradSampleModuleFastGradientClipping.NORM_SAMPLERS[type(module)]
+    norms = sampler(module, list(inputs), g)
+    return sum(n.reshape(batch) ** 2 for n in norms.values())
 
 
 def _accumulate_clipped(module, inputs, g, factors: torch.Tensor, sums: dict) -> None:
