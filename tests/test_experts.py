@@ -10,7 +10,14 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from fedmoe.models.experts import DenseExperts, SparseExperts
+from fedmoe.models.experts import (
+    BLOCK_CELLS,
+    DenseExperts,
+    GroupedLinear,
+    SparseExperts,
+    grouped_linear_grad_sample,
+    grouped_linear_norm_sample,
+)
 from fedmoe.models.layers import top_k_weights
 
 
@@ -173,3 +180,38 @@ def test_sparse_and_dense_give_the_same_clipped_gradient():
     converted = as_sparse_layout(grads["dense"], 4)
     for name, value in grads["sparse"].items():
         assert (value - converted[name]).abs().max() < 1e-10, name
+
+
+@pytest.mark.parametrize("features,shuffle", [((2, 3), False), ((8, 8), False),
+                                              ((6, 40), True)])
+def test_grouped_linear_samplers_equal_a_naive_loop_over_uneven_cells(features, shuffle):
+    """Cells of 0..11 rows over several padded blocks; (2, 3) takes the direct product,
+    (6, 40) the Gram route for most blocks, (8, 8) both; shuffled rows take the sort."""
+    torch.manual_seed(5)
+    i, o = features
+    batch, num = 40, 4
+    assert num * batch > 2 * BLOCK_CELLS
+    counts = torch.randint(0, 12, (num, batch))
+    counts[1, :5] = 0  # some samples send expert 1 nothing
+    experts = torch.arange(num).repeat_interleave(counts.sum(1))
+    samples = torch.cat([torch.arange(batch).repeat_interleave(counts[e]) for e in range(num)])
+    x = torch.randn(len(experts), i, dtype=torch.float64)
+    g = torch.randn(len(experts), o, dtype=torch.float64)
+    if shuffle:
+        perm = torch.randperm(len(experts))
+        experts, samples, x, g = experts[perm], samples[perm], x[perm], g[perm]
+    layer = GroupedLinear(num, i, o).double()
+    inputs = (x, experts, samples, torch.zeros(batch))
+    grads = grouped_linear_grad_sample(layer, inputs, g)
+    norms = grouped_linear_norm_sample(layer, inputs, g)
+    expected_w = torch.zeros(batch, num, i, o, dtype=torch.float64)
+    expected_b = torch.zeros(batch, num, o, dtype=torch.float64)
+    for b in range(batch):
+        for e in range(num):
+            rows = (experts == e) & (samples == b)
+            expected_w[b, e] = x[rows].T @ g[rows]
+            expected_b[b, e] = g[rows].sum(0)
+    assert torch.allclose(grads[layer.weight], expected_w, atol=1e-10)
+    assert torch.allclose(grads[layer.bias], expected_b, atol=1e-10)
+    assert torch.allclose(norms[layer.weight], expected_w.flatten(1).norm(dim=1), rtol=1e-10)
+    assert torch.allclose(norms[layer.bias], expected_b.flatten(1).norm(dim=1), rtol=1e-10)

@@ -94,9 +94,22 @@ class GroupedLinear(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, self.out_features)
 
 
-def _segments(layer: GroupedLinear, activations, backprops):
-    """Rows padded per (expert, sample): X (E·B, L, in), G (E·B, L, out) and the key of
-    every row, so that per-sample sums become batched matrix products."""
+#: Cells per padded block in :func:`_cell_blocks`.
+BLOCK_CELLS = 64
+
+
+def _cell_blocks(layer: GroupedLinear, activations, backprops):
+    """The rows of every non-empty (expert, sample) cell, zero-padded into blocks.
+
+    Per-sample sums over a cell's rows become batched matrix products once every cell is a
+    (length, features) matrix. Padding all E·B cells to the longest one wastes work in
+    proportion to routing imbalance, so cells are sorted by row count and cut into blocks
+    of :data:`BLOCK_CELLS`, each padded only to its own longest cell.
+
+    Returns the batch size and a list of ``(cells, xs, gs)``: the flat cell indices
+    (``expert * B + sample``) of a block, its inputs (n, L, in) and output-gradients
+    (n, L, out).
+    """
     x, experts, samples, ref = activations
     batch = ref.shape[0]
     x = x.to(backprops.dtype)
@@ -106,26 +119,50 @@ def _segments(layer: GroupedLinear, activations, backprops):
         # sort only runs for other callers
         order = torch.argsort(key, stable=True)
         key, x, backprops = key[order], x[order], backprops[order]
-    cells = layer.num_experts * batch
-    counts = torch.bincount(key, minlength=cells)
-    length = int(counts.max()) if key.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(key.numel(), device=key.device) - starts[key]
-    xs = x.new_zeros(cells, length, x.shape[-1])
-    gs = x.new_zeros(cells, length, backprops.shape[-1])
-    xs[key, position] = x
-    gs[key, position] = backprops
-    return xs, gs, key, batch
+    counts = torch.bincount(key, minlength=layer.num_experts * batch)
+    lengths, by_length = torch.sort(counts, descending=True, stable=True)
+    used = int((lengths > 0).sum()) if key.numel() else 0
+    if not used:
+        return batch, []
+    lengths, by_length = lengths[:used], by_length[:used]
+    rank = torch.empty_like(counts)
+    rank[by_length] = torch.arange(used, device=key.device)
+    block_len = lengths[::BLOCK_CELLS]
+    sizes = (used - BLOCK_CELLS * torch.arange(len(block_len), device=key.device)).clamp(
+        max=BLOCK_CELLS)
+    offsets = torch.cumsum(sizes * block_len, 0) - sizes * block_len
+    row_rank = rank[key]
+    block = torch.div(row_rank, BLOCK_CELLS, rounding_mode="floor")
+    position = torch.arange(key.numel(), device=key.device) - (torch.cumsum(counts, 0)
+                                                               - counts)[key]
+    slot = offsets[block] + (row_rank - block * BLOCK_CELLS) * block_len[block] + position
+    total = int((sizes * block_len).sum())
+    padding = torch.ones(total, dtype=torch.bool, device=key.device)
+    padding[slot] = False
+    padding = padding.nonzero().squeeze(1)  # zero only these: the rest is overwritten
+    xs = x.new_empty(total, x.shape[-1]).index_copy_(0, slot, x).index_fill_(0, padding, 0)
+    gs = x.new_empty(total, backprops.shape[-1]).index_copy_(0, slot, backprops).index_fill_(
+        0, padding, 0)
+    blocks, start = [], 0
+    for i, (n, length) in enumerate(zip(sizes.tolist(), block_len.tolist(), strict=True)):
+        cells = by_length[i * BLOCK_CELLS:i * BLOCK_CELLS + n]
+        blocks.append((cells, xs[start:start + n * length].view(n, length, -1),
+                       gs[start:start + n * length].view(n, length, -1)))
+        start += n * length
+    return batch, blocks
 
 
 @register_grad_sampler(GroupedLinear)
 def grouped_linear_grad_sample(layer: GroupedLinear, activations, backprops):
     """Per-sample gradients: weight (B, E, in, out), bias (B, E, out); zero for an expert
     that a sample sent no row to."""
-    xs, gs, key, batch = _segments(layer, activations, backprops)
+    batch, blocks = _cell_blocks(layer, activations, backprops)
     e, i, o = layer.num_experts, layer.in_features, layer.out_features
-    weight = torch.bmm(xs.transpose(1, 2), gs)  # (E·B, in, out)
-    bias = gs.sum(dim=1)  # (E·B, out)
+    weight = backprops.new_zeros(e * batch, i, o)
+    bias = backprops.new_zeros(e * batch, o)
+    for cells, xs, gs in blocks:
+        weight[cells] = torch.bmm(xs.transpose(1, 2), gs)
+        bias[cells] = gs.sum(dim=1)
     return {
         layer.weight: weight.view(e, batch, i, o).transpose(0, 1),
         layer.bias: bias.view(e, batch, o).transpose(0, 1),
@@ -135,12 +172,22 @@ def grouped_linear_grad_sample(layer: GroupedLinear, activations, backprops):
 @register_norm_sampler(GroupedLinear)
 def grouped_linear_norm_sample(layer: GroupedLinear, activations, backprops):
     """Per-sample gradient norms without materialising the gradients (ghost clipping):
-    ||Σ_r x_r g_rᵀ||² = Σ_{r,r'} (x_r·x_r')(g_r·g_r') over each (expert, sample)'s rows."""
-    xs, gs, key, batch = _segments(layer, activations, backprops)
-    e = layer.num_experts
-    gram = (torch.bmm(xs, xs.transpose(1, 2)) * torch.bmm(gs, gs.transpose(1, 2))).sum((1, 2))
-    weight_sq = gram.view(e, batch).sum(0).clamp(min=0)
-    bias_sq = (gs.sum(dim=1) ** 2).sum(-1).view(e, batch).sum(0)
+    ||Σ_r x_r g_rᵀ||² = Σ_{r,r'} (x_r·x_r')(g_r·g_r') over each (expert, sample)'s rows,
+    or the cell's gradient itself where that is cheaper (L·in·out < L²·(in+out))."""
+    batch, blocks = _cell_blocks(layer, activations, backprops)
+    i, o = layer.in_features, layer.out_features
+    weight_sq = backprops.new_zeros(layer.num_experts * batch)
+    bias_sq = backprops.new_zeros(layer.num_experts * batch)
+    for cells, xs, gs in blocks:
+        if xs.shape[1] * (i + o) <= i * o:
+            g_gram = torch.bmm(gs, gs.transpose(1, 2))
+            weight_sq[cells] = (torch.bmm(xs, xs.transpose(1, 2)) * g_gram).sum((1, 2))
+            bias_sq[cells] = g_gram.sum((1, 2))  # ||Σ_r g_r||² = Σ_{r,r'} g_r·g_r'
+        else:
+            weight_sq[cells] = torch.bmm(xs.transpose(1, 2), gs).pow(2).sum((1, 2))
+            bias_sq[cells] = gs.sum(dim=1).pow(2).sum(-1)
+    weight_sq = weight_sq.view(layer.num_experts, batch).sum(0).clamp(min=0)
+    bias_sq = bias_sq.view(layer.num_experts, batch).sum(0).clamp(min=0)
     return {layer.weight: weight_sq.sqrt(), layer.bias: bias_sq.sqrt()}
 
 

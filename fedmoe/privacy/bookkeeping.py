@@ -99,9 +99,9 @@ class BookKeeping:
                 _accumulate_clipped(module, inputs, g, factors, sums)
         with torch.no_grad():
             for p, total in sums.items():
-                noise = torch.normal(0.0, self.sigma * self.clip, size=p.shape,
-                                     generator=self.generator, dtype=p.dtype)
-                p.add_((total + noise) / self.expected_batch_size, alpha=-self.lr)
+                total.add_(torch.empty_like(total).normal_(0.0, self.sigma * self.clip,
+                                                           generator=self.generator))
+                p.add_(total, alpha=-self.lr / self.expected_batch_size)
         return losses.detach()
 
 
@@ -118,14 +118,18 @@ def _accumulate_clipped(module, inputs, g, factors: torch.Tensor, sums: dict) ->
     """Add ``Σ_b factor_b · (per-sample gradient of sample b)`` of ``module`` to ``sums``."""
     if isinstance(module, GroupedLinear):
         x, experts, samples, _ = inputs
-        scaled = g * factors[samples].unsqueeze(-1)  # (rows, out)
+        x, row = x.to(g.dtype), factors[samples]
+        scale_x = module.in_features <= module.out_features  # scale the narrower side
+        if scale_x:
+            x = x * row.unsqueeze(-1)
+        else:
+            g = g * row.unsqueeze(-1)
         counts = torch.bincount(experts, minlength=module.num_experts).tolist()
-        weight = torch.stack([xc.to(g.dtype).T @ gc for xc, gc in
-                              zip(torch.split(x, counts), torch.split(scaled, counts),
-                                  strict=True)])
-        bias = torch.zeros_like(module.bias).index_add(0, experts, scaled)
-        sums[module.weight] += weight
-        sums[module.bias] += bias
+        weight, bias = sums[module.weight], sums[module.bias]
+        for e, (xc, gc, rc) in enumerate(zip(torch.split(x, counts), torch.split(g, counts),
+                                             torch.split(row, counts), strict=True)):
+            weight[e].addmm_(xc.T, gc)
+            bias[e].add_(gc.T @ rc if scale_x else gc.sum(0))
         return
     batch = len(factors)
     a = inputs[0].to(g.dtype).reshape(batch, -1, module.in_features)
