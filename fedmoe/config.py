@@ -25,7 +25,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "bookkeeping")
 #: (dispatch, grad-sample-mode) that ``auto`` picks per model: the fastest correct pair in a
 #: measured DP round of the model at its defaults (docs/benchmarks.md).
 FASTEST = {"moe": ("dense", "bookkeeping"), "hmoe": ("dense", "bookkeeping"),
-           "mtmoe": ("dense", "bookkeeping"), "tmoe": ("sparse", "hooks")}
+           "mtmoe": ("dense", "bookkeeping"), "tmoe": ("sparse", "bookkeeping")}
 DATASETS = ("auto", "digits", "pystdlib")
 #: The data set each model trains on (``dataset = "auto"``).
 MODEL_DATASET = {"moe": "digits", "hmoe": "digits", "mtmoe": "digits", "tmoe": "pystdlib"}
@@ -66,7 +66,7 @@ class FedMoEConfig:
     grad_sample_mode : str (default: "auto")
         How Opacus clips per sample: ``hooks`` (materialise per-sample gradients) or
         ``ghost`` (ghost clipping: per-sample norms only, then a second backward pass) or
-        ``bookkeeping`` (one backward pass; models of Linear layers and sparse experts only);
+        ``bookkeeping`` (one backward pass; any model whose layers have Opacus grad samplers);
         ``auto`` = the model's fastest (:data:`FASTEST`).
     target_epsilon : float (default: 8.0)
         Each client's ε budget; the server calibrates σ so that a client taking part in
