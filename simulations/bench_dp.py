@@ -1,6 +1,7 @@
 """Benchmark: the cost of a DP-SGD step on a top-k MoE layer, per expert layout and Opacus mode.
 
-    python -m simulations.bench_dp [--steps 20] [--configs large,small] [--write docs/benchmarks.md]
+    python -m simulations.bench_dp [--steps 20] [--repeats 3] [--configs large,small]
+                                   [--write docs/benchmarks.md]
 
 For each configuration (``large``: B=64, T=64, d=128, hidden 512, 8 experts, top-2 — about
 1.06 M parameters; ``small``: B=32, T=16, d=64, hidden 128, 4 experts, top-2) it times one
@@ -14,8 +15,11 @@ optimiser step — forward, backward, per-sample clipping, noise, update — of 
 
 Each measurement runs in its own process: the median step time over ``--steps`` steps
 after 3 warm-up steps, and the peak resident memory above what the process held before the
-first step. The ratio column divides by non-private sparse dispatch from the same
-invocation.
+first step. Every layout is measured in ``--repeats`` such processes, in rounds (each round
+measures every layout once, so a machine that slows down or speeds up during the run
+affects all layouts alike). The table shows the median over the rounds; the ratio divides
+by non-private sparse dispatch, and its range is the lowest and highest per-round ratio,
+each against the non-private step of the same round.
 
 A second table times one client's DP round (10 steps, q=0.1, the model's own data) of each
 fedmoe model at its defaults for every dispatch × mode: the pair that ``auto`` picks
@@ -54,13 +58,23 @@ LAYOUTS = [
 
 @dataclass(frozen=True)
 class Measurement:
+    """One layout over all rounds: per-round median step times and peak memories."""
+
     config: str
     label: str
     dispatch: str
     mode: str | None
     params: int
-    median_ms: float
-    peak_mb: float
+    step_ms: tuple[float, ...]
+    peak_mb: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.step_ms)
+
+    @property
+    def median_mb(self) -> float:
+        return statistics.median(self.peak_mb)
 
 
 def _measure(config: str, dispatch: str, mode: str | None, steps: int) -> tuple[int, float, float]:
@@ -179,15 +193,19 @@ def measure(config: str, dispatch: str, mode: str | None, steps: int) -> tuple[i
     return result
 
 
-def run(configs: list[str], steps: int) -> list[Measurement]:
-    rows = []
-    for config in configs:
-        for label, dispatch, mode in LAYOUTS:
-            params, ms, mb = measure(config, dispatch, mode, steps)
-            rows.append(Measurement(config, label, dispatch, mode, params, ms, mb))
-            print(f"{config:6} {label:11} {dispatch:6} {mode or '-':9} {ms:9.1f} ms "
-                  f"{mb:8.1f} MB", flush=True)
-    return rows
+def run(configs: list[str], steps: int, repeats: int) -> list[Measurement]:
+    """Every layout of every config, ``repeats`` rounds, one fresh process per measurement."""
+    found: dict[tuple, list[tuple[int, float, float]]] = {}
+    for round_ in range(1, repeats + 1):
+        for config in configs:
+            for label, dispatch, mode in LAYOUTS:
+                params, ms, mb = measure(config, dispatch, mode, steps)
+                found.setdefault((config, label, dispatch, mode), []).append((params, ms, mb))
+                print(f"round {round_}/{repeats} {config:6} {label:11} {dispatch:6} "
+                      f"{mode or '-':11} {ms:9.1f} ms {mb:8.1f} MB", flush=True)
+    return [Measurement(config, label, dispatch, mode, runs[0][0],
+                        tuple(r[1] for r in runs), tuple(r[2] for r in runs))
+            for (config, label, dispatch, mode), runs in found.items()]
 
 
 def model_rounds(repeats: int = 5) -> str:
@@ -228,16 +246,18 @@ def model_rounds(repeats: int = 5) -> str:
 
 def table(rows: list[Measurement]) -> str:
     lines = ["| config | params | run | dispatch | Opacus mode | median step (ms) | "
-             "× non-private sparse | peak memory above baseline (MB) | × |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "× non-private sparse | per round | peak memory above baseline (MB) | × |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for config in dict.fromkeys(r.config for r in rows):
         mine = [r for r in rows if r.config == config]
         ref = next(r for r in mine if r.mode is None and r.dispatch == "sparse")
         for r in mine:
-            mem_ratio = f"{r.peak_mb / ref.peak_mb:.1f}" if ref.peak_mb > 1 else "–"
+            per_round = [ms / base for ms, base in zip(r.step_ms, ref.step_ms, strict=True)]
+            mem_ratio = f"{r.median_mb / ref.median_mb:.1f}" if ref.median_mb > 1 else "–"
             lines.append(
                 f"| {config} | {r.params:,} | {r.label} | {r.dispatch} | {r.mode or '–'} | "
-                f"{r.median_ms:.1f} | {r.median_ms / ref.median_ms:.2f} | {r.peak_mb:.0f} | "
+                f"{r.median_ms:.1f} | {r.median_ms / ref.median_ms:.2f} | "
+                f"{min(per_round):.2f}–{max(per_round):.2f} | {r.median_mb:.0f} | "
                 f"{mem_ratio} |")
     return "\n".join(lines)
 
@@ -245,22 +265,26 @@ def table(rows: list[Measurement]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds, each measuring every layout in fresh processes (default: 3)")
     parser.add_argument("--configs", default="large,small", help="comma-separated: large,small")
     parser.add_argument("--write", type=Path, default=None, help="write the table (markdown)")
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
-    if unknown or args.steps < 1:
-        parser.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}; steps >= 1")
-    rows = run(configs, args.steps)
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
+    rows = run(configs, args.steps, args.repeats)
     text = table(rows)
     print(text)
     rounds = model_rounds()
     if args.write:
         import torch
 
-        header = (f"Measured with `python -m simulations.bench_dp --steps {args.steps} --write "
-                  f"{args.write}` on {platform.machine()}, {torch.get_num_threads()} torch "
+        header = (f"Measured with `python -m simulations.bench_dp --steps {args.steps} "
+                  f"--repeats {args.repeats} --write {args.write}` on {platform.machine()}, {torch.get_num_threads()} torch "
                   f"threads, torch {torch.__version__}.\n\n")
         args.write.write_text(_PREAMBLE + header + text + "\n\n" + _ROUNDS + rounds + "\n")
         print(f"written to {args.write}")
@@ -272,10 +296,13 @@ _PREAMBLE = """# DP-SGD step cost of a top-k MoE layer
 One optimiser step (forward, backward, per-sample clipping, noise, update) of a single
 `TopKMoE` layer on (B, T, d) token inputs, router losses on. "dense" runs every expert on
 every token; "sparse" computes only routed tokens with fedmoe's registered grad sampler
-and ghost-norm sampler (`fedmoe/models/experts.py`). Ratios divide by non-private sparse
-dispatch from the same invocation. Regenerate with the command below. On these 2-core
-machines the non-private sparse step varies between about 38 and 49 ms from one invocation
-to the next, so its ratios move by ±0.2: compare layouts within one table.
+and ghost-norm sampler (`fedmoe/models/experts.py`); "bookkeeping" is fedmoe's
+one-backward clipping (`fedmoe/privacy/bookkeeping.py`). Each layout is measured in a fresh
+process, once per round; the table gives the median over the rounds. The ratio divides by
+non-private sparse dispatch; "per round" is the lowest and highest ratio against the
+non-private step of the same round. On these 2-core virtual machines the same step varies
+by up to ±15 % from one process to the next, and a round in which something else ran is
+an outlier in "per round", not in the median. Regenerate with the command below.
 
 """
 
@@ -285,10 +312,12 @@ _ROUNDS = """## One client's DP round per model (what `dispatch = auto`, `grad-s
 Median of 5 rounds of 10 DP-SGD steps (q = 0.1) on client 0 of 10, each model at its
 defaults. The digits models are tiny (one token per example, 4 experts of hidden size 64):
 routing overhead outweighs the saved expert compute, so dense dispatch wins, and
-book-keeping's single backward pass halves the round. `tmoe` (64 tokens per example)
-has embeddings and LayerNorms that book-keeping does not cover yet; sparse dispatch with
-Opacus' hooks wins there, ghost clipping loses (its second backward pass runs through
-attention, LayerNorm and embeddings too).
+book-keeping's single backward pass halves the round. `tmoe` (64 tokens per example,
+embeddings, LayerNorms, attention): book-keeping also wins (its LayerNorms' per-sample
+gradients are materialised, which is cheap); ghost clipping loses (its second backward
+pass runs through attention, LayerNorm and embeddings too). For `tmoe` dense and sparse
+book-keeping are within noise of each other at 4 experts; `auto` picks sparse, whose
+expert cost grows with top-k rather than with the number of experts.
 
 """
 
