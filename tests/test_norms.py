@@ -56,6 +56,15 @@ def test_embedding_norms_equal_a_naive_loop_with_repeated_ids():
     assert torch.allclose(got[layer.weight], expected, rtol=1e-10)
 
 
+def test_an_empty_batch_has_empty_norms():
+    linear, embedding = nn.Linear(3, 2), nn.Embedding(5, 2)
+    got = linear_norm_sample(linear, [torch.zeros(0, 4, 3)], torch.zeros(0, 4, 2))
+    assert {p: n.shape for p, n in got.items()} == {linear.weight: (0,), linear.bias: (0,)}
+    got = embedding_norm_sample(embedding, [torch.zeros(0, 4, dtype=torch.long)],
+                                torch.zeros(0, 4, 2))
+    assert got[embedding.weight].shape == (0,)
+
+
 def test_fedmoe_samplers_are_the_registered_ones():
     import fedmoe.privacy  # noqa: F401  (importing the privacy package registers them)
 

@@ -29,9 +29,9 @@ from torch import nn
 def linear_norm_sample(layer: nn.Linear, activations, backprops):
     """Per-sample gradient norms of ``layer.weight`` and ``layer.bias``, each (B,)."""
     batch = backprops.shape[0]
-    g = backprops.reshape(batch, -1, layer.out_features)  # (B, T, out)
-    a = activations[0].to(g.dtype).reshape(batch, -1, layer.in_features)  # (B, T, in)
-    tokens = g.shape[1]
+    tokens = backprops.numel() // (batch * layer.out_features) if batch else 1
+    g = backprops.reshape(batch, tokens, layer.out_features)  # (B, T, out)
+    a = activations[0].to(g.dtype).reshape(batch, tokens, layer.in_features)  # (B, T, in)
     norms = {}
     if layer.weight.requires_grad:
         if tokens == 1:
@@ -55,7 +55,8 @@ def embedding_norm_sample(layer: nn.Embedding, activations, backprops):
     ids = activations[0]
     batch = ids.shape[0]
     g = backprops.reshape(-1, layer.embedding_dim)
-    samples = torch.arange(batch, device=ids.device).repeat_interleave(ids[0].numel())
+    samples = torch.arange(batch, device=ids.device).repeat_interleave(
+        ids.numel() // batch if batch else 0)
     key = samples * layer.num_embeddings + ids.reshape(-1)
     unique, pair = torch.unique(key, return_inverse=True)
     summed = g.new_zeros(len(unique), layer.embedding_dim).index_add_(0, pair, g)
