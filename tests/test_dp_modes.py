@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from fedmoe.privacy import make_private
 from fedmoe.training import per_sample_loss
-from tests.test_models import CASES
+from tests.test_models import CASES, naive_per_sample_grads
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
@@ -58,6 +58,31 @@ def test_bookkeeping_gives_the_same_update_as_hooks_with_one_backward(name, disp
         assert torch.allclose(p, updated["bookkeeping"][n], atol=1e-10), n
         assert torch.allclose(updated["hooks-unclipped"][n],
                               updated["bookkeeping-unclipped"][n], atol=1e-10), n
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+@pytest.mark.parametrize("name", ["moe", "tmoe-pretrain", "tmoe-finetune"])
+def test_bookkeeping_update_equals_a_naive_clip_and_sum(name, dispatch):
+    """An oracle with no Opacus and no book-keeping: each sample's gradient by its own
+    backward pass, clipped to C as Opacus does, averaged over B, one SGD step."""
+    model, (x, y), _, _ = CASES[name]("linear", dispatch)
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    clip, lr = 0.05, 1.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = naive_per_sample_grads(model, x, y)
+    expected = {n: torch.zeros_like(p) for n, p in before.items()}
+    for g in grads:
+        norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for n, v in g.items():
+            expected[n] += factor * v
+    private = make_private(model, TensorDataset(x, y), sample_rate=1.0, noise_multiplier=0.0,
+                           max_grad_norm=clip, learning_rate=lr, mode="bookkeeping")
+    private.step(lambda m: per_sample_loss(m, x, y), len(x))
+    private.close()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, before[n] - lr * expected[n] / len(x), atol=1e-10), n
 
 
 def test_bookkeeping_noise_has_the_planned_scale():
