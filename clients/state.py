@@ -7,7 +7,9 @@ Both live in the client's state directory, on its own disk:
 
 A deployment sets the directory with ``--node-config "state-dir=/var/lib/fedmoe"`` so the
 ledger outlives runs and the budget is a lifetime budget. Without it (simulation) each run
-gets its own folder under the system's temp directory, ``fedmoe-state/run-<id>/<client>``.
+gets its own folder under the system's temp directory, ``fedmoe-state/run-<id>/<client>``
+(:func:`run_state_root`); ``fedmoe simulate`` moves that folder into the run folder when
+the simulation ends.
 """
 
 from __future__ import annotations
@@ -59,11 +61,16 @@ class ClientStore:
         write_atomic(self._local, buffer.getvalue())
 
 
+def run_state_root(run_id: int) -> Path:
+    """Where the clients of run ``run_id`` that have no ``state-dir`` keep their state."""
+    return Path(tempfile.gettempdir()) / "fedmoe-state" / f"run-{run_id}"
+
+
 def state_dir(context: Context, node: NodeSettings) -> Path:
     """``state-dir`` from the node config, else a per-run folder under the temp directory."""
     if node.state_dir:
         return Path(node.state_dir)
-    return Path(tempfile.gettempdir()) / "fedmoe-state" / f"run-{context.run_id}" / node.client
+    return run_state_root(context.run_id) / node.client
 
 
 def open_store(context: Context, node: NodeSettings) -> ClientStore:

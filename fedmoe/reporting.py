@@ -3,6 +3,8 @@
 
 ``results.json`` layout::
 
+    run_id            Flower's id of the run (a client without a state-dir keeps its
+                      state in ``<temp>/fedmoe-state/run-<run_id>/<client>``)
     config            the validated run config (kebab-case keys)
     privacy           delta_rule, stopped (why training stopped early, or null),
                       clients[] (:func:`privacy_rows`: per client its plan — n, δ, q, steps
@@ -81,6 +83,7 @@ def build_results(
     *,
     privacy: list[dict],
     stopped: str | None = None,
+    run_id: int | None = None,
 ) -> dict[str, Any]:
     """Turn the strategy's per-round history into the ``results.json`` document."""
     rounds, latest = [], {}
@@ -113,6 +116,7 @@ def build_results(
         })
     final_clients = [latest[c] for c in sorted(latest, key=client_sort_key)]
     return {
+        "run_id": run_id,
         "config": config.to_run_config(),
         "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
         "rounds": rounds,

@@ -35,7 +35,8 @@ class RunListener(Protocol):
 
 
 def run_federation(
-    grid: Grid, config: FedMoEConfig, listener: RunListener | None = None
+    grid: Grid, config: FedMoEConfig, listener: RunListener | None = None,
+    run_id: int | None = None,
 ) -> dict[str, Any]:
     """Run FedMoE on ``grid`` until the planned rounds are done or no client can afford
     another; write the run folder and return the results."""
@@ -55,6 +56,7 @@ def run_federation(
         results = build_results(
             config, strategy.history, time.time() - start,
             privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
+            run_id=run_id,
         )
         path = write_run_folder(run_dir, results, book)
     log(INFO, "fedmoe: results written to %s", path)
@@ -72,7 +74,7 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = config or FedMoEConfig.from_run_config(context.run_config)
-        run_federation(grid, run_config, listener)
+        run_federation(grid, run_config, listener, run_id=context.run_id)
 
     return server_app
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +38,7 @@ class ProgressListener:
         )
         self.task = None
         self.results: dict[str, Any] | None = None
+        self.results_path: Path | None = None
 
     def started(self, config: FedMoEConfig, run_dir: Path) -> None:
         sigma = (f"σ={config.noise_multiplier:g}" if config.noise_multiplier
@@ -64,7 +66,7 @@ class ProgressListener:
         self.progress.update(self.task, advance=1, status=status)
 
     def finished(self, results: dict[str, Any], results_path: Path) -> None:
-        self.results = results
+        self.results, self.results_path = results, results_path
         self.progress.stop()
         self.console.print(client_table(results))
         if results["privacy"]["stopped"]:
@@ -161,4 +163,27 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
     )
     if listener.results is None:
         raise RuntimeError("the simulation ended without results; rerun with --verbose for logs")
+    kept = keep_client_state(listener.results["run_id"], listener.results_path.parent)
+    if kept:
+        listener.console.print(f"simulated clients' state (ledgers, local experts): {kept}")
     return listener.results
+
+
+def keep_client_state(run_id: int, run_dir: Path) -> Path | None:
+    """Move the simulated clients' state (their ledgers and local experts) out of the temp
+    directory into ``<run_dir>/clients/run-<run_id>``; return where, or None if none.
+
+    Simulated clients have no ``state-dir``, so they keep their state under the temp
+    directory (:func:`clients.state.run_state_root`), where it would pile up run after run.
+    Moved, it stays inspectable next to the server's ledger (``fedmoe budget`` reads a
+    client's folder too). In a deployment it stays on each client's own machine.
+    """
+    from clients.state import run_state_root
+
+    source = run_state_root(run_id)
+    if not source.is_dir():
+        return None
+    target = run_dir / "clients" / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, target)
+    return target

@@ -220,6 +220,7 @@ def test_budget_command_without_a_ledger_explains(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- simulation
 @pytest.mark.slow
+@pytest.mark.usefixtures("system_temp_dir")
 def test_simulation_whose_budget_runs_out_stops_early(tmp_path):
     from simulations.runner import run
 

@@ -19,6 +19,7 @@ COMMON = {"num_server_rounds": 2, "target_epsilon": 50.0, "local_epochs": 2}
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("system_temp_dir")
 @pytest.mark.parametrize("model,gate", [("moe", "attention"), ("hmoe", "linear")])
 def test_classifiers_beat_chance(tmp_path, model, gate):
     results = run(FedMoEConfig(model=model, gate=gate, run_dir=str(tmp_path), **COMMON), 3)
@@ -31,6 +32,7 @@ def test_classifiers_beat_chance(tmp_path, model, gate):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("system_temp_dir")
 def test_multitask_moe_beats_chance_on_every_task(tmp_path):
     results = run(FedMoEConfig(model="mtmoe", run_dir=str(tmp_path), **COMMON), 3)
     final = results["final"]
@@ -44,6 +46,7 @@ def test_multitask_moe_beats_chance_on_every_task(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("system_temp_dir")
 def test_transformer_moe_pretrains_below_the_unigram_perplexity(tmp_path):
     config = FedMoEConfig(model="tmoe", pretrain_rounds=2, learning_rate=1.0, sample_rate=0.25,
                           run_dir=str(tmp_path), **COMMON | {"local_epochs": 10})

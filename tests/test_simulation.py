@@ -4,12 +4,15 @@ import json
 
 import pytest
 
+from clients.state import run_state_root
+from fedmoe.cli import main as cli
 from fedmoe.config import FedMoEConfig
 from simulations.runner import run
 
 
 @pytest.mark.slow
-def test_two_rounds_three_clients_end_to_end(tmp_path):
+@pytest.mark.usefixtures("system_temp_dir")
+def test_two_rounds_three_clients_end_to_end(tmp_path, capsys):
     config = FedMoEConfig(num_server_rounds=2, run_dir=str(tmp_path / "run"))
     returned = run(config, num_clients=3)
 
@@ -42,3 +45,16 @@ def test_two_rounds_three_clients_end_to_end(tmp_path):
         assert privacy[pid]["delta"] < 1 / privacy[pid]["num_train"]
     assert (tmp_path / "run" / "privacy.png").stat().st_size > 1000
     assert (tmp_path / "run" / "ledger.sqlite").exists()
+
+    # the simulated clients' own state left the temp dir for the run folder; each client's
+    # ledger there agrees with the server's
+    kept = tmp_path / "run" / "clients" / f"run-{results['run_id']}"
+    assert not run_state_root(results["run_id"]).exists()
+    assert sorted(p.name for p in kept.iterdir()) == clients
+    capsys.readouterr()
+    for pid in clients:
+        assert (kept / pid / "local_experts.pt").exists()
+        assert cli(["budget", str(kept / pid), "--json"]) == 0
+        [own] = json.loads(capsys.readouterr().out)
+        assert own["client"] == pid
+        assert own["epsilon"] == pytest.approx(privacy[pid]["epsilon"], rel=1e-9)
