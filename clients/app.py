@@ -89,6 +89,7 @@ def train(msg: Message, context: Context) -> Message:
         max_grad_norm=config.max_grad_norm,
         learning_rate=config.learning_rate,
         grad_sample_mode=config.clipping,
+        local_pull=config.local_pull,
     )
     store.save_local(split_state_dict(model, {Role.LOCAL}))
 

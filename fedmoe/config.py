@@ -94,6 +94,11 @@ class FedMoEConfig:
         :func:`fedmoe.models.run_overrides`.
     balance_coef, z_loss_coef : float (default: 0.01, 0.001)
         Weights of the per-sample router balance loss and router z-loss.
+    local_pull : float (default: 0.3)
+        After every DP-SGD step each local expert moves this fraction of the way towards
+        the average of its layer's shared experts (0 = off, 1 = a copy of it). It uses no
+        data, so it costs no privacy; without it the DP noise on local experts, which no
+        aggregation averages out, piles up round after round.
     num_groups, group_top_k, expert_depth : int (default: 2, 1, 2)
         ``hmoe``: groups of shared experts, groups picked per token, layers per expert.
     num_layers, num_heads, num_always_on_experts, seq_len : int (default: 2, 4, 1, 64)
@@ -140,6 +145,7 @@ class FedMoEConfig:
     top_k: int = 2
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
+    local_pull: float = 0.3
     num_groups: int = 2
     group_top_k: int = 1
     expert_depth: int = 2
@@ -195,6 +201,7 @@ class FedMoEConfig:
             (self.top_k >= 1, "top-k must be >= 1"),
             (self.balance_coef >= 0.0, "balance-coef must be >= 0"),
             (self.z_loss_coef >= 0.0, "z-loss-coef must be >= 0"),
+            (0.0 <= self.local_pull <= 1.0, "local-pull must be in [0, 1]"),
             (self.pretrain_rounds >= 0, "pretrain-rounds must be >= 0"),
             (self.seq_len >= 2, "seq-len must be >= 2"),
             (self.max_windows >= 2, "max-windows must be >= 2"),

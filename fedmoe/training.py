@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedmoe.models.layers import expert_usage, set_use_local
+from fedmoe.models.layers import expert_usage, pull_local_experts, set_use_local
 from fedmoe.privacy import make_private
 from fedmoe.roles import unwrap
 
@@ -56,12 +56,16 @@ def train_dp_round(
     learning_rate: float,
     grad_sample_mode: str = "hooks",
     generator: torch.Generator | None = None,
+    local_pull: float = 0.0,
 ) -> TrainResult:
     """Run exactly ``steps`` DP-SGD steps on ``model`` in place (wrapped, then released).
 
     ``steps`` is what the ledgers charged for the round; the Poisson loader is restarted as
     often as needed. An empty Poisson batch still takes a noise-only step: skipping it
-    would reveal that the batch was empty.
+    would reveal that the batch was empty. After each step the local experts are pulled
+    towards their layer's shared experts by ``local_pull``
+    (:func:`~fedmoe.models.layers.pull_local_experts`): a function of the parameters alone,
+    i.e. post-processing of the DP iterate, free in privacy.
     """
     model.train()
     private = make_private(
@@ -81,6 +85,8 @@ def train_dp_round(
         while taken < steps:
             for x, y in private.loader:
                 losses = private.step(lambda m: per_sample_loss(m, x, y), len(x))  # noqa: B023
+                if local_pull:
+                    pull_local_experts(model, local_pull)
                 taken += 1
                 total += float(losses.sum())
                 count += len(losses)

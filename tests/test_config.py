@@ -39,6 +39,7 @@ def test_unknown_key_is_named_with_the_valid_keys():
     ("batch-size", -1, "batch-size must be >= 0"),
     ("accountant", "moments", "accountant must be one of"),
     ("num-server-rounds", 0, "num-server-rounds must be >= 1"),
+    ("local-pull", 1.5, "local-pull must be in \\[0, 1\\]"),
 ])
 def test_out_of_range_values_are_explained(key, value, message):
     if message is None:  # group-top-k only matters to hmoe: another model ignores it

@@ -60,6 +60,18 @@ class DenseExperts(nn.ModuleList):
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.mix_many(x, [weights])[0]
 
+    def mean_expert(self) -> dict[str, torch.Tensor]:
+        """The parameters of the average expert, by name (empty for an empty bank)."""
+        per_expert = [dict(expert.named_parameters()) for expert in self]
+        return {name: torch.stack([p[name] for p in per_expert]).mean(0)
+                for name in (per_expert[0] if per_expert else {})}
+
+    def pull_(self, anchor: dict[str, torch.Tensor], fraction: float) -> None:
+        """Move every expert ``fraction`` of the way towards ``anchor`` (a mean_expert)."""
+        for expert in self:
+            for name, p in expert.named_parameters():
+                p.lerp_(anchor[name], fraction)
+
     def mix_many(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         """One mixture per weight tensor, each expert run once (several routers, one bank:
         a module run twice in one forward is "parameter tying" to Opacus' ghost clipping)."""
@@ -205,6 +217,15 @@ class SparseExperts(nn.Module):
 
     def __len__(self) -> int:
         return self.num
+
+    def mean_expert(self) -> dict[str, torch.Tensor]:
+        """The parameters of the average expert, by name (each stacked tensor's mean)."""
+        return {name: p.mean(0) for name, p in self.named_parameters()}
+
+    def pull_(self, anchor: dict[str, torch.Tensor], fraction: float) -> None:
+        """Move every expert ``fraction`` of the way towards ``anchor`` (a mean_expert)."""
+        for name, p in self.named_parameters():
+            p.lerp_(anchor[name].expand_as(p), fraction)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.mix_many(x, [weights])[0]

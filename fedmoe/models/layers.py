@@ -24,6 +24,7 @@ Expert usage (routing weight per expert, summed over tokens) is recorded only wh
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,7 @@ def per_sample_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return z.mean(dim=1) if z.dim() == 2 else z
 
 
-class MoELayer(nn.Module):
+class MoELayer(nn.Module, ABC):
     """What every MoE layer shares: aux-loss coefficients, the local switch, usage tracking."""
 
     def __init__(self, balance_coef: float, z_loss_coef: float) -> None:
@@ -122,6 +123,25 @@ class MoELayer(nn.Module):
 
     def reset_usage(self) -> None:
         self.usage = None
+
+    @abstractmethod
+    def shared_banks(self) -> list[nn.Module]:
+        """The banks of routed shared experts (the anchor of :meth:`pull_local_experts`)."""
+
+    @torch.no_grad()
+    def pull_local_experts(self, fraction: float) -> None:
+        """Move each local expert ``fraction`` of the way towards the average routed shared
+        expert of this layer (banks of the same layout and expert shape)."""
+        local = getattr(self, "local_experts", None)
+        banks = [bank for bank in self.shared_banks() if len(bank)]
+        if not fraction or local is None or not len(local) or not banks:
+            return
+        total = sum(len(bank) for bank in banks)
+        means = [bank.mean_expert() for bank in banks]
+        anchor = {name: sum(len(bank) * mean[name] for bank, mean in zip(banks, means,
+                                                                          strict=True)) / total
+                  for name in means[0]}
+        local.pull_(anchor, fraction)
 
 
 class TopKMoE(MoELayer):
@@ -181,6 +201,9 @@ class TopKMoE(MoELayer):
         k = self.top_k if self.use_local else min(self.top_k, self.num_shared)
         probs, weights = top_k_weights(logits, k, allowed)
         return logits, probs, weights
+
+    def shared_banks(self) -> list[nn.Module]:
+        return [self.shared_experts]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, probs, weights = self.route(x)
@@ -250,6 +273,9 @@ class HierarchicalMoE(MoELayer):
                 make_experts(dispatch, num_local, dim, hidden, depth), Role.LOCAL
             )
 
+    def shared_banks(self) -> list[nn.Module]:
+        return list(self.groups)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total_groups = self.num_groups + (1 if self.num_local else 0)
         group_logits = self.group_gate(x)
@@ -305,6 +331,9 @@ class MultiGateMoE(MoELayer):
             make_experts(dispatch, num_local, dim, hidden), Role.LOCAL
         )
 
+    def shared_banks(self) -> list[nn.Module]:
+        return [self.shared_experts]
+
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         num = self.num_shared + (self.num_local if self.use_local else 0)
         k = self.top_k if self.use_local else min(self.top_k, self.num_shared)
@@ -328,6 +357,16 @@ class MultiGateMoE(MoELayer):
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def pull_local_experts(model: nn.Module, fraction: float) -> None:
+    """Pull every MoE layer's local experts towards its shared ones (``local-pull``).
+
+    Uses the parameters only, never data: applied after a DP-SGD step it is
+    post-processing, and the next step's gradients are taken at a point that is still a
+    function of DP outputs alone."""
+    for layer in moe_layers(model):
+        layer.pull_local_experts(fraction)
 
 
 def set_use_local(model: nn.Module, enabled: bool) -> None:
