@@ -32,6 +32,7 @@ from torch import nn
 
 from fedmoe.config import GATES
 from fedmoe.models.experts import Expert, make_experts
+from fedmoe.models.prior import label_priors
 from fedmoe.roles import Role, set_role
 
 
@@ -370,8 +371,9 @@ def pull_local_experts(model: nn.Module, fraction: float) -> None:
 
 
 def set_use_local(model: nn.Module, enabled: bool) -> None:
-    """Route over local experts too (personalised) or over shared ones only (global-only)."""
-    for layer in moe_layers(model):
+    """Route over local experts too and apply the personal label prior (personalised), or
+    use the shared parts only (global-only)."""
+    for layer in [*moe_layers(model), *label_priors(model)]:
         layer.use_local = enabled
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from fedmoe.config import DISPATCHES, GATES
 from fedmoe.models.layers import TopKMoE
+from fedmoe.models.prior import LabelPrior
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
 
@@ -58,7 +59,9 @@ class ResidualMoEClassifier(nn.Module):
     """trunk -> (residual) MoE layer -> head; subclasses choose the MoE layer.
 
     x: (B, in_features) -> logits (B, num_classes), aux (B,). Trunk and head are
-    ``shared``; the MoE layer tags its routers and local experts itself.
+    ``shared``; the MoE layer tags its routers and local experts itself; the personal
+    :class:`~fedmoe.models.prior.LabelPrior` on the logits is ``local`` (uniform, i.e. no
+    effect, until the client sets it from its DP label histogram).
     """
 
     task = Classification()
@@ -70,11 +73,12 @@ class ResidualMoEClassifier(nn.Module):
         self.trunk = nn.Linear(config.in_features, config.hidden_dim)
         self.moe = moe
         self.head = nn.Linear(config.hidden_dim, config.num_classes)
+        self.prior = LabelPrior(config.num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.trunk(x))  # (B, H)
         m, aux = self.moe(h)  # (B, H), (B,)
-        return self.head(h + m), aux  # (B, C), (B,)
+        return self.prior(self.head(h + m)), aux  # (B, C), (B,)
 
 
 class MoEClassifier(ResidualMoEClassifier):

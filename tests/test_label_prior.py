@@ -1,0 +1,97 @@
+"""The personal label prior: its DP histogram release (against the exact Gaussian mechanism)
+and the model component (against a hand-computed prior)."""
+
+import math
+
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from fedmoe.models import build_model
+from fedmoe.models.layers import set_use_local
+from fedmoe.models.prior import LabelPrior, label_priors
+from fedmoe.privacy import epsilon
+from fedmoe.privacy.label_prior import noisy_label_counts, prior_noise_multiplier, prior_segment
+from fedmoe.roles import FEDERATED_ROLES, Role, split_state_dict, tensor_roles
+
+
+def exact_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The tight ε of the Gaussian mechanism with sensitivity 1 and noise σ at δ
+    (Balle & Wang, ICML 2018, Theorem 8): δ(ε) = Φ(1/(2σ) - εσ) - e^ε Φ(-1/(2σ) - εσ)."""
+    def gap(eps):
+        return (norm.cdf(0.5 / sigma - eps * sigma)
+                - math.exp(eps) * norm.cdf(-0.5 / sigma - eps * sigma) - delta)
+    return brentq(gap, 0.0, 100.0)
+
+
+@pytest.mark.parametrize("budget,share,delta", [(8.0, 0.1, 1e-4), (3.0, 0.1, 1e-4),
+                                                (1.0, 0.1, 1e-3), (1.0, 0.25, 1e-5)])
+def test_histogram_noise_is_calibrated_and_bounds_the_exact_gaussian(budget, share, delta):
+    sigma = prior_noise_multiplier(budget, share, delta)
+    accounted = epsilon([prior_segment(sigma)], delta)
+    assert accounted <= share * budget + 1e-9  # never over the share
+    assert accounted >= share * budget - 0.01 * share * budget - 0.01
+    exact = exact_gaussian_epsilon(sigma, delta)
+    # RDP is an upper bound on the mechanism's true ε, and not a loose one here.
+    assert exact <= accounted <= 1.6 * exact
+
+
+def test_histogram_sensitivity_is_one_record_one_count():
+    """Neighbouring data sets (one record added) with the same noise differ by e_y."""
+    labels = torch.tensor([0, 1, 1, 3, 3, 3])
+    a = noisy_label_counts(labels, 5, 2.0, torch.Generator().manual_seed(7))
+    b = noisy_label_counts(torch.cat([labels, torch.tensor([4])]), 5, 2.0,
+                           torch.Generator().manual_seed(7))
+    assert torch.allclose(b - a, torch.tensor([0.0, 0, 0, 0, 1]), atol=1e-5)
+
+
+def test_histogram_noise_has_the_stated_scale():
+    labels = torch.tensor([2] * 50 + [5] * 30)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([noisy_label_counts(labels, 8, 3.0, gen) for _ in range(4000)])
+    exact = torch.bincount(labels, minlength=8).float()
+    assert torch.allclose(draws.mean(0), exact, atol=0.25)  # 4 standard errors: 4·3/√4000
+    assert torch.allclose(draws.std(0), torch.full((8,), 3.0), rtol=0.06)
+
+
+@pytest.mark.parametrize("bad", [dict(share=0.0), dict(share=1.0), dict(budget=math.inf),
+                                 dict(budget=0.0)])
+def test_histogram_noise_refuses_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        prior_noise_multiplier(**({"budget": 8.0, "share": 0.1, "delta": 1e-4} | bad))
+
+
+def test_noisy_counts_refuse_bad_labels_and_sigma():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="labels must be in"):
+        noisy_label_counts(torch.tensor([0, 10]), 10, 1.0, gen)
+    with pytest.raises(ValueError, match="noise multiplier"):
+        noisy_label_counts(torch.tensor([0]), 10, 0.0, gen)
+
+
+def test_prior_from_counts_matches_hand_computation():
+    prior = LabelPrior(4)
+    prior.set_counts(torch.tensor([10.0, -3.0, 0.0, 5.0]), pseudo_count=2.0)
+    smoothed = torch.tensor([12.0, 2.0, 2.0, 7.0])  # negative noisy counts clamp to 0
+    assert torch.allclose(prior.log_prior, torch.log(4 * smoothed / smoothed.sum()))
+    logits = torch.randn(3, 4)
+    assert torch.allclose(prior(logits), logits + prior.log_prior)
+    prior.use_local = False
+    assert torch.equal(prior(logits), logits)
+
+
+@pytest.mark.parametrize("name", ["moe", "hmoe"])
+def test_classifier_prior_is_local_and_switched_with_the_local_experts(name):
+    model = build_model(name, num_local_experts=0).eval()
+    roles = tensor_roles(model)
+    assert roles["prior.log_prior"] == Role.LOCAL
+    assert "prior.log_prior" not in split_state_dict(model, FEDERATED_ROLES)
+    x = torch.randn(5, 64)
+    plain, _ = model(x)
+    (prior,) = label_priors(model)
+    prior.set_counts(torch.tensor([9.0, 0, 0, 3, 0, 0, 0, 0, 0, 1]), pseudo_count=1.0)
+    personal, _ = model(x)
+    assert torch.allclose(personal, plain + prior.log_prior, atol=1e-6)
+    set_use_local(model, False)
+    assert torch.allclose(model(x)[0], plain, atol=1e-6)
