@@ -24,12 +24,13 @@ from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
 from fedmoe.data.text import unigram_perplexity
 from fedmoe.models import model_for
-from fedmoe.privacy import BudgetExceededError, LedgerError
+from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error
 from fedmoe.records import (
     ARRAYS,
     BAD_MESSAGE,
     BUDGET_EXCEEDED,
     CLIENT,
+    DELTA_TOO_LARGE,
     DETAILS,
     LEDGER_UNUSABLE,
     METRICS,
@@ -48,18 +49,20 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node, store, (_, _, config), data = _open(msg, context)
+    node, store, (_, plan, config), data = _open(msg, context)
     try:
         ledger = store.ledger(node.client)
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
+    num_train, num_test = _split_sizes(config, node, data, plan.server_round)
     info = ClientInfo(
         client=node.client,
-        num_train=len(data.train),
+        num_train=num_train,
         epsilon_budget=node.epsilon_budget,
         ledger_delta=ledger.delta if ledger else 0.0,
         ledger_accountant=ledger.accountant if ledger else "",
         history=tuple(ledger.history) if ledger else (),
+        num_test=num_test,
     )
     return Message(RecordDict({CLIENT: info.to_record()}), reply_to=msg)
 
@@ -69,6 +72,9 @@ def train(msg: Message, context: Context) -> Message:
     node, store, (global_state, plan, config), data = _open(msg, context)
     if not plan.is_training:
         return _refuse(msg, BAD_MESSAGE, "a train message must carry the round's DP parameters")
+    if plan.delta >= 1.0 / len(data.train):  # checked before the ledger is touched
+        return _refuse(msg, DELTA_TOO_LARGE, delta_error(plan.delta, len(data.train),
+                                                         node.client))
     try:
         with store.book() as book:
             book.open(node.client, budget=node.budget(config.target_epsilon),
@@ -137,6 +143,19 @@ def _open(
     data = load_client_data(config, node.partition_id, node.num_partitions,
                             config.phase(plan.server_round))
     return node, open_store(context, node), message, data
+
+
+def _split_sizes(config: FedMoEConfig, node: NodeSettings, data: ClientData,
+                 server_round: int) -> tuple[int, int]:
+    """The largest train and test split over the run's phases (a Transformer-MoE's
+    pre-training and fine-tuning sets may differ): what a later reply may claim at most."""
+    phases = {config.phase(r) for r in range(1, config.num_server_rounds + 1)}
+    phases.discard(config.phase(server_round))
+    sizes = [(len(data.train), len(data.test))]
+    for phase in sorted(phases):
+        other = load_client_data(config, node.partition_id, node.num_partitions, phase)
+        sizes.append((len(other.train), len(other.test)))
+    return max(n for n, _ in sizes), max(m for _, m in sizes)
 
 
 def _refuse(msg: Message, code: int, reason: str) -> Message:

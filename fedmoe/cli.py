@@ -79,7 +79,7 @@ def budget(folder: Path, *, as_json: bool = False) -> int:
               "runs/<time>) or a client's state-dir", file=sys.stderr)
         return 2
     try:
-        with LedgerBook(path) as book:
+        with LedgerBook(path, read_only=True) as book:  # reading never writes
             if as_json:
                 ledgers = [book.get(c).to_dict(c) for c in book.clients()]
                 print(json.dumps(ledgers, indent=2))

@@ -35,10 +35,11 @@ CLIENT = "client"
 DETAILS = "details"
 #: Error codes of a client's error reply refusing a round: its budget cannot pay for it; its
 #: ledger cannot be used (unreadable, inconsistent, or at another δ/accountant); the
-#: message is malformed.
-BUDGET_EXCEEDED, LEDGER_UNUSABLE, BAD_MESSAGE = 4001, 4002, 4003
+#: message is malformed; the round's δ is not below 1/n for its train set (it would
+#: protect nobody).
+BUDGET_EXCEEDED, LEDGER_UNUSABLE, BAD_MESSAGE, DELTA_TOO_LARGE = 4001, 4002, 4003, 4004
 #: Refusals that will repeat: the server gives that client no more rounds.
-REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE)
+REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE, DELTA_TOO_LARGE)
 #: Metric used by Flower's FedAvg to weight replies.
 WEIGHT_KEY = "num-examples"
 
@@ -131,6 +132,10 @@ def read_server_message(content: RecordDict) -> tuple[dict[str, torch.Tensor], R
 class ClientInfo:
     """A client's answer to the server's query before its first round (released in the clear).
 
+    ``num_train``/``num_test`` are the sizes of its train and test splits (the largest
+    over the run's phases: a Transformer-MoE's pre-training and fine-tuning sets may
+    differ). The server plans δ and q from ``num_train`` and refuses any later reply that
+    claims more examples than declared here (those counts weight the averages).
     ``history`` is its ledger's earlier rounds, ``(σ, q, steps)`` each, so the server plans
     and accounts its remaining budget; ``ledger_delta``/``ledger_accountant`` are those of
     that ledger (0 and "" when it has none).
@@ -142,11 +147,13 @@ class ClientInfo:
     ledger_delta: float = 0.0
     ledger_accountant: str = ""
     history: tuple[Segment, ...] = ()
+    num_test: int = 0
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({
             "client-id": self.client,
             "num-train": self.num_train,
+            "num-test": self.num_test,
             "epsilon-budget": self.epsilon_budget,
             "ledger-delta": self.ledger_delta,
             "ledger-accountant": self.ledger_accountant,
@@ -165,10 +172,11 @@ class ClientInfo:
                        float(record["epsilon-budget"]), float(record["ledger-delta"]),
                        str(record["ledger-accountant"]),
                        tuple(zip(map(float, sigmas), map(float, rates), map(int, steps),
-                                 strict=True)))
+                                 strict=True)), int(record["num-test"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ReplyError(f"malformed client info: {err!r}") from err
-        if not info.client or info.num_train < 1 or info.epsilon_budget < 0:
+        if (not info.client or info.num_train < 1 or info.num_test < 0
+                or not 0 <= info.epsilon_budget < math.inf):
             raise ReplyError(f"client info out of range: {info}")
         try:
             for s, q, n in info.history:

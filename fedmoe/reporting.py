@@ -9,10 +9,15 @@
     privacy           delta_rule, stopped (why training stopped early, or null),
                       clients[] (:func:`privacy_rows`: per client its plan — n, δ, q, steps
                       per round, σ, rounds its budget allows — and its spend from the
-                      server's ledger: rounds, ε spent, ε left)
+                      server's ledger: rounds, ε spent, ε left), excluded[] (client,
+                      reason: every client or node that was refused further rounds)
     rounds[]          round, sampled, rejected, mismatches, clients[] (client, epsilon,
-                      personalized_accuracy, global_accuracy, num_examples,
-                      num_test_examples), and the round's means / max ε
+                      client_epsilon where it differs, personalized_accuracy,
+                      global_accuracy, num_examples, num_test_examples), and the round's
+                      means / max ε
+
+Every ``epsilon`` is the server's ledger's (ε spent after that round); ``client_epsilon``
+is what the client reported, present only where it differs (relative 1e-6).
     final             personalized_accuracy_mean, global_accuracy_mean, epsilon_max,
                       clients[] (each client's latest evaluation)
     wall_seconds
@@ -34,8 +39,11 @@ from fedmoe.storage import write_atomic
 
 RESULTS, PLOT, PRIVACY_PLOT, USAGE_PLOT = ("results.json", "progress.png", "privacy.png",
                                           "usage.png")
-DELTA_RULE = ("target-delta, or if 0, per client the largest power of ten <= 1/(10 n) "
-              "for its train set size n")
+DELTA_RULE = ("target-delta (refused for a client unless < 1/n), or if 0, per client the "
+              "largest power of ten <= 1/(10 n) for its train set size n, capped at 1e-3 "
+              "(delta < 1/n is necessary, not sufficient: Dwork & Roth 2014, sec. 2.3)")
+#: Relative difference between a client's reported ε and the server's that is shown.
+EPSILON_TOLERANCE = 1e-6
 
 
 def resolve_run_dir(config: FedMoEConfig) -> Path:
@@ -84,16 +92,23 @@ def build_results(
     privacy: list[dict],
     stopped: str | None = None,
     run_id: int | None = None,
+    excluded: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Turn the strategy's per-round history into the ``results.json`` document."""
+    """Turn the strategy's per-round history into the ``results.json`` document.
+
+    ``excluded`` maps each client (or node) refused further rounds to the reason."""
     rounds, latest = [], {}
     for rec in history:
         clients = []
         for cid in sorted(set(rec.train) | set(rec.evaluate), key=client_sort_key):
             train, ev = rec.train.get(cid), rec.evaluate.get(cid)
+            reported = ev.epsilon if ev else train.epsilon
+            spent = rec.epsilon.get(cid, 0.0)
             row = {
                 "client": cid,
-                "epsilon": ev.epsilon if ev else train.epsilon,
+                "epsilon": spent,
+                **({} if math.isclose(spent, reported, rel_tol=EPSILON_TOLERANCE, abs_tol=1e-9)
+                   else {"client_epsilon": reported}),
                 "personalized_accuracy": ev.personalized_accuracy if ev else None,
                 "global_accuracy": ev.global_accuracy if ev else None,
                 "personalized_loss": ev.personalized_loss if ev else None,
@@ -118,7 +133,10 @@ def build_results(
     return {
         "run_id": run_id,
         "config": config.to_run_config(),
-        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
+        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy,
+                    "excluded": [{"client": c, "reason": r}
+                                 for c, r in sorted((excluded or {}).items(),
+                                                    key=lambda item: client_sort_key(item[0]))]},
         "rounds": rounds,
         "final": {**_summary(final_clients), "clients": final_clients},
         "wall_seconds": round(wall_seconds, 2),

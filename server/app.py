@@ -56,7 +56,7 @@ def run_federation(
         results = build_results(
             config, strategy.history, time.time() - start,
             privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
-            run_id=run_id,
+            run_id=run_id, excluded=strategy.all_excluded(),
         )
         path = write_run_folder(run_dir, results, book)
     log(INFO, "fedmoe: results written to %s", path)

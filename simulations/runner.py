@@ -8,6 +8,7 @@ one virtual SuperNode per client.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -20,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedmoe.config import ConfigError, FedMoEConfig
+from fedmoe.reporting import EPSILON_TOLERANCE
 from server.strategy import RoundRecord
 
 
@@ -57,10 +59,10 @@ class ProgressListener:
     def round_finished(self, record: RoundRecord) -> None:
         evals = list(record.evaluate.values())
         acc = sum(e.personalized_accuracy for e in evals) / len(evals) if evals else float("nan")
-        eps = max((e.epsilon for e in evals), default=0.0)
+        eps = max(record.epsilon.values(), default=0.0)  # the server's ledger
         phase = "" if record.phase == "train" else f"{record.phase} · "
         status = (f"{phase}clients {len(record.train)}/{record.sampled} trained · "
-                  f"ε max {eps:.2f} · personalised acc {acc:.3f}")
+                  f"ε max {eps:.2f}{_reported_max(record)} · personalised acc {acc:.3f}")
         if record.rejected:
             status += f" · {len(record.rejected)} rejected"
         self.progress.update(self.task, advance=1, status=status)
@@ -83,6 +85,27 @@ class ProgressListener:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _reported_max(record: RoundRecord) -> str:
+    """`` (clients report X)`` (their largest ε) when any client's own ε differs from the
+    server's ledger's."""
+    reported = [(c, e.epsilon) for c, e in record.evaluate.items()]
+    reported += [(c, t.epsilon) for c, t in record.train.items() if c not in record.evaluate]
+    if not reported:
+        return ""
+    theirs = max(e for _, e in reported)
+    differ = any(not math.isclose(record.epsilon.get(c, 0.0), e, rel_tol=EPSILON_TOLERANCE,
+                                  abs_tol=1e-9) for c, e in reported)
+    return f" (clients report {theirs:.2f})" if differ else ""
+
+
+def _epsilon_cell(row: dict[str, Any]) -> str:
+    """The server's ε, with the client's own beside it where they differ."""
+    cell = f"{row['epsilon']:.3f}"
+    if "client_epsilon" in row:
+        cell += f" (client {row['client_epsilon']:.3f})"
+    return cell
 
 
 def client_table(results: dict[str, Any]) -> Table:
@@ -108,7 +131,7 @@ def client_table(results: dict[str, Any]) -> Table:
             _fmt(c["global_accuracy"]),
             *[_fmt(c.get(k)) for k in extra],
             str(p.get("rounds", "")),
-            f"{c['epsilon']:.3f}",
+            _epsilon_cell(c),
             f"{p['delta']:g}" if p else "",
             f"{p['noise_multiplier']:.3f}" if p.get("noise_multiplier") else "",
             str(c["num_examples"]),

@@ -11,9 +11,13 @@ from fedmoe.privacy.ledger import (
     PrivacyLedger,
 )
 from fedmoe.privacy.plan import (
+    MAX_DEFAULT_DELTA,
     ClientPlan,
+    PlanError,
+    check_delta,
     client_delta,
     client_sample_rate,
+    delta_error,
     plan_client,
     rounds_allowed,
 )
@@ -22,5 +26,6 @@ __all__ = [
     "calibrate_noise", "epsilon", "steps_per_epoch", "PrivateTraining", "make_private",
     "secret_generator", "LEDGER_FILE", "BudgetExceededError", "LedgerBook", "LedgerEntry",
     "LedgerError", "PrivacyLedger", "ClientPlan", "client_delta", "client_sample_rate",
-    "plan_client", "rounds_allowed",
+    "plan_client", "rounds_allowed", "MAX_DEFAULT_DELTA", "PlanError", "check_delta",
+    "delta_error",
 ]

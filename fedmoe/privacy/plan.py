@@ -21,12 +21,46 @@ from fedmoe.privacy.ledger import LedgerEntry
 ROUNDS_ALLOWED_CAP = 10
 
 
+#: The most δ the default rule ever gives (clients of ≤ 100 examples get exactly this).
+MAX_DEFAULT_DELTA = 1e-3
+
+
+class PlanError(ValueError):
+    """A client cannot be planned with these settings (the server excludes it and says why)."""
+
+
 def client_delta(config: FedMoEConfig, num_train: int) -> float:
     """δ for a client with ``num_train`` examples: ``target-delta``, or if that is 0 the
-    largest power of ten ≤ 1/(10·n) (so δ < 1/n with a margin, and readable)."""
+    largest power of ten ≤ 1/(10·n), capped at :data:`MAX_DEFAULT_DELTA` (1e-3).
+
+    δ < 1/n is necessary, not sufficient: the mechanism that publishes each record with
+    probability δ is (0, δ)-DP, so δ must be small in absolute terms too (Dwork & Roth,
+    *The Algorithmic Foundations of Differential Privacy*, 2014, §2.3: δ "less than the
+    inverse of any polynomial in the size of the database"; Ponomareva et al., *How to
+    DP-fy ML*, JAIR 2023: δ ≪ 1/n). The power of ten keeps δ < 1/(10·n) with a margin and
+    readable; the cap keeps a small client's δ at most 1/1000 (a 1-example client gets
+    1e-3, not 0.1). Computed in integers: exact at every power of ten.
+    """
     if config.target_delta > 0:
         return config.target_delta
-    return 10.0 ** math.floor(math.log10(1.0 / (10.0 * max(num_train, 1))))
+    digits = 0  # the smallest j with 10**j ≥ n, so 10**-(j+1) ≤ 1/(10·n) < 10**-j
+    while 10 ** digits < max(num_train, 1):
+        digits += 1
+    return min(MAX_DEFAULT_DELTA, 10.0 ** -(digits + 1))
+
+
+def delta_error(delta: float, num_train: int, client: str) -> str:
+    """Why δ ≥ 1/n protects nobody, and what to do (for refusals on both sides)."""
+    return (f"client {client!r}: δ={delta:g} is not below 1/n = {1.0 / num_train:.3g} for its "
+            f"{num_train} training examples: a mechanism that publishes a random record "
+            "outright meets such a δ. Lower target-delta (or set it to 0 for the automatic "
+            "rule)")
+
+
+def check_delta(delta: float, num_train: int, client: str) -> None:
+    """Raise :class:`PlanError` unless 0 < δ < 1/n."""
+    if not 0 < delta < 1.0 / max(num_train, 1):
+        raise PlanError(delta_error(delta, num_train, client))
 
 
 def client_sample_rate(config: FedMoEConfig, num_train: int) -> float:
@@ -86,8 +120,14 @@ def plan_client(
     """Plan ``client``: calibrate σ (unless ``noise-multiplier`` is set) for all planned rounds.
 
     ``delta`` overrides :func:`client_delta` (a client whose ledger already has a δ keeps it).
+
+    Raises
+    ------
+    PlanError
+        If δ is not below 1/``num_train`` (:func:`check_delta`).
     """
     delta = client_delta(config, num_train) if delta is None else delta
+    check_delta(delta, num_train, client)
     q = client_sample_rate(config, num_train)
     steps = config.local_epochs * steps_per_epoch(q)
     prior = tuple((float(s), float(r), int(n)) for s, r, n in prior)
