@@ -307,8 +307,14 @@ class FedMoE(FedAvg):
         affordable = [n for n in all_nodes
                       if n in self.clients and self.can_afford(self.clients[n], server_round)]
         if not affordable:
-            self.stop_reason = (f"no client can afford round {server_round} within its budget "
-                                f"(target ε={self.config.target_epsilon:g})")
+            known = set(self.clients.values())
+            if known and known <= set(self.excluded):
+                self.stop_reason = (f"every client is excluded before round {server_round} "
+                                    "(reasons in privacy.excluded), e.g. "
+                                    f"{next(iter(self.excluded.items()))[1]}")
+            else:
+                self.stop_reason = (f"no client can afford round {server_round} within its "
+                                    f"budget (target ε={self.config.target_epsilon:g})")
             return []
         size = min(len(affordable), max(self.min_train_nodes,
                                         int(len(all_nodes) * self.fraction_train)))

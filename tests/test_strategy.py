@@ -279,7 +279,7 @@ def test_delta_not_below_one_over_n_excludes_the_client_before_any_charge(book):
         assert client in strategy.excluded and "δ=0.5 is not below 1/n" in strategy.excluded[client]
         assert f"{n[client]} training examples" in strategy.excluded[client]
     assert strategy.plans == {} and book.clients() == []  # nothing planned, nothing charged
-    assert "no client can afford round 1" in strategy.stop_reason
+    assert "every client is excluded before round 1" in strategy.stop_reason
     assert not [m for m in grid.sent if m.metadata.message_type == "train"]
     from fedmoe.reporting import build_results, privacy_rows
 
@@ -356,3 +356,15 @@ def test_reports_show_the_ledgers_epsilon_when_clients_report_less(book):
     table = console.file.getvalue()
     for row in results["final"]["clients"]:
         assert f"{row['epsilon']:.3f} (client {row['client_epsilon']:.3f})" in table
+
+
+def test_prv_settings_it_cannot_price_exclude_clients_and_the_server_stays_up(book):
+    config = SMALL.replace(accountant="prv", noise_multiplier=0.05, sample_rate=0.1)
+    grid = LocalGrid(2)
+    strategy = FedMoE(config, book=book)
+    strategy.start(grid, initial(config), num_rounds=2)
+    assert set(strategy.excluded) == {"partition-0", "partition-1"}
+    for reason in strategy.excluded.values():
+        assert "PRV accountant would need a grid" in reason and "accountant='rdp'" in reason
+    assert "every client is excluded" in strategy.stop_reason
+    assert not [m for m in grid.sent if m.metadata.message_type == "train"]

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmoe.privacy.accountant import Segment, epsilon
+from fedmoe.privacy.accountant import AccountingError, Segment, epsilon
 
 #: ``PRAGMA user_version`` of the schema below. Version 2 added the hash chain (``link``
 #: columns, the ``head`` and ``budget`` tables); a version-1 ledger cannot be verified and
@@ -157,7 +157,10 @@ class PrivacyLedger:
         return epsilon([*self.history, entry.segment], self.delta, self.accountant)
 
     def can_afford(self, entry: LedgerEntry) -> bool:
-        return self.epsilon_after(entry) <= self.budget + _SLACK
+        try:
+            return self.epsilon_after(entry) <= self.budget + _SLACK
+        except AccountingError:  # an ε that cannot be computed is never affordable
+            return False
 
     def charge(self, entry: LedgerEntry) -> float:
         """Append ``entry`` if it fits the budget and return ε after it.
@@ -165,9 +168,14 @@ class PrivacyLedger:
         Raises
         ------
         BudgetExceededError
-            With the ε it would reach; the ledger is unchanged.
+            With the ε it would reach, or why the accountant cannot price it; the ledger
+            is unchanged.
         """
-        after = self.epsilon_after(entry)
+        try:
+            after = self.epsilon_after(entry)
+        except AccountingError as err:
+            raise BudgetExceededError(f"round {entry.server_round} cannot be accounted: "
+                                      f"{err}") from err
         if after > self.budget + _SLACK:
             raise BudgetExceededError(
                 f"round {entry.server_round} would raise ε from {self.spent():.3f} to "

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.privacy.accountant import Segment, calibrate_noise, epsilon, steps_per_epoch
+from fedmoe.privacy.accountant import (
+    AccountingError,
+    Segment,
+    calibrate_noise,
+    epsilon,
+    steps_per_epoch,
+)
 from fedmoe.privacy.ledger import LedgerEntry
 
 #: "Rounds the budget allows" is searched up to this many times the planned rounds (the
@@ -124,7 +130,8 @@ def plan_client(
     Raises
     ------
     PlanError
-        If δ is not below 1/``num_train`` (:func:`check_delta`).
+        If δ is not below 1/``num_train`` (:func:`check_delta`), or the accountant cannot
+        price even one round of the plan (PRV: :func:`~fedmoe.privacy.accountant.check_prv`).
     """
     delta = client_delta(config, num_train) if delta is None else delta
     check_delta(delta, num_train, client)
@@ -132,9 +139,14 @@ def plan_client(
     steps = config.local_epochs * steps_per_epoch(q)
     prior = tuple((float(s), float(r), int(n)) for s, r, n in prior)
     sigma = config.noise_multiplier
-    if sigma == 0:
-        sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
-                           config.accountant, prior)
+    try:
+        if sigma == 0:
+            sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
+                               config.accountant, prior)
+        if not math.isinf(sigma):
+            epsilon([*prior, (sigma, q, steps)], delta, config.accountant)
+    except AccountingError as err:
+        raise PlanError(f"client {client!r}: {err}") from err
     allowed = 0 if math.isinf(sigma) else rounds_allowed(
         budget, delta, config.accountant, (sigma, q, steps), prior,
         start=config.num_server_rounds, cap=ROUNDS_ALLOWED_CAP * config.num_server_rounds,
@@ -150,6 +162,8 @@ def _calibrate(budget: float, delta: float, q: float, steps: int, accountant: st
     ``inf`` if the prior spend leaves no room."""
     try:
         return calibrate_noise(budget, delta, q, steps, accountant, prior=prior)
+    except AccountingError:
+        raise
     except ValueError:
         return math.inf
 
@@ -165,7 +179,10 @@ def rounds_allowed(
 
     def fits(rounds: int) -> bool:
         history = [*prior, (sigma, q, steps * rounds)] if rounds else list(prior)
-        return epsilon(history, delta, accountant) <= budget + 1e-9
+        try:
+            return epsilon(history, delta, accountant) <= budget + 1e-9
+        except AccountingError:  # PRV cannot price this many rounds: do not allow them
+            return False
 
     start = max(1, min(start, cap))
     if fits(start):
