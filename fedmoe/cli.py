@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return budget(args.dir, as_json=args.json)
     try:
         config = build_config(args)
+        from fedmoe.reporting import check_run_folder, resolve_run_dir
         from simulations.runner import run
 
+        check_run_folder(resolve_run_dir(config))  # a damaged ledger: refused before Ray
         run(config, args.clients, verbose=args.verbose)
-    except ConfigError as err:
+    except (ConfigError, LedgerError) as err:
         print(f"fedmoe: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -53,6 +53,27 @@ def resolve_run_dir(config: FedMoEConfig) -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """Before a run into ``run_dir``: its server ledger, if any, must verify (opened
+    read-only, nothing written), and a folder with results of earlier rounds must still
+    have the ledger that recorded their spend.
+
+    Raises
+    ------
+    LedgerError
+        Naming the file and the problem.
+    """
+    from fedmoe.privacy import LEDGER_FILE, LedgerError
+
+    path = run_dir / LEDGER_FILE
+    if path.exists():
+        LedgerBook(path, read_only=True).close()
+    elif (run_dir / RESULTS).exists():
+        raise LedgerError(
+            f"{run_dir}: holds {RESULTS} of an earlier run but no {LEDGER_FILE}: the spend "
+            "it recorded is gone. Restore the ledger from a backup, or use a new run-dir")
+
+
 def privacy_rows(book: LedgerBook, plans: Mapping[str, ClientPlan] | None = None) -> list[dict]:
     """Per client of ``book``: its spend (rounds taken, ε spent and left) and the DP
     parameters of its latest round, merged with its plan for the run when given."""

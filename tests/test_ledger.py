@@ -219,3 +219,19 @@ def test_budget_command_refuses_damage_and_never_writes(tmp_path, capsys, kind):
     assert cli(["budget", str(tmp_path), "--json"]) == 2
     assert str(path) in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["zero-bytes", "charge-last-removed", "no-ledger-but-results"])
+def test_simulate_into_a_folder_with_a_damaged_ledger_exits_2_before_starting(tmp_path,
+                                                                              capsys, kind):
+    if kind == "no-ledger-but-results":
+        (tmp_path / "results.json").write_text("{}")
+        expected = "no ledger.sqlite"
+    else:
+        _book(tmp_path / LEDGER_FILE)
+        _damage(tmp_path / LEDGER_FILE, kind)
+        expected = str(tmp_path / LEDGER_FILE)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    assert cli(["simulate", "--clients", "2", "--rounds", "1", "--out", str(tmp_path)]) == 2
+    assert expected in capsys.readouterr().err
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
