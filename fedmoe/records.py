@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedmoe.config import FedMoEConfig
+from fedmoe.config import ACCOUNTANTS, FedMoEConfig
 from fedmoe.privacy.accountant import Segment
 from fedmoe.privacy.ledger import LedgerEntry, LedgerError
 from fedmoe.privacy.plan import ClientPlan
@@ -176,7 +176,8 @@ class ClientInfo:
         except (KeyError, TypeError, ValueError) as err:
             raise ReplyError(f"malformed client info: {err!r}") from err
         if (not info.client or info.num_train < 1 or info.num_test < 0
-                or not 0 <= info.epsilon_budget < math.inf):
+                or not 0 <= info.epsilon_budget < math.inf or not 0 <= info.ledger_delta < 1
+                or info.ledger_accountant not in ("", *ACCOUNTANTS)):
             raise ReplyError(f"client info out of range: {info}")
         try:
             for s, q, n in info.history:

@@ -368,3 +368,17 @@ def test_prv_settings_it_cannot_price_exclude_clients_and_the_server_stays_up(bo
         assert "PRV accountant would need a grid" in reason and "accountant='rdp'" in reason
     assert "every client is excluded" in strategy.stop_reason
     assert not [m for m in grid.sent if m.metadata.message_type == "train"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num-train", 0), ("num-test", -1), ("epsilon-budget", float("inf")),
+    ("epsilon-budget", -1.0), ("ledger-delta", 1.5), ("ledger-delta", -1e-4),
+    ("ledger-accountant", "gdp"),
+])
+def test_query_reply_numbers_out_of_range_are_refused(field, value):
+    from fedmoe.records import ClientInfo, ReplyError
+
+    record = ClientInfo("c", 100, 0.0, num_test=20).to_record()
+    record[field] = value
+    with pytest.raises(ReplyError, match="out of range"):
+        ClientInfo.from_record(record)
