@@ -260,6 +260,11 @@ class FedMoE(FedAvg):
             self.excluded[client] = why
             log(WARNING, "client %s gets no more rounds: %s", client, why)
 
+    def not_taking_part(self) -> dict[str, str]:
+        """Every client (or node, where its query failed) that gets no more rounds -> why."""
+        nodes = {f"node-{n}": why for n, why in self.failed_nodes.items()}
+        return {**self.excluded, **nodes}
+
     def can_afford(self, client: str, server_round: int) -> bool:
         plan = self.plans.get(client)
         if plan is None or client in self.excluded:

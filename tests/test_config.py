@@ -29,7 +29,8 @@ def test_unknown_key_is_named_with_the_valid_keys():
 @pytest.mark.parametrize("key,value,message", [
     ("sample-rate", 1.5, "sample-rate must be in"),
     ("target-epsilon", -1.0, "target-epsilon must be"),
-    ("top-k", 5, "model 'moe': MoEConfig: top-k exceeds the number of experts"),
+    ("top-k", 5, r"model 'moe': MoEConfig: top-k=5 exceeds the number of experts, 4 \(2 shared "
+                 r"\+ 2 local\)"),
     ("model", "gpt", "model must be one of"),
     ("gate", "mlp", "gate must be one of"),
     ("dataset", "pystdlib", "model 'moe' trains on dataset 'digits'"),
