@@ -262,8 +262,10 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
         print("\nfedmoe: stopping (Ctrl-C again to abort): writing the report of the finished "
               "rounds…", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    recorder = Recorder(Path(config.run_dir))
+    # Python lets only the main thread set signal handlers; run() elsewhere keeps Python's
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    recorder = Recorder(Path(config.run_dir).resolve())
     try:
         with recorder:
             run_simulation(
@@ -275,7 +277,8 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
                 verbose_logging=verbose,
             )
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main:
+            signal.signal(signal.SIGINT, previous)
         if listener.results is not None:
             kept = keep_client_state(listener.results["run_id"], listener.results_path.parent)
             if kept:
