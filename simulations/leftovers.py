@@ -135,7 +135,8 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def set_run_id(self, run_id: int) -> None:
         with self._lock:

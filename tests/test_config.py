@@ -67,6 +67,9 @@ def test_node_settings():
         NodeSettings.from_node_config({"partition-id": 5, "num-partitions": 5})
     with pytest.raises(ConfigError, match="--node-config"):
         NodeSettings.from_node_config({})
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="epsilon-budget must be finite"):
+            NodeSettings(0, 1, epsilon_budget=bad)
 
 
 @pytest.mark.parametrize("argv,message", [
