@@ -200,7 +200,7 @@ class FedMoEConfig:
         _check_types(self)
         errors = _finite_errors(self)
         if not errors:
-            errors = [msg for ok, msg in self._range_checks() if not ok]
+            errors = [_given(self, msg) for ok, msg in self._range_checks() if not ok]
         if not errors:
             errors = self._cost_errors()
         if not errors:
@@ -448,6 +448,16 @@ def _check_types(obj: Any) -> None:
 
 def _example(kind: type) -> str:
     return {int: "3", float: "0.5", str: "'name'", bool: "true"}[kind]
+
+
+def _given(obj: Any, message: str) -> str:
+    """``message`` ("<key> must ...") with the value that was given, unless it says it."""
+    name = message.split(" ", 1)[0].replace("-", "_")
+    if "got " in message or not hasattr(obj, name):
+        return message
+    value = getattr(obj, name)
+    return f"{message}; got {value:,}" if isinstance(value, int) and not isinstance(
+        value, bool) else f"{message}; got {value!r}"
 
 
 def _finite_errors(obj: Any) -> list[str]:
