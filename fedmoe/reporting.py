@@ -6,6 +6,9 @@
     run_id            Flower's id of the run (a client without a state-dir keeps its
                       state in ``<temp>/fedmoe-state/run-<run_id>/<client>``)
     config            the validated run config (kebab-case keys)
+    excluded[]        client (or node-<id> where its query failed), reason: every client
+                      that got no more rounds (refused, budget spent, unusable ledger,
+                      failed query)
     privacy           delta_rule, stopped (why training stopped early, or null),
                       clients[] (:func:`privacy_rows`: per client its plan — n, δ, q, steps
                       per round, σ, rounds its budget allows — and its spend from the
@@ -117,7 +120,7 @@ def build_results(
 ) -> dict[str, Any]:
     """Turn the strategy's per-round history into the ``results.json`` document.
 
-    ``excluded`` maps each client (or node) refused further rounds to the reason."""
+    ``excluded``: client (or ``node-<id>``) -> why it took no (further) part."""
     rounds, latest = [], {}
     for rec in history:
         clients = []
@@ -154,10 +157,10 @@ def build_results(
     return {
         "run_id": run_id,
         "config": config.to_run_config(),
-        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy,
-                    "excluded": [{"client": c, "reason": r}
-                                 for c, r in sorted((excluded or {}).items(),
-                                                    key=lambda item: client_sort_key(item[0]))]},
+        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
+        "excluded": [{"client": c, "reason": why}
+                     for c, why in sorted((excluded or {}).items(),
+                                          key=lambda item: client_sort_key(item[0]))],
         "rounds": rounds,
         "final": {**_summary(final_clients), "clients": final_clients},
         "wall_seconds": round(wall_seconds, 2),

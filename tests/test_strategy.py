@@ -286,7 +286,7 @@ def test_delta_not_below_one_over_n_excludes_the_client_before_any_charge(book):
     results = build_results(strategy.config, strategy.history, 1.0,
                             privacy=privacy_rows(book, strategy.plans),
                             excluded=strategy.all_excluded())
-    listed = {e["client"]: e["reason"] for e in results["privacy"]["excluded"]}
+    listed = {e["client"]: e["reason"] for e in results["excluded"]}
     assert listed == strategy.excluded and len(listed) == 2
 
 

@@ -15,6 +15,8 @@ A client splits its share into its own train and test sets.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedmoe.config import FedMoEConfig
+from fedmoe.config import ConfigError, FedMoEConfig
 
 if TYPE_CHECKING:  # Hugging Face `datasets` is slow to import; load it only to partition.
     from datasets import Dataset
@@ -49,27 +51,120 @@ def load_embedded(name: str) -> Dataset:
     raise ValueError(f"unknown embedded dataset '{name}'; available: ['digits']")
 
 
-@lru_cache(maxsize=4)
-def _partitioner(
+@lru_cache(maxsize=2)
+def _source(name: str) -> Dataset:
+    """:func:`load_embedded`, loaded once per process (every client message reads it)."""
+    return load_embedded(name)
+
+
+#: The fewest examples a client may hold (train + test): below it a client has too little
+#: to train and test on, and the Dirichlet partitioner redraws until every client has it.
+MIN_CLIENT_EXAMPLES = 10
+#: Draws flwr-datasets' DirichletPartitioner makes before it gives up (its own constant).
+DIRICHLET_DRAWS = 11
+
+
+class DataSplitError(ConfigError):
+    """The data set cannot be split over the clients as asked; the message names the fix."""
+
+
+@lru_cache(maxsize=8)
+def partition_indices(
     dataset: str, kind: str, num_partitions: int, alpha: float, seed: int
-) -> Partitioner:
+) -> tuple[np.ndarray, ...]:
+    """Row indices of every client's share of ``dataset``: a pure function of its arguments.
+
+    A fresh flwr-datasets partitioner computes the whole split once per call (its generator
+    starts from ``seed`` every time), so every process — the driver that checks the split,
+    each simulated client — gets the same answer; only the result is cached, never a
+    partitioner (whose generator would draw a different split on a second attempt).
+
+    Returns
+    -------
+    tuple of np.ndarray
+        ``num_partitions`` arrays of row indices (int64), in the partitioner's order.
+
+    Raises
+    ------
+    DataSplitError
+        If some client would hold fewer than :data:`MIN_CLIENT_EXAMPLES` examples (for a
+        Dirichlet split: in every one of its draws), with the cause and the fix.
+    """
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
+    data = _source(dataset)
+    size = len(data)
+    if num_partitions * MIN_CLIENT_EXAMPLES > size:
+        raise DataSplitError(
+            f"{num_partitions:,} clients: {dataset} has {size:,} examples, and each client "
+            f"needs at least {MIN_CLIENT_EXAMPLES} (its own train and test split), so at most "
+            f"{size // MIN_CLIENT_EXAMPLES:,} clients fit; use fewer clients or a bigger data set"
+        )
+    data = data.add_column("row", np.arange(size, dtype=np.int64))
     if kind == "iid":
         partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
     elif kind == "dirichlet":
         partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=10,
-            self_balancing=False,
-            seed=seed,
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=MIN_CLIENT_EXAMPLES, self_balancing=False, seed=seed,
         )
     else:
         raise ValueError(f"unknown partitioner '{kind}'; available: ['iid', 'dirichlet']")
-    partitioner.dataset = load_embedded(dataset)
-    return partitioner
+    partitioner.dataset = data
+    try:
+        with warnings.catch_warnings():  # one warning per failed draw: the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+                     for i in range(num_partitions)]
+    except ValueError as err:
+        if kind != "dirichlet":
+            raise
+        raise DataSplitError(
+            f"the Dirichlet split of {dataset} ({size:,} examples) over {num_partitions:,} "
+            f"clients with dirichlet-alpha={alpha:g} (seed {seed}) left some client with fewer "
+            f"than {MIN_CLIENT_EXAMPLES} examples in all {DIRICHLET_DRAWS} draws; use a larger "
+            f"dirichlet-alpha, fewer clients, or partitioner='iid'"
+        ) from None
+    small = [(i, len(p)) for i, p in enumerate(parts) if len(p) < MIN_CLIENT_EXAMPLES]
+    if small:  # the guard above makes this impossible for iid and dirichlet: say so if not
+        raise DataSplitError(
+            f"the {kind} split of {dataset} gives {len(small)} client(s) fewer than "
+            f"{MIN_CLIENT_EXAMPLES} examples (client {small[0][0]}: {small[0][1]}); use fewer "
+            "clients"
+        )
+    return tuple(parts)
+
+
+def split_sizes(num_examples: int, test_fraction: float) -> tuple[int, int]:
+    """(train, test) sizes of a client's share: Hugging Face's ``train_test_split`` rule
+    (``test = ceil(test-fraction · n)``, the rest trains)."""
+    num_test = math.ceil(test_fraction * num_examples)
+    return num_examples - num_test, num_test
+
+
+def check_split(config: FedMoEConfig, num_partitions: int) -> list[tuple[int, int]]:
+    """Compute and check the run's split once, before anything starts: every client's
+    (train, test) size. Digits only (the text corpus is split by package).
+
+    Raises
+    ------
+    DataSplitError
+        If the split is impossible or leaves a client without a train or a test example.
+    """
+    if config.data != "digits":
+        return []
+    parts = partition_indices(config.data, config.partitioner, num_partitions,
+                              config.dirichlet_alpha, config.seed)
+    sizes = [split_sizes(len(p), config.test_fraction) for p in parts]
+    empty = [i for i, (train, test) in enumerate(sizes) if train < 1 or test < 1]
+    if empty:
+        n = len(parts[empty[0]])
+        raise DataSplitError(
+            f"test-fraction={config.test_fraction:g} leaves {len(empty)} client(s) with no "
+            f"training example (client {empty[0]} holds {n}: {sizes[empty[0]][1]} test); use "
+            "a smaller test-fraction or fewer clients"
+        )
+    return sizes
 
 
 def load_client_data(
@@ -106,15 +201,9 @@ def digit_tasks(
 
 
 def _digits(config: FedMoEConfig, partition_id: int, num_partitions: int) -> ClientData:
-    partitioner = _partitioner(
-        config.data, config.partitioner, num_partitions, config.dirichlet_alpha, config.seed
-    )
-    part = partitioner.load_partition(partition_id)
-    if len(part) < 2:
-        raise ValueError(
-            f"partition {partition_id} has {len(part)} examples; use fewer clients or a larger "
-            "dirichlet-alpha"
-        )
+    rows = partition_indices(config.data, config.partitioner, num_partitions,
+                             config.dirichlet_alpha, config.seed)[partition_id]
+    part = _source(config.data).select(rows)
     split = part.train_test_split(test_size=config.test_fraction, seed=config.seed)
     return ClientData(_tensors(split["train"]), _tensors(split["test"]))
 
