@@ -6,13 +6,15 @@
     run_id            Flower's id of the run (a client without a state-dir keeps its
                       state in ``<temp>/fedmoe-state/run-<run_id>/<client>``)
     config            the validated run config (kebab-case keys)
-    privacy           delta_rule, stopped (why training stopped early, or null),
+    privacy           mode ("dp", or "non-private" for target-epsilon = inf: ε=∞, no
+                      clipping, no noise, no ledger), delta_rule, stopped (why training stopped early, or null),
                       clients[] (:func:`privacy_rows`: per client its plan — n, δ, q, steps
                       per round, σ, rounds its budget allows — and its spend from the
                       server's ledger: rounds, ε spent, ε left)
     rounds[]          round, sampled, rejected, mismatches, clients[] (client, epsilon,
                       personalized_accuracy, global_accuracy, num_examples,
-                      num_test_examples), and the round's means / max ε
+                      num_test_examples, upload_bytes: bytes of its train reply's
+                      arrays), and the round's means / max ε (null: ε=∞)
     final             personalized_accuracy_mean, global_accuracy_mean, epsilon_max,
                       clients[] (each client's latest evaluation)
     wall_seconds
@@ -34,6 +36,9 @@ from fedmoe.storage import write_atomic
 
 RESULTS, PLOT, PRIVACY_PLOT, USAGE_PLOT = ("results.json", "progress.png", "privacy.png",
                                           "usage.png")
+NON_PRIVATE = "non-private"
+#: How a non-private run is labelled in every table and plot.
+NON_PRIVATE_LABEL = "ε=∞ (non-private: no clipping, no noise)"
 DELTA_RULE = ("target-delta, or if 0, per client the largest power of ten <= 1/(10 n) "
               "for its train set size n")
 
@@ -100,6 +105,7 @@ def build_results(
                 "global_loss": ev.global_loss if ev else None,
                 "num_examples": train.num_examples if train else latest.get(cid, {}).get("num_examples"),
                 "num_test_examples": ev.num_examples if ev else None,
+                "upload_bytes": rec.upload_bytes.get(cid),
                 **rec.details.get(cid, {}),
             }
             clients.append(row)
@@ -118,7 +124,7 @@ def build_results(
     return {
         "run_id": run_id,
         "config": config.to_run_config(),
-        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
+        "privacy": {"mode": "dp" if config.private else NON_PRIVATE, "delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
         "rounds": rounds,
         "final": {**_summary(final_clients), "clients": final_clients},
         "wall_seconds": round(wall_seconds, 2),
@@ -187,10 +193,11 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
     ax_acc.legend()
     ax_eps.plot(x, [r["epsilon_max"] for r in rows], "o-", color="tab:red")
     target = results["config"]["target-epsilon"]
-    if math.isfinite(target):
+    if target is not None and math.isfinite(target):
         ax_eps.axhline(target, color="grey", linestyle=":", label=f"budget ε={target:g}")
         ax_eps.legend()
-    ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)", title="Privacy")
+    ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)",
+               title="Privacy" if results["privacy"]["mode"] == "dp" else NON_PRIVATE_LABEL)
     for ax in (ax_acc, ax_eps):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

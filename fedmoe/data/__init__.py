@@ -3,14 +3,21 @@
 Nothing is downloaded:
 
 - ``digits``: scikit-learn's bundled copy of the UCI handwritten digits (1,797 8x8
-  images), split over clients by flwr-datasets partitioners (IID or Dirichlet). For the
+  images), split over clients by flwr-datasets partitioners (IID, Dirichlet, or
+  pathological: ``classes-per-client`` classes each). For the
   multi-task model the labels become (digit, parity, ≥5), and with ``partial-labels``
   client p holds no label for task ``p mod 3``.
 - ``pystdlib``: Python's own standard-library source, one client per top-level package
   (a natural non-IID split; :mod:`fedmoe.data.text`): byte windows for next-token
   pretraining, or the indentation level of the next line for fine-tuning.
 
-A client splits its share into its own train and test sets.
+- ``synthetic``: a generated classification set for runs at scale (scikit-learn's
+  ``make_classification``: ``synthetic-samples`` examples, 64 features, 10 classes; the
+  same set for every seed), split over clients like digits.
+
+A client splits its share into its own train and test sets; with ``evaluate-on =
+"validation"`` it holds out part of its train set as a validation set that takes the test
+set's place (:func:`validation_split`).
 """
 
 from __future__ import annotations
@@ -36,9 +43,17 @@ class ClientData:
     test: TensorDataset
 
 
-def load_embedded(name: str) -> Dataset:
+#: Shape of the generated ``synthetic`` data set: features per example, classes.
+SYNTHETIC_FEATURES, SYNTHETIC_CLASSES = 64, 10
+
+
+def load_embedded(name: str, synthetic_samples: int = 20000) -> Dataset:
     """An embedded data set as a Hugging Face ``Dataset`` with ``x`` (features) and ``label``."""
     from datasets import Dataset
+
+    if name == "synthetic":
+        x, y = synthetic_classification(synthetic_samples)
+        return Dataset.from_dict({"x": x, "label": y})
 
     if name == "digits":
         from sklearn.datasets import load_digits
@@ -46,17 +61,43 @@ def load_embedded(name: str) -> Dataset:
         bunch = load_digits()
         x = (bunch.data / 16.0).astype(np.float32)  # pixel intensities 0..16 -> [0, 1]
         return Dataset.from_dict({"x": x, "label": bunch.target.astype(np.int64)})
-    raise ValueError(f"unknown embedded dataset '{name}'; available: ['digits']")
+    raise ValueError(f"unknown embedded dataset '{name}'; available: ['digits', 'synthetic']")
+
+
+def synthetic_classification(samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``synthetic`` data set: x (samples, 64) float32 scaled to [0, 1] like digits'
+    pixels, labels (samples,) int64 in 0..9. Fixed generator seed: one data set, whatever
+    the run's seed (which only changes the split and the training)."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=samples, n_features=SYNTHETIC_FEATURES, n_informative=24, n_redundant=8,
+        n_classes=SYNTHETIC_CLASSES, n_clusters_per_class=2, class_sep=1.5, flip_y=0.01,
+        random_state=0,
+    )
+    x = (x - x.min(axis=0)) / (x.max(axis=0) - x.min(axis=0))
+    return x.astype(np.float32), y.astype(np.int64)
 
 
 @lru_cache(maxsize=4)
 def _partitioner(
-    dataset: str, kind: str, num_partitions: int, alpha: float, seed: int
+    dataset: str, kind: str, num_partitions: int, alpha: float, seed: int,
+    classes_per_client: int = 2, synthetic_samples: int = 20000,
 ) -> Partitioner:
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
-    if kind == "iid":
-        partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
+    if kind == "pathological":
+        partitioner: Partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions, partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic", seed=seed,
+        )
+    elif kind == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
     elif kind == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
@@ -67,8 +108,9 @@ def _partitioner(
             seed=seed,
         )
     else:
-        raise ValueError(f"unknown partitioner '{kind}'; available: ['iid', 'dirichlet']")
-    partitioner.dataset = load_embedded(dataset)
+        raise ValueError(f"unknown partitioner '{kind}'; available: "
+                         "['iid', 'dirichlet', 'pathological']")
+    partitioner.dataset = load_embedded(dataset, synthetic_samples)
     return partitioner
 
 
@@ -76,7 +118,41 @@ def load_client_data(
     config: FedMoEConfig, partition_id: int, num_partitions: int, phase: str = "train"
 ) -> ClientData:
     """This client's train/test split of its share for a training ``phase`` (see
-    :meth:`FedMoEConfig.phase`), deterministic in ``config.seed``."""
+    :meth:`FedMoEConfig.phase`), deterministic in ``config.seed``; with ``evaluate-on =
+    "validation"`` its train split less a validation split, and the validation split."""
+    data = _client_data(config, partition_id, num_partitions, phase)
+    if config.evaluate_on == "validation":
+        return validation_split(data.train, config.validation_fraction,
+                                seed=config.seed * 100_003 + partition_id)
+    return data
+
+
+def validation_split(train: TensorDataset, fraction: float, *, seed: int) -> ClientData:
+    """Hold out ``fraction`` of ``train`` (at least one example, and at least one left to
+    train on) as a validation set: ``ClientData(train=rest, test=validation)``.
+
+    Raises
+    ------
+    ValueError
+        If ``train`` has fewer than 2 examples.
+    """
+    n = len(train)
+    if n < 2:
+        raise ValueError(f"a train split of {n} example(s) cannot spare a validation split")
+    held = min(n - 1, max(1, round(fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    rest, held_out = order[held:], order[:held]
+    return ClientData(TensorDataset(*(t[rest] for t in train.tensors)),
+                      TensorDataset(*(t[held_out] for t in train.tensors)))
+
+
+@lru_cache(maxsize=4096)
+def _client_data(
+    config: FedMoEConfig, partition_id: int, num_partitions: int, phase: str
+) -> ClientData:
+    """Cached per process: a client's handlers load its share on every message (an
+    in-process simulation of thousands of messages would otherwise spend most of its time
+    here). The tensors are only read, never changed in place."""
     if config.data == "pystdlib":
         from fedmoe.data import text
 
@@ -107,7 +183,8 @@ def digit_tasks(
 
 def _digits(config: FedMoEConfig, partition_id: int, num_partitions: int) -> ClientData:
     partitioner = _partitioner(
-        config.data, config.partitioner, num_partitions, config.dirichlet_alpha, config.seed
+        config.data, config.partitioner, num_partitions, config.dirichlet_alpha, config.seed,
+        config.classes_per_client, config.synthetic_samples,
     )
     part = partitioner.load_partition(partition_id)
     if len(part) < 2:

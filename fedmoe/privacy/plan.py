@@ -56,7 +56,19 @@ class ClientPlan:
     rounds_allowed: int
     prior: tuple[Segment, ...] = ()
 
+    @property
+    def private(self) -> bool:
+        """False for a non-private plan (budget ε=∞: σ=0, no clipping, no ledger charge)."""
+        return self.noise_multiplier > 0
+
     def entry(self, server_round: int) -> LedgerEntry:
+        """The round's ledger entry (only a private plan has one).
+
+        Raises
+        ------
+        LedgerError
+            For a non-private plan.
+        """
         return LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
     def to_dict(self) -> dict:
@@ -86,10 +98,15 @@ def plan_client(
     """Plan ``client``: calibrate σ (unless ``noise-multiplier`` is set) for all planned rounds.
 
     ``delta`` overrides :func:`client_delta` (a client whose ledger already has a δ keeps it).
+    A budget of ε=∞ gives a non-private plan: σ=0 and δ=0 (plain SGD on the same Poisson
+    batches, nothing charged), every planned round allowed.
     """
-    delta = client_delta(config, num_train) if delta is None else delta
     q = client_sample_rate(config, num_train)
     steps = config.local_epochs * steps_per_epoch(q)
+    if math.isinf(budget):
+        return ClientPlan(client, num_train, math.inf, 0.0, config.accountant, q, steps, 0.0,
+                          config.num_server_rounds, tuple(prior))
+    delta = client_delta(config, num_train) if delta is None else delta
     prior = tuple((float(s), float(r), int(n)) for s, r, n in prior)
     sigma = config.noise_multiplier
     if sigma == 0:
