@@ -175,3 +175,75 @@ def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+README_BEGIN, README_END = "<!-- experiment-results:begin -->", "<!-- experiment-results:end -->"
+
+
+def summary_table(rows: list[dict[str, Any]], axes: Sequence[str], setting: str | None = None,
+                  ) -> str:
+    """The mean personalised accuracy table (method × ε) of one setting (default: the
+    first), for the README."""
+    groups = _by_setting(rows, axes)
+    setting = setting or next(iter(groups))
+    if setting not in groups:
+        raise ValueError(f"no setting {setting!r}; the grid has {list(groups)}")
+    report = report_markdown(groups[setting], axes)
+    title = f"**{TABLES[0][1]}**"
+    table = report.split(title, 1)[1].split("\n\n", 2)[1]
+    return f"{setting}: {TABLES[0][1].lower()}, mean ± std over seeds.\n\n{table}\n"
+
+
+def splice(path: Path, text: str) -> None:
+    """Replace what is between the README markers in ``path`` with ``text``.
+
+    Raises
+    ------
+    ValueError
+        If the markers are missing.
+    """
+    content = path.read_text()
+    if README_BEGIN not in content or README_END not in content:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} markers")
+    head, rest = content.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(f"{head}{README_BEGIN}\n{text}{README_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuild an experiment's report and plots from its ``results.csv``; optionally copy
+    the report to a results page and its summary table into the README."""
+    import argparse
+
+    from simulations.experiment import CSV, REPORT, read_csv
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(";")[0])
+    parser.add_argument("out", type=Path, help="an experiment folder (with results.csv)")
+    parser.add_argument("--results-md", type=Path, default=None,
+                        help="also write the report here (e.g. docs/results.md)")
+    parser.add_argument("--command", default="",
+                        help="the command that produced the grid, quoted in --results-md")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="splice the summary table between the README's markers")
+    parser.add_argument("--setting", default=None,
+                        help="the setting the README table shows (default: the first)")
+    args = parser.parse_args(argv)
+    rows = read_csv(args.out / CSV)
+    axes = [c.removeprefix("axis:") for c in rows[0] if c.startswith("axis:")] if rows else []
+    text = report_markdown(rows, axes)
+    (args.out / REPORT).write_text(text)
+    plot_all(rows, axes, args.out)
+    if args.results_md:
+        command = f"Produced by `{args.command}`.\n\n" if args.command else ""
+        args.results_md.write_text(text.replace("\n", f"\n\n{command}", 1) if command else text)
+    if args.readme:
+        splice(args.readme, summary_table(rows, axes, args.setting)
+               + (f"\nFrom `{args.command}` ([docs/results.md](docs/results.md)).\n"
+                  if args.command else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

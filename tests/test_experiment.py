@@ -128,3 +128,39 @@ def test_report_mean_and_std_over_seeds():
     assert "## split=iid" in report
     assert "| method | ε=∞ (non-private) | ε=8 |" in report
     assert "| fedavg | 0.950 ± 0.000 (n=1) | 0.900 ± 0.100 (n=3) |" in report
+
+
+def test_inline_grid_turns_a_client_exception_into_an_error_reply(tmp_path):
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from simulations.inline import FIRST_NODE_ID, InlineGrid
+
+    broken = ClientApp()
+
+    @broken.train()
+    def train(msg, context):
+        raise RuntimeError(f"partition {context.node_config['partition-id']} is on fire")
+
+    grid = InlineGrid(2, tmp_path, client_app=broken)
+    assert grid.get_node_ids() == [FIRST_NODE_ID, FIRST_NODE_ID + 1]
+    msg = Message(RecordDict(), dst_node_id=FIRST_NODE_ID + 1, message_type=MessageType.TRAIN)
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_error() and "partition 1 is on fire" in reply.error.reason
+    assert grid.time.messages == {MessageType.TRAIN: 1}
+    assert grid.contexts[FIRST_NODE_ID + 1].node_config["state-dir"] == str(tmp_path / "partition-1")
+
+
+@pytest.mark.slow
+def test_worker_processes_and_flower_engine_give_the_same_rows(tiny, tmp_path):
+    """--jobs 2 (spawned workers) and engine = "flower" (Ray) run the same grid."""
+    assert main(["experiment", str(tiny), "--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    flower = tmp_path / "flower.toml"
+    flower.write_text(TINY.replace("clients = 3", "clients = 3\nengine = \"flower\""))
+    assert main(["experiment", str(flower), "--out", str(tmp_path / "ray")]) == 0
+    jobs, ray = read_csv(tmp_path / "jobs" / CSV), read_csv(tmp_path / "ray" / CSV)
+    assert [r["run"] for r in jobs] == [r["run"] for r in ray]  # same configs, same ids
+    for a, b in zip(jobs, ray, strict=True):
+        assert a["upload_bytes_per_client_round"] == b["upload_bytes_per_client_round"]
+        assert a["epsilon_per_client"] == b["epsilon_per_client"]  # same plans, same ledgers
+        assert b["client_seconds"] == ""  # not visible through Ray
