@@ -84,13 +84,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| clients | sampled/round | engine | wall (s) | client handlers (s) | overhead "
              "(wall / client) | server (s) | peak RSS (MB) | state on disk (MB, client dirs) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+        return "–" if value is None else f"{value:{spec}}{suffix}"
+
     for r in rows:
         lines.append(
             f"| {r['clients']:,} | {r['sampled']} | {r['engine']} | {r['wall_s']:.1f} | "
-            f"{'–' if r['client_s'] is None else f'{r['client_s']:.1f}'} | "
-            f"{'–' if r['overhead'] is None else f'{r['overhead']:.2f}×'} | "
-            f"{'–' if r['server_s'] is None else f'{r['server_s']:.1f}'} | "
-            f"{r['peak_rss_mb']:.0f} | {r['state_on_disk_mb']:.1f} ({r['client_state_dirs']:,}) |")
+            f"{fmt(r['client_s'], '.1f')} | {fmt(r['overhead'], '.2f', '×')} | "
+            f"{fmt(r['server_s'], '.1f')} | {r['peak_rss_mb']:.0f} | "
+            f"{r['state_on_disk_mb']:.1f} ({r['client_state_dirs']:,}) |")
     return "\n".join(lines)
 
 

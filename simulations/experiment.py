@@ -290,6 +290,7 @@ def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1) -
 
     torch.set_num_threads(threads)  # tiny models: more threads only contend (see benchmarks)
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("opacus").setLevel(logging.ERROR)  # "First batch is empty": handled
     warnings.filterwarnings("ignore")
     if run_dir.exists():  # interrupted before: its ledgers and local experts are stale
         shutil.rmtree(run_dir)
