@@ -16,7 +16,8 @@ clients trained and evaluated per round. It reports
 comparison; it reports wall time only (Ray's worker processes are not children of this one,
 and their handler time is not visible here).
 
-Run ``python -m simulations.bench_scale --write docs/benchmarks.md`` to append the table.
+Run ``python -m simulations.bench_scale --write docs/benchmarks.md`` to (re)write the table
+between its markers in that file.
 """
 
 from __future__ import annotations
@@ -96,6 +97,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Put ``text`` between this benchmark's markers in ``path`` (appended the first time),
+    leaving the rest of the file as it is."""
+    content = path.read_text() if path.exists() else ""
+    if BEGIN in content and END in content:
+        head, rest = content.split(BEGIN, 1)
+        content = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+    else:
+        content = content.rstrip("\n") + f"\n\n{BEGIN}\n{text}{END}\n"
+    path.write_text(content)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
@@ -129,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         command = "python -m simulations.bench_scale " + " ".join(
             a for a in (argv if argv is not None else sys.argv[1:]) if a)
-        with open(args.write, "a") as f:
-            f.write(f"\n`{command}` on {platform.machine()}, {args.threads} torch thread(s), "
-                    f"{time.strftime('%Y-%m-%d')}:\n\n{text}\n")
+        write_section(args.write, f"`{command}` on {platform.machine()}, {args.threads} "
+                                  f"torch thread(s), {time.strftime('%Y-%m-%d')}:\n\n{text}\n")
     return 0
 
 
