@@ -8,6 +8,9 @@
   processes, its clients' state in the temp dir), found by its recorded ids only.
 
 Exit codes: 0 done, 2 bad input (reported before anything starts), 130 Ctrl-C.
+- ``fedmoe experiment GRID.toml --out DIR [--jobs N]`` runs a grid of federations
+  (methods × ε × partitioners × seeds × any key; :mod:`simulations.experiment`), resumably,
+  into ``DIR/results.csv``, ``DIR/report.md`` and plots.
 
 Every run-config key of :class:`fedmoe.config.FedMoEConfig` can be set with
 ``--run-config``, in Flower's own syntax; the config is validated before anything starts.
@@ -120,8 +123,17 @@ def main(argv: list[str] | None = None) -> int:
                      help="machine-readable: per client its δ, accountant and DP history")
     sub.add_parser("clean", help="end processes and move client state left by a killed "
                    "fedmoe simulate (found by its recorded ids only)")
+    exp = sub.add_parser("experiment", help="run a grid of federations (resumable) and "
+                                            "write results.csv, report.md and plots")
+    exp.add_argument("grid", type=Path, help="grid file (TOML), e.g. simulations/grids/smoke.toml")
+    exp.add_argument("--out", type=Path, required=True,
+                     help="results folder; re-running with the same folder skips finished runs")
+    exp.add_argument("--jobs", type=int, default=None,
+                     help="worker processes (default: the grid's [experiment] jobs, else 1)")
     args = parser.parse_args(argv)
 
+    if args.command == "experiment":
+        return experiment(args.grid, args.out, jobs=args.jobs)
     if args.command == "budget":
         return budget(args.dir, as_json=args.json)
     if args.command == "clean":
@@ -159,6 +171,22 @@ def clean() -> int:
         print(line)
     if not lines:
         print("nothing left behind by killed runs")
+    return 0
+
+
+def experiment(grid_file: Path, out: Path, *, jobs: int | None = None) -> int:
+    """Validate the whole grid, then run what is not finished yet in ``out``."""
+    from simulations.experiment import load_grid, run_grid
+
+    try:
+        if jobs is not None and jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+        grid = load_grid(grid_file)
+    except ConfigError as err:
+        print(f"fedmoe: error: {err}", file=sys.stderr)
+        return 2
+    run_grid(grid, out, jobs=jobs)
+    print(f"results: {out / 'results.csv'} · report: {out / 'report.md'}")
     return 0
 
 

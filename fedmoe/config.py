@@ -27,10 +27,15 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "bookkeeping")
 #: measured DP round of the model at its defaults (docs/benchmarks.md).
 FASTEST = {"moe": ("dense", "bookkeeping"), "hmoe": ("dense", "bookkeeping"),
            "mtmoe": ("dense", "bookkeeping"), "tmoe": ("sparse", "bookkeeping")}
-DATASETS = ("auto", "digits", "pystdlib")
+DATASETS = ("auto", "digits", "pystdlib", "synthetic")
 #: The data set each model trains on (``dataset = "auto"``).
 MODEL_DATASET = {"moe": "digits", "hmoe": "digits", "mtmoe": "digits", "tmoe": "pystdlib"}
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+#: Ways of training and sharing a model (:mod:`fedmoe.methods`).
+METHODS = ("fedmoe", "local", "fedavg", "fedper")
+#: What evaluation scores on: each client's own test split, or a validation split held
+#: out of its training data (for tuning; the test split is then never touched).
+EVALUATE_ON = ("test", "validation")
 
 # Upper bounds: values past them cannot fit in memory or finish in reasonable time on the
 # machines fedmoe targets (or make no sense for DP); the error says which and why.
@@ -50,6 +55,8 @@ MAX_COUNT = 1_024  # experts, groups, layers, heads, depth
 MAX_SEQ_LEN = 8_192
 MAX_WINDOWS = 10_000_000
 MAX_SEED = 2**32 - 1
+MAX_WIDTH = 100_000  # mlp-width: at most 7.4M parameters on digits
+MAX_SYNTHETIC = 10_000_000  # generated examples (about 2.6 GB of float32 features)
 #: The largest model (trainable parameters) fedmoe builds: 50 M float32 parameters are
 #: 200 MB of weights, and DP-SGD keeps several copies (gradients, per-sample norms or
 #: gradients, the optimizer's) on every client.
@@ -153,6 +160,31 @@ class FedMoEConfig:
     seed : int (default: 42)
     run_dir : str (default: "")
         Run folder for ``results.json`` and plots; empty means ``runs/<timestamp>``.
+    method : str (default: "fedmoe")
+        What is trained and shared (:mod:`fedmoe.methods`): ``fedmoe`` (the ``model``,
+        local experts kept), ``local`` (a dense MLP, nothing leaves the client),
+        ``fedavg`` (a dense MLP, all of it aggregated), ``fedper`` (a dense MLP whose body
+        is aggregated and whose head stays on the client). Every method runs the same
+        DP-SGD, accountant and ledgers.
+    mlp_width : int (default: 288)
+        Hidden width of the baselines' MLP (in -> width -> classes: 75·width + 10
+        parameters on 64 features; 288 gives 21,610, about the 21,710 shared + gate
+        parameters of the default ``moe``; 64 is the 4,810-parameter MLP 64-64-10).
+    evaluate_on : str (default: "test")
+        ``test`` (each client's own test split) or ``validation``: a share
+        ``validation-fraction`` of each client's training split is held out and scored
+        instead, the client trains on the rest and the test split is never touched (for
+        tuning hyperparameters).
+    validation_fraction : float (default: 0.2)
+    classes_per_client : int (default: 2)
+        ``pathological`` partitioner: classes each client holds.
+    synthetic_samples : int (default: 20000)
+        ``synthetic``: examples in the generated data set (scikit-learn's
+        ``make_classification``, 64 features, 10 classes), shared out by ``partitioner``.
+
+    Non-private runs: ``target-epsilon = inf`` trains with plain SGD on the same Poisson
+    batches (no clipping, no noise, no ledger charge); such runs are reported as ε=∞.
+    A client with its own ``epsilon-budget`` still trains privately within it.
     """
 
     num_server_rounds: int = 20
@@ -195,12 +227,19 @@ class FedMoEConfig:
     test_fraction: float = 0.2
     seed: int = 42
     run_dir: str = ""
+    method: str = "fedmoe"
+    mlp_width: int = 288
+    evaluate_on: str = "test"
+    validation_fraction: float = 0.2
+    classes_per_client: int = 2
+    synthetic_samples: int = 20000
 
     def __post_init__(self) -> None:
         _check_types(self)
         errors = _finite_errors(self)
         if not errors:
             errors = [_given(self, msg) for ok, msg in self._range_checks() if not ok]
+            errors += self._method_errors()
         if not errors:
             errors = self._cost_errors()
         if not errors:
@@ -231,8 +270,9 @@ class FedMoEConfig:
                 self.grad_sample_mode in ("auto", *GRAD_SAMPLE_MODES),
                 f"grad-sample-mode must be one of {('auto', *GRAD_SAMPLE_MODES)}",
             ),
-            (0.0 < self.target_epsilon <= MAX_EPSILON,
-             f"target-epsilon must be a finite value in (0, {MAX_EPSILON:g}]"),
+            (self.target_epsilon > 0.0
+             and (self.target_epsilon <= MAX_EPSILON or math.isinf(self.target_epsilon)),
+             f"target-epsilon must be in (0, {MAX_EPSILON:g}], or inf for a non-private run"),
             (
                 0.0 <= self.target_delta < 1.0,
                 "target-delta must be in [0, 1), below 1/n_train (0 = per client, automatic)",
@@ -265,9 +305,11 @@ class FedMoEConfig:
              f"max-windows must be in [2, {MAX_WINDOWS:,}]"),
             (self.dataset in DATASETS, f"dataset must be one of {DATASETS}"),
             (
-                self.dataset in ("auto", MODEL_DATASET.get(self.model)),
+                self.dataset in ("auto", MODEL_DATASET.get(self.model))
+                or (self.dataset == "synthetic" and MODEL_DATASET.get(self.model) == "digits"),
                 f"model '{self.model}' trains on dataset "
-                f"'{MODEL_DATASET.get(self.model)}' (or 'auto')",
+                f"'{MODEL_DATASET.get(self.model)}' (or 'auto'"
+                f"{', or synthetic' if MODEL_DATASET.get(self.model) == 'digits' else ''})",
             ),
             (self.partitioner in PARTITIONERS, f"partitioner must be one of {PARTITIONERS}"),
             (0.0 < self.dirichlet_alpha <= MAX_ALPHA,
@@ -293,6 +335,35 @@ class FedMoEConfig:
                 "or a larger sample-rate"
             ]
         return []
+
+    def _method_errors(self) -> list[str]:
+        """Checks of the method, evaluation-split and generated-data keys."""
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}"),
+            (1 <= self.mlp_width <= MAX_WIDTH, f"mlp-width must be in [1, {MAX_WIDTH:,}]"),
+            (self.evaluate_on in EVALUATE_ON, f"evaluate-on must be one of {EVALUATE_ON}"),
+            (0.0 < self.validation_fraction < 1.0, "validation-fraction must be in (0, 1)"),
+            (1 <= self.classes_per_client <= MAX_COUNT,
+             f"classes-per-client must be in [1, {MAX_COUNT:,}]"),
+            (100 <= self.synthetic_samples <= MAX_SYNTHETIC,
+             f"synthetic-samples must be in [100, {MAX_SYNTHETIC:,}]"),
+            (
+                self.method == "fedmoe" or MODEL_DATASET.get(self.model) == "digits",
+                f"method '{self.method}' trains an MLP classifier on digits or synthetic "
+                f"data; model '{self.model}' trains on '{MODEL_DATASET.get(self.model)}': "
+                "use model = \"moe\" (the default) with this method",
+            ),
+            (
+                self.method == "fedmoe" or self.model != "mtmoe",
+                f"method '{self.method}' is single-task; model 'mtmoe' is multi-task",
+            ),
+        ]
+        return [msg for ok, msg in checks if not ok]
+
+    @property
+    def private(self) -> bool:
+        """False for a non-private run (``target-epsilon = inf``)."""
+        return math.isfinite(self.target_epsilon)
 
     def _model_errors(self) -> list[str]:
         """The model's own config dataclass checks its shape, and the parameter count the
@@ -461,11 +532,13 @@ def _given(obj: Any, message: str) -> str:
 
 
 def _finite_errors(obj: Any) -> list[str]:
-    """Every float field must be a finite number (NaN and ±inf pass no range check)."""
+    """Every float field must be a finite number (NaN and ±inf pass no range check), except
+    ``target-epsilon = inf``, which asks for a non-private run."""
     return [
         f"{_key(f.name)} must be a finite number, got {getattr(obj, f.name)!r}"
         for f in fields(obj)
         if f.type in ("float", float) and not math.isfinite(getattr(obj, f.name))
+        and not (f.name == "target_epsilon" and getattr(obj, f.name) == math.inf)
     ]
 
 

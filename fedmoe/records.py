@@ -81,6 +81,11 @@ class RoundPlan:
     def is_training(self) -> bool:
         return self.steps > 0
 
+    @property
+    def private(self) -> bool:
+        """False for a non-private round (σ=0: no clipping, no noise, no ledger charge)."""
+        return self.noise_multiplier > 0
+
     def entry(self) -> LedgerEntry:
         return LedgerEntry(self.server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
@@ -104,6 +109,10 @@ class RoundPlan:
                        float(record["delta"]), str(record["accountant"]))
         except KeyError as err:
             raise ReplyError(f"round config lacks {err}") from err
+        if plan.noise_multiplier == 0:  # non-private: no ledger entry, no δ
+            if not (0 < plan.sample_rate <= 1 and plan.steps >= 1):
+                raise ReplyError(f"invalid non-private round {plan}: need 0 < q ≤ 1, steps ≥ 1")
+            return plan
         try:
             plan.entry()  # validates σ, q, steps
         except LedgerError as err:
@@ -201,7 +210,9 @@ def _metrics_dataclass(cls):
             if key not in record:
                 raise ReplyError(f"reply metrics lack '{key}'")
             value = record[key]
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            # ε=∞ is a non-private client's honest answer; anything else must be finite
+            infinite_ok = key == "epsilon" and value == math.inf
+            if not isinstance(value, (int, float)) or not (math.isfinite(value) or infinite_ok):
                 raise ReplyError(f"reply metric '{key}' must be a finite number, got {value!r}")
             values[f.name] = int(value) if f.type == "int" else float(value)
         return klass(**values)
@@ -215,7 +226,7 @@ def _metrics_dataclass(cls):
 class TrainReport:
     """Train-reply metrics, released in the clear: ``num-examples`` (FedAvg's weight),
     ``epsilon`` (the client's own ledger total after this round, which the server checks
-    against its own) and ``steps``. The training loss stays on the client: it is computed
+    against its own; ``inf`` for a non-private round) and ``steps``. The training loss stays on the client: it is computed
     from private batches without noise."""
 
     num_examples: int

@@ -9,15 +9,17 @@
     excluded[]        client (or node-<id> where its query failed), reason: every client
                       that got no more rounds (refused, budget spent, unusable ledger,
                       failed query)
-    privacy           delta_rule, stopped (why training stopped early, or null),
+    privacy           mode ("dp", or "non-private" for target-epsilon = inf: ε=∞, no
+                      clipping, no noise, no ledger), delta_rule, stopped (why training stopped early, or null),
                       clients[] (:func:`privacy_rows`: per client its plan — n, δ, q, steps
                       per round, σ, rounds its budget allows — and its spend from the
                       server's ledger: rounds, ε spent, ε left), excluded[] (client,
                       reason: every client or node that was refused further rounds)
     rounds[]          round, sampled, rejected, mismatches, clients[] (client, epsilon,
                       client_epsilon where it differs, personalized_accuracy,
-                      global_accuracy, num_examples, num_test_examples), and the round's
-                      means / max ε
+                      global_accuracy, num_examples, num_test_examples, upload_bytes:
+                      bytes of its train reply's arrays), and the round's means / max ε
+                      (null: ε=∞)
 
 Every ``epsilon`` is the server's ledger's (ε spent after that round); ``client_epsilon``
 is what the client reported, present only where it differs (relative 1e-6).
@@ -42,6 +44,9 @@ from fedmoe.storage import write_atomic
 
 RESULTS, PLOT, PRIVACY_PLOT, USAGE_PLOT = ("results.json", "progress.png", "privacy.png",
                                           "usage.png")
+NON_PRIVATE = "non-private"
+#: How a non-private run is labelled in every table and plot.
+NON_PRIVATE_LABEL = "ε=∞ (non-private: no clipping, no noise)"
 DELTA_RULE = ("target-delta (refused for a client unless < 1/n), or if 0, per client the "
               "largest power of ten <= 1/(10 n) for its train set size n, capped at 1e-3 "
               "(delta < 1/n is necessary, not sufficient: Dwork & Roth 2014, sec. 2.3)")
@@ -127,7 +132,7 @@ def build_results(
         for cid in sorted(set(rec.train) | set(rec.evaluate), key=client_sort_key):
             train, ev = rec.train.get(cid), rec.evaluate.get(cid)
             reported = ev.epsilon if ev else train.epsilon
-            spent = rec.epsilon.get(cid, 0.0)
+            spent = rec.epsilon.get(cid, 0.0) if config.private else math.inf
             row = {
                 "client": cid,
                 "epsilon": spent,
@@ -139,6 +144,7 @@ def build_results(
                 "global_loss": ev.global_loss if ev else None,
                 "num_examples": train.num_examples if train else latest.get(cid, {}).get("num_examples"),
                 "num_test_examples": ev.num_examples if ev else None,
+                "upload_bytes": rec.upload_bytes.get(cid),
                 **rec.details.get(cid, {}),
             }
             clients.append(row)
@@ -157,7 +163,8 @@ def build_results(
     return {
         "run_id": run_id,
         "config": config.to_run_config(),
-        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
+        "privacy": {"mode": "dp" if config.private else NON_PRIVATE,
+                    "delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
         "excluded": [{"client": c, "reason": why}
                      for c, why in sorted((excluded or {}).items(),
                                           key=lambda item: client_sort_key(item[0]))],
@@ -229,10 +236,11 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
     ax_acc.legend()
     ax_eps.plot(x, [r["epsilon_max"] for r in rows], "o-", color="tab:red")
     target = results["config"]["target-epsilon"]
-    if math.isfinite(target):
+    if target is not None and math.isfinite(target):
         ax_eps.axhline(target, color="grey", linestyle=":", label=f"budget ε={target:g}")
         ax_eps.legend()
-    ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)", title="Privacy")
+    ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)",
+               title="Privacy" if results["privacy"]["mode"] == "dp" else NON_PRIVATE_LABEL)
     for ax in (ax_acc, ax_eps):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.models import model_for
+from fedmoe.methods import method_model
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
@@ -105,7 +105,7 @@ def run_federation(
     start = time.time()
     run_dir = resolve_run_dir(config)
     torch.manual_seed(config.seed)
-    initial = to_arrays(split_state_dict(model_for(config)))  # shared + gate only
+    initial = to_arrays(split_state_dict(method_model(config)))  # shared + gate only
     log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s",
         config.num_server_rounds, config.target_epsilon, run_dir)
     if stop is not None:

@@ -19,7 +19,9 @@ construction and weighted averaging are Flower's; FedMoE adds
   float64 and propagate NaN — and every count a reply carries checked against what the
   client declared when it was queried (``num-examples`` weights the average: a reply
   claiming more examples than the client holds is dropped) or what it was sent (steps);
-- a per-round history of every client's ε and accuracies (:attr:`history`).
+- a per-round history of every client's ε and accuracies and of the bytes of its train
+  reply's arrays (:attr:`history`);
+- non-private runs (``target-epsilon = inf``): σ=0 plans, no ledger charge, ε=∞ reported.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class RoundRecord:
     #: client -> ε spent after this round by the server's ledger (every client of the run
     #: with a ledger): the figure every report shows
     epsilon: dict[str, float] = field(default_factory=dict)
+    #: client -> bytes of the arrays in its train reply (serialised, as received)
+    upload_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class FedMoE(FedAvg):
@@ -142,6 +146,11 @@ class FedMoE(FedAvg):
     def summary(self) -> None:
         super().summary()
         c = self.config
+        log(INFO, "\t└──> method: %s", c.method)
+        if not c.private:
+            log(INFO, "\t└──> NON-PRIVATE: target ε=∞, plain SGD (no clipping, no noise, no "
+                "ledger charge) for every client without an ε budget of its own")
+            return
         sigma = f"σ={c.noise_multiplier:g} (given)" if c.noise_multiplier else "σ calibrated per client"
         log(INFO, "\t└──> DP-SGD: %s, C=%g, target ε=%g, δ=%s, accountant=%s", sigma,
             c.max_grad_norm, c.target_epsilon, c.target_delta or "auto (< 1/n per client)",
@@ -243,6 +252,11 @@ class FedMoE(FedAvg):
             self._exclude(client, f"its ledger is at δ={delta:g}, this run asks "
                                   f"target-delta={c.target_delta:g}")
             return
+        if math.isinf(budget):  # non-private: plain SGD, no ledger to open or charge
+            self.plans[client] = plan_client(c, client, num_train=info.num_train, budget=budget)
+            log(INFO, "client %s: n=%s, non-private (ε=∞: no clipping, no noise)", client,
+                info.num_train)
+            return
         if delta is None:
             delta = client_delta(c, info.num_train)
         if not delta < 1.0 / info.num_train:  # before anything is written to the ledger
@@ -288,6 +302,8 @@ class FedMoE(FedAvg):
         plan = self.plans.get(client)
         if plan is None or client in self.excluded:
             return False
+        if not plan.private:
+            return True
         try:
             ledger = self.book.get(client)
         except LedgerError as err:  # damaged since the run began: never under-count
@@ -322,11 +338,12 @@ class FedMoE(FedAvg):
         messages = []
         for node in nodes:
             plan = self.plans[self.clients[node]]
-            try:
-                self.book.charge(plan.client, plan.entry(server_round))  # sent = spent
-            except (LedgerError, BudgetExceededError) as err:  # damaged since it was read
-                self._exclude(plan.client, str(err))
-                continue
+            if plan.private:
+                try:
+                    self.book.charge(plan.client, plan.entry(server_round))  # sent = spent
+                except (LedgerError, BudgetExceededError) as err:  # damaged since it was read
+                    self._exclude(plan.client, str(err))
+                    continue
             content = server_message(arrays, RoundPlan.for_training(server_round, plan),
                                      self.config)
             messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
@@ -357,8 +374,17 @@ class FedMoE(FedAvg):
             except ReplyError as err:
                 record.rejected.append(f"{client}: {err}")
                 continue
-            self._check_epsilon(record, client, report.epsilon)
+            plan = self.plans.get(client)
+            if plan is None or plan.private:
+                if not math.isfinite(report.epsilon):  # ε=∞ is only a non-private answer
+                    record.rejected.append(f"{client}: reply metric 'epsilon' must be a finite "
+                                           f"number in a DP round, got {report.epsilon}")
+                    continue
+                self._check_epsilon(record, client, report.epsilon)
             record.train[client] = report
+            record.upload_bytes[client] = sum(len(array.data)
+                                              for arrays in msg.content.array_records.values()
+                                              for array in arrays.values())
             valid.append(msg.content)
         for reason in record.rejected:
             log(WARNING, "aggregate_train: dropped reply from %s", reason)

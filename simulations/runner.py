@@ -49,10 +49,13 @@ class ProgressListener:
         sigma = (f"σ={config.noise_multiplier:g}" if config.noise_multiplier
                  else "σ calibrated per client")
         delta = f"δ={config.target_delta:g}" if config.target_delta else "δ<1/n per client"
+        privacy = (f"DP-SGD {sigma} (ε≤{config.target_epsilon:g}, {delta}, {config.accountant})"
+                   if config.private else
+                   "[bold red]NON-PRIVATE[/bold red] (ε=∞: no clipping, no noise)")
+        model = config.model if config.method == "fedmoe" else f"{config.method} MLP"
         self.console.print(
-            f"[bold]fedmoe[/bold] {config.model} on {config.data}: "
-            f"{config.num_server_rounds} rounds, DP-SGD {sigma} "
-            f"(ε≤{config.target_epsilon:g}, {delta}, {config.accountant}), run folder {run_dir}"
+            f"[bold]fedmoe[/bold] {model} on {config.data}: "
+            f"{config.num_server_rounds} rounds, {privacy}, run folder {run_dir}"
         )
         self.progress.start()
         self.task = self.progress.add_task(

@@ -29,6 +29,7 @@ from opacus.accountants.analysis.prv import (
     PoissonSubsampledGaussianPRV,
     compute_safe_domain_size,
 )
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 Segment = tuple[float, float, int]  # (sigma, q, steps)
 
@@ -137,8 +138,9 @@ def _epsilon(segments: tuple[Segment, ...], delta: float, accountant: str) -> fl
     AccountingError
         For a PRV history :func:`check_prv` refuses (not cached: the check is cheap).
     """
-    if accountant == "prv":
-        check_prv(segments, delta)
+    if accountant == "rdp":
+        return _rdp_epsilon(segments, delta)
+    check_prv(segments, delta)
     acc = create_accountant(mechanism=accountant)
     acc.history = list(segments)
     with warnings.catch_warnings():
@@ -218,3 +220,23 @@ def calibrate_noise(
                 return high
         if high - low < 1e-9 * high:  # ε flat in σ (tiny q·steps): the upper end is safe
             return high
+
+
+@lru_cache(maxsize=1024)
+def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
+    """RDP of one subsampled Gaussian step at every order of :data:`RDP_ALPHAS` (Opacus'
+    maths). Opacus' ``compute_rdp`` is this vector times the steps, so caching it per (σ, q)
+    makes ε of a history that grows by a round cost one cheap conversion instead of the
+    whole per-order computation (about 0.5 s on these machines) again."""
+    return compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ALPHAS)
+
+
+def _rdp_epsilon(segments: tuple[Segment, ...], delta: float) -> float:
+    """What Opacus' ``RDPAccountant.get_epsilon`` computes for this history, from cached
+    per-step RDP vectors: Σ steps · rdp(σ, q), then the same RDP -> (ε, δ) conversion."""
+    rdp = sum(n * _rdp_per_step(s, q) for s, q, n in segments)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        eps, _ = get_privacy_spent(orders=RDP_ALPHAS, rdp=rdp, delta=delta)
+    eps = float(eps)
+    return eps if math.isfinite(eps) else math.inf

@@ -96,7 +96,19 @@ class ClientPlan:
     rounds_allowed: int
     prior: tuple[Segment, ...] = ()
 
+    @property
+    def private(self) -> bool:
+        """False for a non-private plan (budget ε=∞: σ=0, no clipping, no ledger charge)."""
+        return self.noise_multiplier > 0
+
     def entry(self, server_round: int) -> LedgerEntry:
+        """The round's ledger entry (only a private plan has one).
+
+        Raises
+        ------
+        LedgerError
+            For a non-private plan.
+        """
         return LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
     def to_dict(self) -> dict:
@@ -126,6 +138,8 @@ def plan_client(
     """Plan ``client``: calibrate σ (unless ``noise-multiplier`` is set) for all planned rounds.
 
     ``delta`` overrides :func:`client_delta` (a client whose ledger already has a δ keeps it).
+    A budget of ε=∞ gives a non-private plan: σ=0 and δ=0 (plain SGD on the same Poisson
+    batches, nothing charged), every planned round allowed.
 
     Raises
     ------
@@ -133,10 +147,13 @@ def plan_client(
         If δ is not below 1/``num_train`` (:func:`check_delta`), or the accountant cannot
         price even one round of the plan (PRV: :func:`~fedmoe.privacy.accountant.check_prv`).
     """
-    delta = client_delta(config, num_train) if delta is None else delta
-    check_delta(delta, num_train, client)
     q = client_sample_rate(config, num_train)
     steps = config.local_epochs * steps_per_epoch(q)
+    if math.isinf(budget):
+        return ClientPlan(client, num_train, math.inf, 0.0, config.accountant, q, steps, 0.0,
+                          config.num_server_rounds, tuple(prior))
+    delta = client_delta(config, num_train) if delta is None else delta
+    check_delta(delta, num_train, client)
     prior = tuple((float(s), float(r), int(n)) for s, r, n in prior)
     sigma = config.noise_multiplier
     try:
