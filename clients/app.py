@@ -9,11 +9,16 @@ Flower glue only: the work is done by :mod:`fedmoe`. Three handlers:
   transaction, *before* any data is touched: a crash may over-count, never under-count);
   refuse with an error reply if the round would exceed the client's budget. Then rebuild
   the model from the global arrays and the stored local experts, run exactly the planned
-  DP-SGD steps, store the local experts, and reply with ``shared``+``gate`` arrays only;
+  DP-SGD steps, store the local experts, and reply with ``shared``+``gate`` arrays only
+  (the method decides which tensors those are, :mod:`fedmoe.methods`: none at all for
+  ``local``). A non-private run (``target-epsilon = inf``, σ=0) trains with plain SGD and
+  charges nothing, unless the client has an ε budget of its own: then it refuses;
 - **evaluate**: personalised and global-only accuracy on the client's own test split.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -23,13 +28,14 @@ from clients.state import ClientStore, open_store
 from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
 from fedmoe.data.text import unigram_perplexity
-from fedmoe.models import model_for
-from fedmoe.privacy import BudgetExceededError, LedgerError
+from fedmoe.methods import method_model
+from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error
 from fedmoe.records import (
     ARRAYS,
     BAD_MESSAGE,
     BUDGET_EXCEEDED,
     CLIENT,
+    DELTA_TOO_LARGE,
     DETAILS,
     LEDGER_UNUSABLE,
     METRICS,
@@ -41,25 +47,27 @@ from fedmoe.records import (
     to_arrays,
 )
 from fedmoe.roles import Role, merge_state_dict, split_state_dict
-from fedmoe.training import evaluate, train_dp_round
+from fedmoe.training import evaluate, train_dp_round, train_plain_round
 
 app = ClientApp()
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node, store, (_, _, config), data = _open(msg, context)
+    node, store, (_, plan, config), data = _open(msg, context)
     try:
         ledger = store.ledger(node.client)
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
+    num_train, num_test = _split_sizes(config, node, data, plan.server_round)
     info = ClientInfo(
         client=node.client,
-        num_train=len(data.train),
+        num_train=num_train,
         epsilon_budget=node.epsilon_budget,
         ledger_delta=ledger.delta if ledger else 0.0,
         ledger_accountant=ledger.accountant if ledger else "",
         history=tuple(ledger.history) if ledger else (),
+        num_test=num_test,
     )
     return Message(RecordDict({CLIENT: info.to_record()}), reply_to=msg)
 
@@ -69,28 +77,43 @@ def train(msg: Message, context: Context) -> Message:
     node, store, (global_state, plan, config), data = _open(msg, context)
     if not plan.is_training:
         return _refuse(msg, BAD_MESSAGE, "a train message must carry the round's DP parameters")
-    try:
-        with store.book() as book:
-            book.open(node.client, budget=node.budget(config.target_epsilon),
-                      delta=plan.delta, accountant=plan.accountant)
-            epsilon = book.charge(node.client, plan.entry())  # write-ahead
-    except BudgetExceededError as err:
-        return _refuse(msg, BUDGET_EXCEEDED, str(err))
-    except LedgerError as err:
-        return _refuse(msg, LEDGER_UNUSABLE, str(err))
+    budget = node.budget(config.target_epsilon)
+    if not plan.private and math.isfinite(budget):
+        return _refuse(msg, BUDGET_EXCEEDED, f"the server asks for a non-private round (σ=0); "
+                                             f"this client trains only under its ε={budget:g}")
+    epsilon = math.inf  # a non-private round: nothing to charge, no guarantee
+    if plan.private:
+        if plan.delta >= 1.0 / len(data.train):  # checked before the ledger is touched
+            return _refuse(msg, DELTA_TOO_LARGE, delta_error(plan.delta, len(data.train),
+                                                             node.client))
+        try:
+            with store.book() as book:
+                book.open(node.client, budget=budget, delta=plan.delta,
+                          accountant=plan.accountant)
+                epsilon = book.charge(node.client, plan.entry())  # write-ahead
+        except BudgetExceededError as err:
+            return _refuse(msg, BUDGET_EXCEEDED, str(err))
+        except LedgerError as err:
+            return _refuse(msg, LEDGER_UNUSABLE, str(err))
 
     model = personal_model(config, node, store, global_state, plan.server_round)
-    result = train_dp_round(
-        model,
-        data.train,
-        steps=plan.steps,
-        sample_rate=plan.sample_rate,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
-        learning_rate=config.learning_rate,
-        grad_sample_mode=config.clipping,
-        local_pull=config.local_pull,
-    )
+    if plan.private:
+        result = train_dp_round(
+            model,
+            data.train,
+            steps=plan.steps,
+            sample_rate=plan.sample_rate,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            learning_rate=config.learning_rate,
+            grad_sample_mode=config.clipping,
+            local_pull=config.local_pull,
+        )
+    else:
+        result = train_plain_round(model, data.train, steps=plan.steps,
+                                   sample_rate=plan.sample_rate,
+                                   learning_rate=config.learning_rate,
+                                   local_pull=config.local_pull)
     store.save_local(split_state_dict(model, {Role.LOCAL}))
 
     report = TrainReport(num_examples=len(data.train), epsilon=epsilon, steps=result.steps)
@@ -114,7 +137,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         global_accuracy=global_only.accuracy,
         personalized_loss=personal.loss,
         global_loss=global_only.loss,
-        epsilon=ledger.spent() if ledger else 0.0,
+        epsilon=_spent(node, config, ledger),
     )
     details = MetricRecord({
         **{f"personalized-{k}": v for k, v in personal.details.items()},
@@ -139,6 +162,24 @@ def _open(
     return node, open_store(context, node), message, data
 
 
+def _split_sizes(config: FedMoEConfig, node: NodeSettings, data: ClientData,
+                 server_round: int) -> tuple[int, int]:
+    """The largest train and test split over the run's phases (a Transformer-MoE's
+    pre-training and fine-tuning sets may differ): what a later reply may claim at most."""
+    phases = {config.phase(r) for r in range(1, config.num_server_rounds + 1)}
+    phases.discard(config.phase(server_round))
+    sizes = [(len(data.train), len(data.test))]
+    for phase in sorted(phases):
+        other = load_client_data(config, node.partition_id, node.num_partitions, phase)
+        sizes.append((len(other.train), len(other.test)))
+    return max(n for n, _ in sizes), max(m for _, m in sizes)
+def _spent(node: NodeSettings, config: FedMoEConfig, ledger) -> float:
+    """The ε this client reports: its ledger's, or ∞ when it trains non-privately."""
+    if math.isinf(node.budget(config.target_epsilon)):
+        return math.inf
+    return ledger.spent() if ledger else 0.0
+
+
 def _refuse(msg: Message, code: int, reason: str) -> Message:
     """An error reply: the server counts it as a failed reply and logs ``reason``."""
     return Message(Error(code=code, reason=reason), reply_to=msg)
@@ -155,7 +196,7 @@ def personal_model(
     """
     with torch.random.fork_rng():
         torch.manual_seed(config.seed * 100_003 + node.partition_id)
-        model = model_for(config, server_round)
+        model = method_model(config, server_round)
     local = store.load_local()
     if local is not None:
         merge_state_dict(model, local, {Role.LOCAL})

@@ -22,7 +22,7 @@ import torch
 from flwr.app import Context
 
 from fedmoe.config import NodeSettings
-from fedmoe.privacy import LEDGER_FILE, LedgerBook, PrivacyLedger
+from fedmoe.privacy import LEDGER_FILE, LedgerBook, LedgerError, PrivacyLedger
 from fedmoe.storage import write_atomic
 
 LOCAL_FILE = "local_experts.pt"
@@ -36,19 +36,41 @@ class ClientStore:
         self._local = self.root / LOCAL_FILE
 
     def book(self) -> LedgerBook:
-        """The client's privacy ledger book (use as a context manager to close it)."""
-        return LedgerBook(self.root / LEDGER_FILE)
-
-    def ledger(self, client: str) -> PrivacyLedger | None:
-        """The client's own ledger, None before its first round.
+        """The client's privacy ledger book, created if this is its first round (use as a
+        context manager to close it).
 
         Raises
         ------
         LedgerError
-            If the ledger file cannot be used (it is left as it is).
+            If the ledger cannot be used (it is left as it is), or it is missing while the
+            directory holds local experts: they prove earlier training, whose spend the
+            missing ledger recorded.
         """
-        with self.book() as book:
+        self._check_not_lost()
+        return LedgerBook(self.root / LEDGER_FILE)
+
+    def ledger(self, client: str) -> PrivacyLedger | None:
+        """The client's own ledger, None before its first round; opened read-only (reading
+        never writes, never creates).
+
+        Raises
+        ------
+        LedgerError
+            As :meth:`book`.
+        """
+        self._check_not_lost()
+        if not (self.root / LEDGER_FILE).exists():
+            return None
+        with LedgerBook(self.root / LEDGER_FILE, read_only=True) as book:
             return book.get(client)
+
+    def _check_not_lost(self) -> None:
+        if self._local.exists() and not (self.root / LEDGER_FILE).exists():
+            raise LedgerError(
+                f"{self.root}: holds local experts ({LOCAL_FILE}) but no {LEDGER_FILE}: the "
+                "client trained before and its privacy ledger is gone. Training is refused "
+                "until the ledger is restored from a backup; removing the local experts "
+                "would not undo the earlier spend")
 
     def load_local(self) -> dict[str, torch.Tensor] | None:
         if not self._local.exists():

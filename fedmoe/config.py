@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -26,10 +27,49 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "bookkeeping")
 #: measured DP round of the model at its defaults (docs/benchmarks.md).
 FASTEST = {"moe": ("dense", "bookkeeping"), "hmoe": ("dense", "bookkeeping"),
            "mtmoe": ("dense", "bookkeeping"), "tmoe": ("sparse", "bookkeeping")}
-DATASETS = ("auto", "digits", "pystdlib")
+DATASETS = ("auto", "digits", "pystdlib", "synthetic")
 #: The data set each model trains on (``dataset = "auto"``).
 MODEL_DATASET = {"moe": "digits", "hmoe": "digits", "mtmoe": "digits", "tmoe": "pystdlib"}
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+#: Ways of training and sharing a model (:mod:`fedmoe.methods`).
+METHODS = ("fedmoe", "local", "fedavg", "fedper")
+#: What evaluation scores on: each client's own test split, or a validation split held
+#: out of its training data (for tuning; the test split is then never touched).
+EVALUATE_ON = ("test", "validation")
+
+# Upper bounds: values past them cannot fit in memory or finish in reasonable time on the
+# machines fedmoe targets (or make no sense for DP); the error says which and why.
+MAX_ROUNDS = 10_000
+MAX_CLIENTS = 100_000
+MAX_LOCAL_EPOCHS = 1_000
+MAX_BATCH_SIZE = 1_000_000
+#: DP-SGD steps one client may be planned for in a run (rounds × epochs × steps per epoch).
+MAX_DP_STEPS = 1_000_000
+MAX_LEARNING_RATE = 100.0
+MAX_GRAD_NORM = 1e6
+MAX_EPSILON = 10_000.0  # far past any meaningful guarantee; tests use it as "no limit"
+MAX_NOISE_MULTIPLIER = 1e4
+MAX_LOSS_COEF = 1e3
+MAX_ALPHA = 1e6
+MAX_COUNT = 1_024  # experts, groups, layers, heads, depth
+MAX_SEQ_LEN = 8_192
+MAX_WINDOWS = 10_000_000
+MAX_SEED = 2**32 - 1
+MAX_WIDTH = 100_000  # mlp-width: at most 7.4M parameters on digits
+MAX_SYNTHETIC = 10_000_000  # generated examples (about 2.6 GB of float32 features)
+#: The largest model (trainable parameters) fedmoe builds: 50 M float32 parameters are
+#: 200 MB of weights, and DP-SGD keeps several copies (gradients, per-sample norms or
+#: gradients, the optimizer's) on every client.
+MAX_PARAMETERS = 50_000_000
+#: What :func:`parameter_count` returns for a model too large for torch to describe.
+OVERFLOW = 2**63
+#: Integer keys that count modules: (key, lowest valid value); each at most MAX_COUNT.
+COUNT_KEYS = (("num_shared_experts", 1), ("num_local_experts", 0), ("top_k", 1),
+              ("num_groups", 1), ("group_top_k", 1), ("expert_depth", 1), ("num_layers", 1),
+              ("num_heads", 1), ("num_always_on_experts", 0))
+#: Keys that set the model's size (named in the "model too large" error when changed).
+SHAPE_KEYS = ("hidden-dim", "num-shared-experts", "num-local-experts", "num-groups",
+              "expert-depth", "num-layers", "num-always-on-experts", "seq-len")
 
 
 class ConfigError(ValueError):
@@ -120,6 +160,31 @@ class FedMoEConfig:
     seed : int (default: 42)
     run_dir : str (default: "")
         Run folder for ``results.json`` and plots; empty means ``runs/<timestamp>``.
+    method : str (default: "fedmoe")
+        What is trained and shared (:mod:`fedmoe.methods`): ``fedmoe`` (the ``model``,
+        local experts kept), ``local`` (a dense MLP, nothing leaves the client),
+        ``fedavg`` (a dense MLP, all of it aggregated), ``fedper`` (a dense MLP whose body
+        is aggregated and whose head stays on the client). Every method runs the same
+        DP-SGD, accountant and ledgers.
+    mlp_width : int (default: 288)
+        Hidden width of the baselines' MLP (in -> width -> classes: 75·width + 10
+        parameters on 64 features; 288 gives 21,610, about the 21,710 shared + gate
+        parameters of the default ``moe``; 64 is the 4,810-parameter MLP 64-64-10).
+    evaluate_on : str (default: "test")
+        ``test`` (each client's own test split) or ``validation``: a share
+        ``validation-fraction`` of each client's training split is held out and scored
+        instead, the client trains on the rest and the test split is never touched (for
+        tuning hyperparameters).
+    validation_fraction : float (default: 0.2)
+    classes_per_client : int (default: 2)
+        ``pathological`` partitioner: classes each client holds.
+    synthetic_samples : int (default: 20000)
+        ``synthetic``: examples in the generated data set (scikit-learn's
+        ``make_classification``, 64 features, 10 classes), shared out by ``partitioner``.
+
+    Non-private runs: ``target-epsilon = inf`` trains with plain SGD on the same Poisson
+    batches (no clipping, no noise, no ledger charge); such runs are reported as ε=∞.
+    A client with its own ``epsilon-budget`` still trains privately within it.
     """
 
     num_server_rounds: int = 20
@@ -162,31 +227,60 @@ class FedMoEConfig:
     test_fraction: float = 0.2
     seed: int = 42
     run_dir: str = ""
+    method: str = "fedmoe"
+    mlp_width: int = 288
+    evaluate_on: str = "test"
+    validation_fraction: float = 0.2
+    classes_per_client: int = 2
+    synthetic_samples: int = 20000
 
     def __post_init__(self) -> None:
         _check_types(self)
-        checks = [
-            (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
+        errors = _finite_errors(self)
+        if not errors:
+            errors = [_given(self, msg) for ok, msg in self._range_checks() if not ok]
+            errors += self._method_errors()
+        if not errors:
+            errors = self._cost_errors()
+        if not errors:
+            errors = self._model_errors()
+        if errors:
+            raise ConfigError("invalid run config: " + "; ".join(errors))
+
+    def _range_checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) for every key's range; every numeric key has an upper bound."""
+        return [
+            (1 <= self.num_server_rounds <= MAX_ROUNDS,
+             f"num-server-rounds must be in [1, {MAX_ROUNDS:,}] (σ is calibrated for every "
+             f"planned round; got {self.num_server_rounds:,})"),
             (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
             (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
-            (self.min_available_clients >= 1, "min-available-clients must be >= 1"),
-            (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (1 <= self.min_available_clients <= MAX_CLIENTS,
+             f"min-available-clients must be in [1, {MAX_CLIENTS:,}]"),
+            (1 <= self.local_epochs <= MAX_LOCAL_EPOCHS,
+             f"local-epochs must be in [1, {MAX_LOCAL_EPOCHS}]"),
             (0.0 < self.sample_rate <= 1.0, "sample-rate must be in (0, 1], e.g. 0.1"),
-            (self.batch_size >= 0, "batch-size must be >= 0 (0 = use sample-rate)"),
-            (self.learning_rate > 0.0, "learning-rate must be > 0"),
-            (self.max_grad_norm > 0.0, "max-grad-norm must be > 0"),
+            (0 <= self.batch_size <= MAX_BATCH_SIZE,
+             f"batch-size must be in [0, {MAX_BATCH_SIZE:,}] (0 = use sample-rate)"),
+            (0.0 < self.learning_rate <= MAX_LEARNING_RATE,
+             f"learning-rate must be in (0, {MAX_LEARNING_RATE:g}]"),
+            (0.0 < self.max_grad_norm <= MAX_GRAD_NORM,
+             f"max-grad-norm must be in (0, {MAX_GRAD_NORM:g}]"),
             (
                 self.grad_sample_mode in ("auto", *GRAD_SAMPLE_MODES),
                 f"grad-sample-mode must be one of {('auto', *GRAD_SAMPLE_MODES)}",
             ),
-            (0.0 < self.target_epsilon < math.inf, "target-epsilon must be a finite value > 0"),
+            (self.target_epsilon > 0.0
+             and (self.target_epsilon <= MAX_EPSILON or math.isinf(self.target_epsilon)),
+             f"target-epsilon must be in (0, {MAX_EPSILON:g}], or inf for a non-private run"),
             (
                 0.0 <= self.target_delta < 1.0,
                 "target-delta must be in [0, 1), below 1/n_train (0 = per client, automatic)",
             ),
             (
-                self.noise_multiplier >= 0.0 and math.isfinite(self.noise_multiplier),
-                "noise-multiplier must be finite and >= 0 (0 = calibrate from target-epsilon)",
+                0.0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
+                f"noise-multiplier must be finite and >= 0, at most {MAX_NOISE_MULTIPLIER:g} "
+                "(0 = calibrate from target-epsilon)",
             ),
             (self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}"),
             (self.model in MODELS, f"model must be one of {MODELS}"),
@@ -195,41 +289,103 @@ class FedMoEConfig:
                 self.dispatch in ("auto", *DISPATCHES),
                 f"dispatch must be one of {('auto', *DISPATCHES)}",
             ),
-            (self.hidden_dim >= 1, "hidden-dim must be >= 1"),
-            (self.num_shared_experts >= 1, "num-shared-experts must be >= 1"),
-            (self.num_local_experts >= 0, "num-local-experts must be >= 0"),
-            (self.top_k >= 1, "top-k must be >= 1"),
-            (self.balance_coef >= 0.0, "balance-coef must be >= 0"),
-            (self.z_loss_coef >= 0.0, "z-loss-coef must be >= 0"),
+            (self.hidden_dim >= 1, "hidden-dim must be >= 1 (its upper bound is the model's "
+             "parameter count)"),
+            *[(low <= getattr(self, name) <= MAX_COUNT,
+               f"{_key(name)} must be in [{low}, {MAX_COUNT}]") for name, low in COUNT_KEYS],
+            (0.0 <= self.balance_coef <= MAX_LOSS_COEF,
+             f"balance-coef must be in [0, {MAX_LOSS_COEF:g}]"),
+            (0.0 <= self.z_loss_coef <= MAX_LOSS_COEF,
+             f"z-loss-coef must be in [0, {MAX_LOSS_COEF:g}]"),
             (0.0 <= self.local_pull <= 1.0, "local-pull must be in [0, 1]"),
-            (self.pretrain_rounds >= 0, "pretrain-rounds must be >= 0"),
-            (self.seq_len >= 2, "seq-len must be >= 2"),
-            (self.max_windows >= 2, "max-windows must be >= 2"),
+            (0 <= self.pretrain_rounds <= MAX_ROUNDS,
+             f"pretrain-rounds must be in [0, {MAX_ROUNDS:,}]"),
+            (2 <= self.seq_len <= MAX_SEQ_LEN, f"seq-len must be in [2, {MAX_SEQ_LEN:,}]"),
+            (2 <= self.max_windows <= MAX_WINDOWS,
+             f"max-windows must be in [2, {MAX_WINDOWS:,}]"),
             (self.dataset in DATASETS, f"dataset must be one of {DATASETS}"),
             (
-                self.dataset in ("auto", MODEL_DATASET.get(self.model)),
+                self.dataset in ("auto", MODEL_DATASET.get(self.model))
+                or (self.dataset == "synthetic" and MODEL_DATASET.get(self.model) == "digits"),
                 f"model '{self.model}' trains on dataset "
-                f"'{MODEL_DATASET.get(self.model)}' (or 'auto')",
+                f"'{MODEL_DATASET.get(self.model)}' (or 'auto'"
+                f"{', or synthetic' if MODEL_DATASET.get(self.model) == 'digits' else ''})",
             ),
             (self.partitioner in PARTITIONERS, f"partitioner must be one of {PARTITIONERS}"),
-            (self.dirichlet_alpha > 0.0, "dirichlet-alpha must be > 0"),
+            (0.0 < self.dirichlet_alpha <= MAX_ALPHA,
+             f"dirichlet-alpha must be in (0, {MAX_ALPHA:g}] (larger is closer to IID; "
+             "use partitioner='iid' for an even split)"),
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
-            (self.seed >= 0, "seed must be >= 0"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
         ]
-        errors = [msg for ok, msg in checks if not ok]
-        if not errors:
-            errors = self._model_errors()
-        if errors:
-            raise ConfigError("invalid run config: " + "; ".join(errors))
+
+    def _cost_errors(self) -> list[str]:
+        """Refuse runs whose DP step count cannot finish: every client runs
+        ``rounds × local-epochs × int(1/q)`` DP-SGD steps and σ is calibrated for all."""
+        if self.batch_size:  # q depends on each client's size: checked when sizes are known
+            return []
+        steps = self.num_server_rounds * self.local_epochs * int(1.0 / self.sample_rate)
+        if steps > MAX_DP_STEPS:
+            return [
+                f"num-server-rounds={self.num_server_rounds:,} × local-epochs="
+                f"{self.local_epochs} × {int(1.0 / self.sample_rate):,} steps per epoch "
+                f"(sample-rate={self.sample_rate:g}) is {steps:,} DP-SGD steps per client, "
+                f"over the {MAX_DP_STEPS:,} fedmoe allows (it would run for days and σ would "
+                "be calibrated so large that nothing is learnt); use fewer rounds or epochs, "
+                "or a larger sample-rate"
+            ]
+        return []
+
+    def _method_errors(self) -> list[str]:
+        """Checks of the method, evaluation-split and generated-data keys."""
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}"),
+            (1 <= self.mlp_width <= MAX_WIDTH, f"mlp-width must be in [1, {MAX_WIDTH:,}]"),
+            (self.evaluate_on in EVALUATE_ON, f"evaluate-on must be one of {EVALUATE_ON}"),
+            (0.0 < self.validation_fraction < 1.0, "validation-fraction must be in (0, 1)"),
+            (1 <= self.classes_per_client <= MAX_COUNT,
+             f"classes-per-client must be in [1, {MAX_COUNT:,}]"),
+            (100 <= self.synthetic_samples <= MAX_SYNTHETIC,
+             f"synthetic-samples must be in [100, {MAX_SYNTHETIC:,}]"),
+            (
+                self.method == "fedmoe" or MODEL_DATASET.get(self.model) == "digits",
+                f"method '{self.method}' trains an MLP classifier on digits or synthetic "
+                f"data; model '{self.model}' trains on '{MODEL_DATASET.get(self.model)}': "
+                "use model = \"moe\" (the default) with this method",
+            ),
+            (
+                self.method == "fedmoe" or self.model != "mtmoe",
+                f"method '{self.method}' is single-task; model 'mtmoe' is multi-task",
+            ),
+        ]
+        return [msg for ok, msg in checks if not ok]
+
+    @property
+    def private(self) -> bool:
+        """False for a non-private run (``target-epsilon = inf``)."""
+        return math.isfinite(self.target_epsilon)
 
     def _model_errors(self) -> list[str]:
-        """The model's own config dataclass checks its shape (cheap: no model is built)."""
+        """The model's own config dataclass checks its shape, and the parameter count the
+        shape implies (computed without allocating: see :func:`parameter_count`) must fit."""
         from fedmoe.models import model_config, run_overrides
 
         try:
             model_config(self.model, **run_overrides(self))
         except ValueError as err:  # the model's field names are the run config's keys
             return [f"model '{self.model}': " + str(err).replace("_", "-")]
+        count = parameter_count(self)
+        if count > MAX_PARAMETERS:
+            defaults = {_key(f.name): f.default for f in fields(self)}
+            shape = ", ".join(f"{k}={getattr(self, k.replace('-', '_')):,}" for k in SHAPE_KEYS
+                              if getattr(self, k.replace("-", "_")) != defaults[k])
+            return [
+                f"model '{self.model}' with {shape or 'these settings'} has "
+                f"{_approx(count)} parameters ({_approx_bytes(count)} as float32, before DP-SGD's "
+                f"per-sample gradients and optimizer copies); fedmoe refuses models over "
+                f"{_approx(MAX_PARAMETERS)} parameters ({_bytes(4 * MAX_PARAMETERS)}). Use a "
+                "smaller hidden-dim or fewer experts/layers"
+            ]
         return []
 
     @property
@@ -318,8 +474,9 @@ class NodeSettings:
                 f"node config: partition-id must be in [0, num-partitions); got "
                 f"partition-id={self.partition_id}, num-partitions={self.num_partitions}"
             )
-        if self.epsilon_budget < 0:
-            raise ConfigError("node config: epsilon-budget must be >= 0 (0 = use the run's)")
+        if not 0 <= self.epsilon_budget <= MAX_EPSILON:  # NaN fails this too
+            raise ConfigError(f"node config: epsilon-budget must be finite, in [0, "
+                              f"{MAX_EPSILON:g}] (0 = use the run's)")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -363,3 +520,64 @@ def _check_types(obj: Any) -> None:
 def _example(kind: type) -> str:
     return {int: "3", float: "0.5", str: "'name'", bool: "true"}[kind]
 
+
+def _given(obj: Any, message: str) -> str:
+    """``message`` ("<key> must ...") with the value that was given, unless it says it."""
+    name = message.split(" ", 1)[0].replace("-", "_")
+    if "got " in message or not hasattr(obj, name):
+        return message
+    value = getattr(obj, name)
+    return f"{message}; got {value:,}" if isinstance(value, int) and not isinstance(
+        value, bool) else f"{message}; got {value!r}"
+
+
+def _finite_errors(obj: Any) -> list[str]:
+    """Every float field must be a finite number (NaN and ±inf pass no range check), except
+    ``target-epsilon = inf``, which asks for a non-private run."""
+    return [
+        f"{_key(f.name)} must be a finite number, got {getattr(obj, f.name)!r}"
+        for f in fields(obj)
+        if f.type in ("float", float) and not math.isfinite(getattr(obj, f.name))
+        and not (f.name == "target_epsilon" and getattr(obj, f.name) == math.inf)
+    ]
+
+
+@lru_cache(maxsize=64)
+def _count(model: str, overrides: tuple[tuple[str, Any], ...]) -> int:
+    import torch
+
+    from fedmoe.models import build_model
+
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated, whatever the size
+            module = build_model(model, **dict(overrides))
+    except (RuntimeError, OverflowError, TypeError):  # a size torch cannot describe (> 2^63)
+        return OVERFLOW
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_count(config: FedMoEConfig) -> int:
+    """The number of parameters of ``config``'s model, counted on torch's ``meta`` device
+    (no memory is allocated, so any size can be counted; a count past 2^63 is
+    :data:`OVERFLOW`)."""
+    from fedmoe.models import run_overrides
+
+    return _count(config.model, tuple(sorted(run_overrides(config).items())))
+
+
+def _approx(count: int) -> str:
+    if count >= OVERFLOW:
+        return f"more than {OVERFLOW:.2e}"
+    return f"{count:,}" if count < 10**6 else f"{count:.2e}"
+
+
+def _approx_bytes(count: int) -> str:
+    return ("more than " if count >= OVERFLOW else "") + _bytes(4 * min(count, OVERFLOW))
+
+
+def _bytes(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if size < 1000 or unit == "EB":
+            return f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:.3g} EB"

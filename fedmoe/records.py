@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedmoe.config import FedMoEConfig
+from fedmoe.config import ACCOUNTANTS, FedMoEConfig
 from fedmoe.privacy.accountant import Segment
 from fedmoe.privacy.ledger import LedgerEntry, LedgerError
 from fedmoe.privacy.plan import ClientPlan
@@ -35,10 +35,11 @@ CLIENT = "client"
 DETAILS = "details"
 #: Error codes of a client's error reply refusing a round: its budget cannot pay for it; its
 #: ledger cannot be used (unreadable, inconsistent, or at another δ/accountant); the
-#: message is malformed.
-BUDGET_EXCEEDED, LEDGER_UNUSABLE, BAD_MESSAGE = 4001, 4002, 4003
+#: message is malformed; the round's δ is not below 1/n for its train set (it would
+#: protect nobody).
+BUDGET_EXCEEDED, LEDGER_UNUSABLE, BAD_MESSAGE, DELTA_TOO_LARGE = 4001, 4002, 4003, 4004
 #: Refusals that will repeat: the server gives that client no more rounds.
-REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE)
+REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE, DELTA_TOO_LARGE)
 #: Metric used by Flower's FedAvg to weight replies.
 WEIGHT_KEY = "num-examples"
 
@@ -80,6 +81,11 @@ class RoundPlan:
     def is_training(self) -> bool:
         return self.steps > 0
 
+    @property
+    def private(self) -> bool:
+        """False for a non-private round (σ=0: no clipping, no noise, no ledger charge)."""
+        return self.noise_multiplier > 0
+
     def entry(self) -> LedgerEntry:
         return LedgerEntry(self.server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
@@ -103,6 +109,10 @@ class RoundPlan:
                        float(record["delta"]), str(record["accountant"]))
         except KeyError as err:
             raise ReplyError(f"round config lacks {err}") from err
+        if plan.noise_multiplier == 0:  # non-private: no ledger entry, no δ
+            if not (0 < plan.sample_rate <= 1 and plan.steps >= 1):
+                raise ReplyError(f"invalid non-private round {plan}: need 0 < q ≤ 1, steps ≥ 1")
+            return plan
         try:
             plan.entry()  # validates σ, q, steps
         except LedgerError as err:
@@ -131,6 +141,10 @@ def read_server_message(content: RecordDict) -> tuple[dict[str, torch.Tensor], R
 class ClientInfo:
     """A client's answer to the server's query before its first round (released in the clear).
 
+    ``num_train``/``num_test`` are the sizes of its train and test splits (the largest
+    over the run's phases: a Transformer-MoE's pre-training and fine-tuning sets may
+    differ). The server plans δ and q from ``num_train`` and refuses any later reply that
+    claims more examples than declared here (those counts weight the averages).
     ``history`` is its ledger's earlier rounds, ``(σ, q, steps)`` each, so the server plans
     and accounts its remaining budget; ``ledger_delta``/``ledger_accountant`` are those of
     that ledger (0 and "" when it has none).
@@ -142,11 +156,13 @@ class ClientInfo:
     ledger_delta: float = 0.0
     ledger_accountant: str = ""
     history: tuple[Segment, ...] = ()
+    num_test: int = 0
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({
             "client-id": self.client,
             "num-train": self.num_train,
+            "num-test": self.num_test,
             "epsilon-budget": self.epsilon_budget,
             "ledger-delta": self.ledger_delta,
             "ledger-accountant": self.ledger_accountant,
@@ -165,10 +181,12 @@ class ClientInfo:
                        float(record["epsilon-budget"]), float(record["ledger-delta"]),
                        str(record["ledger-accountant"]),
                        tuple(zip(map(float, sigmas), map(float, rates), map(int, steps),
-                                 strict=True)))
+                                 strict=True)), int(record["num-test"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ReplyError(f"malformed client info: {err!r}") from err
-        if not info.client or info.num_train < 1 or info.epsilon_budget < 0:
+        if (not info.client or info.num_train < 1 or info.num_test < 0
+                or not 0 <= info.epsilon_budget < math.inf or not 0 <= info.ledger_delta < 1
+                or info.ledger_accountant not in ("", *ACCOUNTANTS)):
             raise ReplyError(f"client info out of range: {info}")
         try:
             for s, q, n in info.history:
@@ -192,7 +210,9 @@ def _metrics_dataclass(cls):
             if key not in record:
                 raise ReplyError(f"reply metrics lack '{key}'")
             value = record[key]
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            # ε=∞ is a non-private client's honest answer; anything else must be finite
+            infinite_ok = key == "epsilon" and value == math.inf
+            if not isinstance(value, (int, float)) or not (math.isfinite(value) or infinite_ok):
                 raise ReplyError(f"reply metric '{key}' must be a finite number, got {value!r}")
             values[f.name] = int(value) if f.type == "int" else float(value)
         return klass(**values)
@@ -206,7 +226,7 @@ def _metrics_dataclass(cls):
 class TrainReport:
     """Train-reply metrics, released in the clear: ``num-examples`` (FedAvg's weight),
     ``epsilon`` (the client's own ledger total after this round, which the server checks
-    against its own) and ``steps``. The training loss stays on the client: it is computed
+    against its own; ``inf`` for a non-private round) and ``steps``. The training loss stays on the client: it is computed
     from private batches without noise."""
 
     num_examples: int

@@ -6,13 +6,23 @@
     run_id            Flower's id of the run (a client without a state-dir keeps its
                       state in ``<temp>/fedmoe-state/run-<run_id>/<client>``)
     config            the validated run config (kebab-case keys)
-    privacy           delta_rule, stopped (why training stopped early, or null),
+    excluded[]        client (or node-<id> where its query failed), reason: every client
+                      that got no more rounds (refused, budget spent, unusable ledger,
+                      failed query)
+    privacy           mode ("dp", or "non-private" for target-epsilon = inf: ε=∞, no
+                      clipping, no noise, no ledger), delta_rule, stopped (why training stopped early, or null),
                       clients[] (:func:`privacy_rows`: per client its plan — n, δ, q, steps
                       per round, σ, rounds its budget allows — and its spend from the
-                      server's ledger: rounds, ε spent, ε left)
+                      server's ledger: rounds, ε spent, ε left), excluded[] (client,
+                      reason: every client or node that was refused further rounds)
     rounds[]          round, sampled, rejected, mismatches, clients[] (client, epsilon,
-                      personalized_accuracy, global_accuracy, num_examples,
-                      num_test_examples), and the round's means / max ε
+                      client_epsilon where it differs, personalized_accuracy,
+                      global_accuracy, num_examples, num_test_examples, upload_bytes:
+                      bytes of its train reply's arrays), and the round's means / max ε
+                      (null: ε=∞)
+
+Every ``epsilon`` is the server's ledger's (ε spent after that round); ``client_epsilon``
+is what the client reported, present only where it differs (relative 1e-6).
     final             personalized_accuracy_mean, global_accuracy_mean, epsilon_max,
                       clients[] (each client's latest evaluation)
     wall_seconds
@@ -34,8 +44,14 @@ from fedmoe.storage import write_atomic
 
 RESULTS, PLOT, PRIVACY_PLOT, USAGE_PLOT = ("results.json", "progress.png", "privacy.png",
                                           "usage.png")
-DELTA_RULE = ("target-delta, or if 0, per client the largest power of ten <= 1/(10 n) "
-              "for its train set size n")
+NON_PRIVATE = "non-private"
+#: How a non-private run is labelled in every table and plot.
+NON_PRIVATE_LABEL = "ε=∞ (non-private: no clipping, no noise)"
+DELTA_RULE = ("target-delta (refused for a client unless < 1/n), or if 0, per client the "
+              "largest power of ten <= 1/(10 n) for its train set size n, capped at 1e-3 "
+              "(delta < 1/n is necessary, not sufficient: Dwork & Roth 2014, sec. 2.3)")
+#: Relative difference between a client's reported ε and the server's that is shown.
+EPSILON_TOLERANCE = 1e-6
 
 
 def resolve_run_dir(config: FedMoEConfig) -> Path:
@@ -43,6 +59,27 @@ def resolve_run_dir(config: FedMoEConfig) -> Path:
     if config.run_dir:
         return Path(config.run_dir)
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """Before a run into ``run_dir``: its server ledger, if any, must verify (opened
+    read-only, nothing written), and a folder with results of earlier rounds must still
+    have the ledger that recorded their spend.
+
+    Raises
+    ------
+    LedgerError
+        Naming the file and the problem.
+    """
+    from fedmoe.privacy import LEDGER_FILE, LedgerError
+
+    path = run_dir / LEDGER_FILE
+    if path.exists():
+        LedgerBook(path, read_only=True).close()
+    elif (run_dir / RESULTS).exists():
+        raise LedgerError(
+            f"{run_dir}: holds {RESULTS} of an earlier run but no {LEDGER_FILE}: the spend "
+            "it recorded is gone. Restore the ledger from a backup, or use a new run-dir")
 
 
 def privacy_rows(book: LedgerBook, plans: Mapping[str, ClientPlan] | None = None) -> list[dict]:
@@ -84,22 +121,30 @@ def build_results(
     privacy: list[dict],
     stopped: str | None = None,
     run_id: int | None = None,
+    excluded: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Turn the strategy's per-round history into the ``results.json`` document."""
+    """Turn the strategy's per-round history into the ``results.json`` document.
+
+    ``excluded``: client (or ``node-<id>``) -> why it took no (further) part."""
     rounds, latest = [], {}
     for rec in history:
         clients = []
         for cid in sorted(set(rec.train) | set(rec.evaluate), key=client_sort_key):
             train, ev = rec.train.get(cid), rec.evaluate.get(cid)
+            reported = ev.epsilon if ev else train.epsilon
+            spent = rec.epsilon.get(cid, 0.0) if config.private else math.inf
             row = {
                 "client": cid,
-                "epsilon": ev.epsilon if ev else train.epsilon,
+                "epsilon": spent,
+                **({} if math.isclose(spent, reported, rel_tol=EPSILON_TOLERANCE, abs_tol=1e-9)
+                   else {"client_epsilon": reported}),
                 "personalized_accuracy": ev.personalized_accuracy if ev else None,
                 "global_accuracy": ev.global_accuracy if ev else None,
                 "personalized_loss": ev.personalized_loss if ev else None,
                 "global_loss": ev.global_loss if ev else None,
                 "num_examples": train.num_examples if train else latest.get(cid, {}).get("num_examples"),
                 "num_test_examples": ev.num_examples if ev else None,
+                "upload_bytes": rec.upload_bytes.get(cid),
                 **rec.details.get(cid, {}),
             }
             clients.append(row)
@@ -118,7 +163,11 @@ def build_results(
     return {
         "run_id": run_id,
         "config": config.to_run_config(),
-        "privacy": {"delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
+        "privacy": {"mode": "dp" if config.private else NON_PRIVATE,
+                    "delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
+        "excluded": [{"client": c, "reason": why}
+                     for c, why in sorted((excluded or {}).items(),
+                                          key=lambda item: client_sort_key(item[0]))],
         "rounds": rounds,
         "final": {**_summary(final_clients), "clients": final_clients},
         "wall_seconds": round(wall_seconds, 2),
@@ -187,10 +236,11 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
     ax_acc.legend()
     ax_eps.plot(x, [r["epsilon_max"] for r in rows], "o-", color="tab:red")
     target = results["config"]["target-epsilon"]
-    if math.isfinite(target):
+    if target is not None and math.isfinite(target):
         ax_eps.axhline(target, color="grey", linestyle=":", label=f"budget ε={target:g}")
         ax_eps.legend()
-    ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)", title="Privacy")
+    ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)",
+               title="Privacy" if results["privacy"]["mode"] == "dp" else NON_PRIVATE_LABEL)
     for ax in (ax_acc, ax_eps):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmoe.models.layers import expert_usage, pull_local_experts, set_use_local
-from fedmoe.privacy import make_private
+from fedmoe.privacy import make_private, secret_generator
 from fedmoe.roles import unwrap
 
 
@@ -94,6 +94,43 @@ def train_dp_round(
                     break
     finally:
         private.close()  # remove Opacus hooks: `model` is plain again
+    return TrainResult(loss=total / count if count else math.nan, steps=taken)
+
+
+def train_plain_round(
+    model: nn.Module,
+    train_set: TensorDataset,
+    *,
+    steps: int,
+    sample_rate: float,
+    learning_rate: float,
+    generator: torch.Generator | None = None,
+    local_pull: float = 0.0,
+) -> TrainResult:
+    """The non-private counterpart of :func:`train_dp_round` (``target-epsilon = inf``):
+    the same ``steps`` Poisson batches at rate q and plain SGD on the batch's mean loss —
+    no clipping, no noise. An empty batch takes no step (nothing to hide)."""
+    from opacus.data_loader import DPDataLoader
+
+    model.train()
+    loader = DPDataLoader(train_set, sample_rate=sample_rate,
+                          generator=generator or secret_generator())
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    total, count, taken = 0.0, 0, 0
+    while taken < steps:
+        for x, y in loader:
+            if len(x):
+                optimizer.zero_grad(set_to_none=True)
+                losses = per_sample_loss(model, x, y)
+                losses.mean().backward()
+                optimizer.step()
+                total += float(losses.detach().sum())
+                count += len(losses)
+            if local_pull:
+                pull_local_experts(model, local_pull)
+            taken += 1
+            if taken == steps:
+                break
     return TrainResult(loss=total / count if count else math.nan, steps=taken)
 
 

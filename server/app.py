@@ -7,18 +7,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from logging import INFO
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.models import model_for
+from fedmoe.methods import method_model
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
@@ -34,29 +36,106 @@ class RunListener(Protocol):
     def finished(self, results: dict[str, Any], results_path: Path) -> None: ...
 
 
+class RunInterrupted(Exception):
+    """The run was asked to stop (Ctrl-C in ``fedmoe simulate``) while waiting for clients."""
+
+
+class StoppableGrid(Grid):
+    """A Grid that gives up waiting for replies as soon as ``stop`` is set.
+
+    Flower's ``send_and_receive`` sleeps until every reply arrives or the timeout (an hour)
+    passes, and nothing else can end it; this one polls the same way and raises
+    :class:`RunInterrupted` when ``stop`` is set. Everything else is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
+        self.grid, self.stop, self.poll_interval = grid, stop, poll_interval
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._check()
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        waiting = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (end is None or time.monotonic() < end):
+            self._check()
+            new = list(self.pull_messages(waiting))
+            replies.extend(new)
+            waiting -= {m.metadata.reply_to_message_id for m in new}
+            if waiting:
+                self.stop.wait(self.poll_interval)
+        return replies
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise RunInterrupted("stop requested")
+
+
 def run_federation(
     grid: Grid, config: FedMoEConfig, listener: RunListener | None = None,
-    run_id: int | None = None,
+    run_id: int | None = None, *, stop: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """Run FedMoE on ``grid`` until the planned rounds are done or no client can afford
-    another; write the run folder and return the results."""
+    """Run FedMoE on ``grid`` until the planned rounds are done, no client can afford
+    another, or ``stop`` is set; write the run folder and return the results.
+
+    When ``stop`` is set the round in progress is abandoned (its charges stay in the
+    ledgers: sent = spent) and the report covers the rounds that finished.
+    """
     start = time.time()
     run_dir = resolve_run_dir(config)
     torch.manual_seed(config.seed)
-    initial = to_arrays(split_state_dict(model_for(config)))  # shared + gate only
+    initial = to_arrays(split_state_dict(method_model(config)))  # shared + gate only
     log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s",
         config.num_server_rounds, config.target_epsilon, run_dir)
+    if stop is not None:
+        grid = StoppableGrid(grid, stop)
     if listener:
         listener.started(config, run_dir)
+    finished: set[int] = set()
+
+    def on_round(record: RoundRecord) -> None:
+        finished.add(record.server_round)
+        if listener:
+            listener.round_finished(record)
+
     with LedgerBook(run_dir / LEDGER_FILE) as book:
-        strategy = FedMoE(
-            config, book=book, on_round=listener.round_finished if listener else None
-        )
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds)
+        strategy = FedMoE(config, book=book, on_round=on_round)
+        try:
+            strategy.start(grid=grid, initial_arrays=initial,
+                           num_rounds=config.num_server_rounds)
+        except RunInterrupted:
+            unfinished = [r.server_round for r in strategy.history
+                          if r.server_round not in finished]
+            strategy.history = [r for r in strategy.history if r.server_round in finished]
+            strategy.stop_reason = (
+                "interrupted (Ctrl-C)" + (f" during round {unfinished[0]}" if unfinished else "")
+                + f"; the report covers the {len(strategy.history)} finished round(s)")
+            log(WARNING, "fedmoe: %s", strategy.stop_reason)
         results = build_results(
             config, strategy.history, time.time() - start,
             privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
-            run_id=run_id,
+            run_id=run_id, excluded=strategy.all_excluded(),
         )
         path = write_run_folder(run_dir, results, book)
     log(INFO, "fedmoe: results written to %s", path)
@@ -66,15 +145,24 @@ def run_federation(
 
 
 def make_server_app(
-    config: FedMoEConfig | None = None, listener: RunListener | None = None
+    config: FedMoEConfig | None = None, listener: RunListener | None = None,
+    *, stop: threading.Event | None = None,
+    on_run_id: Callable[[int], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp for ``config`` (or, if None, for the run config Flower passes in)."""
+    """A ServerApp for ``config`` (or, if None, for the run config Flower passes in).
+
+    ``stop``: set it to end the run early with a report of the finished rounds;
+    ``on_run_id``: called with Flower's run id when the run starts (``fedmoe simulate``
+    records it, to find what a killed run left behind).
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = config or FedMoEConfig.from_run_config(context.run_config)
-        run_federation(grid, run_config, listener, run_id=context.run_id)
+        if on_run_id is not None:
+            on_run_id(context.run_id)
+        run_federation(grid, run_config, listener, run_id=context.run_id, stop=stop)
 
     return server_app
 

@@ -9,13 +9,19 @@ construction and weighted averaging are Flower's; FedMoE adds
 - budget-aware sampling: a client whose ledger cannot pay for the next round is never sent
   one; the server charges its own ledger (a :class:`~fedmoe.privacy.LedgerBook` in the run
   folder) when it sends the round, from the DP parameters it sent, whatever the client says;
-- a mismatch flag when a client's reported ε differs from the server's own;
+- a mismatch flag when a client's reported ε differs from the server's own; every ε the
+  run reports (:attr:`RoundRecord.epsilon`, the round metrics) is the server's ledger's;
 - a clean stop when no client can afford a round (:meth:`FedMoE.start`), after which the
   last evaluation and the report still happen;
 - reply validation before aggregation: exactly the global keys (a ``local`` tensor is
-  refused), the same shapes, finite values, well-formed metrics — Flower's own
-  aggregation would broadcast a wrong shape and propagate NaN;
-- a per-round history of every client's ε and accuracies (:attr:`history`).
+  refused), the same shapes and exactly the same dtypes, finite values, well-formed
+  metrics — Flower's own aggregation would broadcast a wrong shape, promote float32 to
+  float64 and propagate NaN — and every count a reply carries checked against what the
+  client declared when it was queried (``num-examples`` weights the average: a reply
+  claiming more examples than the client holds is dropped) or what it was sent (steps);
+- a per-round history of every client's ε and accuracies and of the bytes of its train
+  reply's arrays (:attr:`history`);
+- non-private runs (``target-epsilon = inf``): σ=0 plans, no ledger charge, ε=∞ reported.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ from fedmoe.privacy import (
     LedgerBook,
     LedgerEntry,
     LedgerError,
+    PlanError,
     client_delta,
+    delta_error,
     plan_client,
 )
 from fedmoe.records import (
@@ -78,6 +86,11 @@ class RoundRecord:
     rejected: list[str] = field(default_factory=list)
     #: client -> (server's ε, client's reported ε) where they differ
     mismatches: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: client -> ε spent after this round by the server's ledger (every client of the run
+    #: with a ledger): the figure every report shows
+    epsilon: dict[str, float] = field(default_factory=dict)
+    #: client -> bytes of the arrays in its train reply (serialised, as received)
+    upload_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class FedMoE(FedAvg):
@@ -120,17 +133,24 @@ class FedMoE(FedAvg):
                 )
         self.on_round = on_round
         self.clients: dict[int, str] = {}  # node id -> client id
+        self.declared: dict[str, ClientInfo] = {}  # client id -> what its query reply said
         self.plans: dict[str, ClientPlan] = {}  # client id -> its plan for this run
         self.excluded: dict[str, str] = {}  # client id -> why it gets no more rounds
         self.failed_nodes: dict[int, str] = {}  # nodes whose query failed -> why
         self.history: list[RoundRecord] = []
         self.stop_reason: str | None = None
         self._rng = random.Random(config.seed)
-        self._expected: dict[str, tuple[int, ...]] = {}  # global keys -> shapes, this round
+        #: global keys -> (shape, dtype) of this round's global arrays
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def summary(self) -> None:
         super().summary()
         c = self.config
+        log(INFO, "\t└──> method: %s", c.method)
+        if not c.private:
+            log(INFO, "\t└──> NON-PRIVATE: target ε=∞, plain SGD (no clipping, no noise, no "
+                "ledger charge) for every client without an ε budget of its own")
+            return
         sigma = f"σ={c.noise_multiplier:g} (given)" if c.noise_multiplier else "σ calibrated per client"
         log(INFO, "\t└──> DP-SGD: %s, C=%g, target ε=%g, δ=%s, accountant=%s", sigma,
             c.max_grad_norm, c.target_epsilon, c.target_delta or "auto (< 1/n per client)",
@@ -215,6 +235,7 @@ class FedMoE(FedAvg):
                     "distinct client-id in its node config", node, info.client)
                 continue
             self.clients[node] = info.client
+            self.declared[info.client] = info
             self._plan(info)
 
     def _plan(self, info: ClientInfo) -> None:
@@ -231,8 +252,16 @@ class FedMoE(FedAvg):
             self._exclude(client, f"its ledger is at δ={delta:g}, this run asks "
                                   f"target-delta={c.target_delta:g}")
             return
+        if math.isinf(budget):  # non-private: plain SGD, no ledger to open or charge
+            self.plans[client] = plan_client(c, client, num_train=info.num_train, budget=budget)
+            log(INFO, "client %s: n=%s, non-private (ε=∞: no clipping, no noise)", client,
+                info.num_train)
+            return
         if delta is None:
             delta = client_delta(c, info.num_train)
+        if not delta < 1.0 / info.num_train:  # before anything is written to the ledger
+            self._exclude(client, delta_error(delta, info.num_train, client))
+            return
         try:
             existing = self.book.get(client)
             self.book.open(client, budget=budget, delta=delta, accountant=c.accountant)
@@ -246,8 +275,12 @@ class FedMoE(FedAvg):
             self._exclude(client, str(err))
             return
         prior = self.book.get(client).history
-        plan = plan_client(c, client, num_train=info.num_train, budget=budget, delta=delta,
-                           prior=prior)
+        try:
+            plan = plan_client(c, client, num_train=info.num_train, budget=budget,
+                               delta=delta, prior=prior)
+        except PlanError as err:
+            self._exclude(client, str(err))
+            return
         self.plans[client] = plan
         log(INFO, "client %s: n=%s, δ=%g, q=%g, %s steps/round, σ=%.4f, budget ε=%g allows %s "
             "round(s)", client, plan.num_train, plan.delta, plan.sample_rate, plan.steps,
@@ -260,11 +293,22 @@ class FedMoE(FedAvg):
             self.excluded[client] = why
             log(WARNING, "client %s gets no more rounds: %s", client, why)
 
+    def all_excluded(self) -> dict[str, str]:
+        """Every client refused further rounds, and every node that could not take part
+        (as ``node-<id>``), with the reason."""
+        return {**{f"node-{n}": why for n, why in self.failed_nodes.items()}, **self.excluded}
+
     def can_afford(self, client: str, server_round: int) -> bool:
         plan = self.plans.get(client)
         if plan is None or client in self.excluded:
             return False
-        ledger = self.book.get(client)
+        if not plan.private:
+            return True
+        try:
+            ledger = self.book.get(client)
+        except LedgerError as err:  # damaged since the run began: never under-count
+            self._exclude(client, str(err))
+            return False
         return ledger is not None and ledger.can_afford(plan.entry(server_round))
 
     # ------------------------------------------------------------------ train
@@ -273,14 +317,20 @@ class FedMoE(FedAvg):
     ) -> Iterable[Message]:
         """Sample among the clients that can afford this round and charge the server's ledger."""
         self._record(server_round)
-        self._expected = {k: tuple(a.shape) for k, a in arrays.items()}
+        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
         self.discover(grid, all_nodes, server_round)
         affordable = [n for n in all_nodes
                       if n in self.clients and self.can_afford(self.clients[n], server_round)]
         if not affordable:
-            self.stop_reason = (f"no client can afford round {server_round} within its budget "
-                                f"(target ε={self.config.target_epsilon:g})")
+            known = set(self.clients.values())
+            if known and known <= set(self.excluded):
+                self.stop_reason = (f"every client is excluded before round {server_round} "
+                                    "(reasons in privacy.excluded), e.g. "
+                                    f"{next(iter(self.excluded.items()))[1]}")
+            else:
+                self.stop_reason = (f"no client can afford round {server_round} within its "
+                                    f"budget (target ε={self.config.target_epsilon:g})")
             return []
         size = min(len(affordable), max(self.min_train_nodes,
                                         int(len(all_nodes) * self.fraction_train)))
@@ -288,11 +338,18 @@ class FedMoE(FedAvg):
         messages = []
         for node in nodes:
             plan = self.plans[self.clients[node]]
-            self.book.charge(plan.client, plan.entry(server_round))  # sent = spent
+            if plan.private:
+                try:
+                    self.book.charge(plan.client, plan.entry(server_round))  # sent = spent
+                except (LedgerError, BudgetExceededError) as err:  # damaged since it was read
+                    self._exclude(plan.client, str(err))
+                    continue
             content = server_message(arrays, RoundPlan.for_training(server_round, plan),
                                      self.config)
             messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
-        self.history[-1].sampled = len(nodes)
+        if not messages:
+            self.stop_reason = f"no client could be charged for round {server_round}"
+        self.history[-1].sampled = len(messages)
         log(INFO, "configure_train: sampled %s of %s clients (%s can afford the round)",
             len(nodes), len(all_nodes), len(affordable))
         return messages
@@ -313,24 +370,44 @@ class FedMoE(FedAvg):
                                           f"{msg.error.reason}")
                 continue
             try:
-                report = self._check_train_reply(msg)
+                report = self._check_train_reply(msg, client)
             except ReplyError as err:
                 record.rejected.append(f"{client}: {err}")
                 continue
-            self._check_epsilon(record, client, report.epsilon)
+            plan = self.plans.get(client)
+            if plan is None or plan.private:
+                if not math.isfinite(report.epsilon):  # ε=∞ is only a non-private answer
+                    record.rejected.append(f"{client}: reply metric 'epsilon' must be a finite "
+                                           f"number in a DP round, got {report.epsilon}")
+                    continue
+                self._check_epsilon(record, client, report.epsilon)
             record.train[client] = report
+            record.upload_bytes[client] = sum(len(array.data)
+                                              for arrays in msg.content.array_records.values()
+                                              for array in arrays.values())
             valid.append(msg.content)
         for reason in record.rejected:
             log(WARNING, "aggregate_train: dropped reply from %s", reason)
         if not valid:
             return None, None
         arrays = aggregate_arrayrecords(valid, self.weighted_by_key)
-        reports = list(record.train.values())
+        spent = self.ledger_epsilons(record.train)
         metrics = MetricRecord({
-            "epsilon-max": max(r.epsilon for r in reports),
-            "num-clients": len(reports),
+            "epsilon-max": max(spent.values()),
+            "num-clients": len(record.train),
         })
         return arrays, metrics
+
+    def ledger_epsilons(self, clients: Iterable[str] | None = None) -> dict[str, float]:
+        """ε spent by the server's ledger (the last charge's stored ε, which the ledger
+        verified on reading), per client of ``clients`` (default: every client of this run
+        that has a ledger)."""
+        chosen = set(self.clients.values()) if clients is None else set(clients)
+        spent = {}
+        for client in chosen & set(self.book.clients()):
+            trajectory = self.book.trajectory(client)
+            spent[client] = trajectory[-1][1] if trajectory else 0.0
+        return spent
 
     def _check_epsilon(self, record: RoundRecord, client: str, reported: float) -> None:
         """Flag a client whose own ε differs from what the server charged it."""
@@ -341,13 +418,27 @@ class FedMoE(FedAvg):
             log(WARNING, "privacy mismatch: client %s reports ε=%.6f, the server's ledger "
                 "says ε=%.6f for the same rounds", client, reported, ours)
 
-    def _check_train_reply(self, msg: Message) -> TrainReport:
+    def _check_train_reply(self, msg: Message, client: str) -> TrainReport:
+        """The reply's report, if its arrays match the global model exactly (keys, shapes,
+        dtypes, finite values) and its counts what the client declared and was sent.
+
+        Raises
+        ------
+        ReplyError
+            Naming the first fault.
+        """
         content = msg.content
         if ARRAYS not in content.array_records or METRICS not in content.metric_records:
             raise ReplyError(f"reply must carry '{ARRAYS}' and '{METRICS}' records")
         report = TrainReport.from_record(content.metric_records[METRICS])
-        if report.num_examples < 1:
-            raise ReplyError("num-examples must be >= 1")
+        info, plan = self.declared.get(client), self.plans.get(client)
+        if info is None or plan is None:
+            raise ReplyError("reply from a client that was never planned")
+        if not 1 <= report.num_examples <= info.num_train:
+            raise ReplyError(f"num-examples={report.num_examples} is outside [1, "
+                             f"{info.num_train}], the train set size it declared")
+        if report.steps != plan.steps:
+            raise ReplyError(f"steps={report.steps}, but the round planned {plan.steps}")
         arrays = content.array_records[ARRAYS]
         expected = self._expected
         if set(arrays.keys()) != set(expected):
@@ -356,9 +447,13 @@ class FedMoE(FedAvg):
             raise ReplyError(f"array keys differ from the global model: extra {extra[:3]}, "
                              f"missing {missing[:3]}")
         for key, array in arrays.items():
+            shape, dtype = expected[key]
+            if array.dtype != dtype:  # before numpy(): no conversion of a foreign payload
+                raise ReplyError(f"'{key}' has dtype {array.dtype}, expected {dtype}")
             value = array.numpy()
-            if value.shape != expected[key]:
-                raise ReplyError(f"'{key}' has shape {value.shape}, expected {expected[key]}")
+            if value.shape != shape or value.dtype != np.dtype(dtype):
+                raise ReplyError(f"'{key}' has shape {value.shape} and dtype {value.dtype}, "
+                                 f"expected {shape} {dtype}")
             if not np.all(np.isfinite(value)):
                 raise ReplyError(f"'{key}' contains NaN or inf")
         return report
@@ -390,12 +485,14 @@ class FedMoE(FedAvg):
                 continue
             try:
                 report = EvalReport.from_record(msg.content.metric_records[METRICS])
+                self._check_eval_report(report, client)
                 details = msg.content.metric_records.get(DETAILS)
                 record.details[client] = read_details(details) if details else {}
             except (KeyError, ReplyError) as err:
                 log(WARNING, "aggregate_evaluate: dropped reply of %s: %s", client, err)
                 continue
             record.evaluate[client] = report
+        record.epsilon = self.ledger_epsilons()
         if self.on_round is not None:
             self.on_round(record)
         reports = list(record.evaluate.values())
@@ -404,8 +501,29 @@ class FedMoE(FedAvg):
         return MetricRecord({
             "personalized-accuracy": _weighted([r.personalized_accuracy for r in reports], reports),
             "global-accuracy": _weighted([r.global_accuracy for r in reports], reports),
-            "epsilon-max": max(r.epsilon for r in reports),
+            "epsilon-max": max(record.epsilon.values(), default=0.0),
         })
+
+    def _check_eval_report(self, report: EvalReport, client: str) -> None:
+        """Counts within what the client declared, accuracies in [0, 1], losses ≥ 0.
+
+        Raises
+        ------
+        ReplyError
+            Naming the first fault.
+        """
+        info = self.declared.get(client)
+        if info is None:
+            raise ReplyError("reply from a client that was never queried")
+        if not 0 <= report.num_examples <= info.num_test:
+            raise ReplyError(f"num-examples={report.num_examples} is outside [0, "
+                             f"{info.num_test}], the test set size it declared")
+        for name in ("personalized_accuracy", "global_accuracy"):
+            if not 0 <= getattr(report, name) <= 1:
+                raise ReplyError(f"{name}={getattr(report, name)} is outside [0, 1]")
+        for name in ("personalized_loss", "global_loss"):
+            if getattr(report, name) < 0:
+                raise ReplyError(f"{name}={getattr(report, name)} is negative")
 
     # ---------------------------------------------------------------- helpers
     def _record(self, server_round: int) -> RoundRecord:

@@ -8,9 +8,13 @@ one virtual SuperNode per client.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedmoe.config import ConfigError, FedMoEConfig
+from fedmoe.reporting import EPSILON_TOLERANCE
 from server.strategy import RoundRecord
 
 
@@ -44,10 +49,13 @@ class ProgressListener:
         sigma = (f"σ={config.noise_multiplier:g}" if config.noise_multiplier
                  else "σ calibrated per client")
         delta = f"δ={config.target_delta:g}" if config.target_delta else "δ<1/n per client"
+        privacy = (f"DP-SGD {sigma} (ε≤{config.target_epsilon:g}, {delta}, {config.accountant})"
+                   if config.private else
+                   "[bold red]NON-PRIVATE[/bold red] (ε=∞: no clipping, no noise)")
+        model = config.model if config.method == "fedmoe" else f"{config.method} MLP"
         self.console.print(
-            f"[bold]fedmoe[/bold] {config.model} on {config.data}: "
-            f"{config.num_server_rounds} rounds, DP-SGD {sigma} "
-            f"(ε≤{config.target_epsilon:g}, {delta}, {config.accountant}), run folder {run_dir}"
+            f"[bold]fedmoe[/bold] {model} on {config.data}: "
+            f"{config.num_server_rounds} rounds, {privacy}, run folder {run_dir}"
         )
         self.progress.start()
         self.task = self.progress.add_task(
@@ -57,10 +65,10 @@ class ProgressListener:
     def round_finished(self, record: RoundRecord) -> None:
         evals = list(record.evaluate.values())
         acc = sum(e.personalized_accuracy for e in evals) / len(evals) if evals else float("nan")
-        eps = max((e.epsilon for e in evals), default=0.0)
+        eps = max(record.epsilon.values(), default=0.0)  # the server's ledger
         phase = "" if record.phase == "train" else f"{record.phase} · "
         status = (f"{phase}clients {len(record.train)}/{record.sampled} trained · "
-                  f"ε max {eps:.2f} · personalised acc {acc:.3f}")
+                  f"ε max {eps:.2f}{_reported_max(record)} · personalised acc {acc:.3f}")
         if record.rejected:
             status += f" · {len(record.rejected)} rejected"
         self.progress.update(self.task, advance=1, status=status)
@@ -83,6 +91,27 @@ class ProgressListener:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _reported_max(record: RoundRecord) -> str:
+    """`` (clients report X)`` (their largest ε) when any client's own ε differs from the
+    server's ledger's."""
+    reported = [(c, e.epsilon) for c, e in record.evaluate.items()]
+    reported += [(c, t.epsilon) for c, t in record.train.items() if c not in record.evaluate]
+    if not reported:
+        return ""
+    theirs = max(e for _, e in reported)
+    differ = any(not math.isclose(record.epsilon.get(c, 0.0), e, rel_tol=EPSILON_TOLERANCE,
+                                  abs_tol=1e-9) for c, e in reported)
+    return f" (clients report {theirs:.2f})" if differ else ""
+
+
+def _epsilon_cell(row: dict[str, Any]) -> str:
+    """The server's ε, with the client's own beside it where they differ."""
+    cell = f"{row['epsilon']:.3f}"
+    if "client_epsilon" in row:
+        cell += f" (client {row['client_epsilon']:.3f})"
+    return cell
 
 
 def client_table(results: dict[str, Any]) -> Table:
@@ -108,7 +137,7 @@ def client_table(results: dict[str, Any]) -> Table:
             _fmt(c["global_accuracy"]),
             *[_fmt(c.get(k)) for k in extra],
             str(p.get("rounds", "")),
-            f"{c['epsilon']:.3f}",
+            _epsilon_cell(c),
             f"{p['delta']:g}" if p else "",
             f"{p['noise_multiplier']:.3f}" if p.get("noise_multiplier") else "",
             str(c["num_examples"]),
@@ -117,16 +146,39 @@ def client_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dict[str, Any]:
-    """Simulate ``num_clients`` clients; return the results that were written to the run folder.
+class SimulationInterrupted(Exception):
+    """Ctrl-C stopped the run; the report of the finished rounds is at ``results_path``."""
+
+    def __init__(self, results_path: Path, results: dict[str, Any]) -> None:
+        super().__init__(f"interrupted; the report of the finished rounds is {results_path}")
+        self.results_path, self.results = results_path, results
+
+
+def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
+    """Every check that can fail before anything starts; returns ``config`` with its run
+    folder resolved (``runs/<timestamp>`` when empty), the folder the run will write.
+
+    Checks the number of clients, the run folder (creatable and writable, not a file) and
+    the data split (computed once here, in this process: every client's size is known and
+    at least :data:`fedmoe.data.MIN_CLIENT_EXAMPLES`), and the DP steps a client's
+    ``batch-size`` implies.
 
     Raises
     ------
     ConfigError
-        If the run could never start (more required clients than simulated ones).
+        Naming the problem and the fix (the CLI exits with code 2).
+    LedgerError
+        If the run folder holds a server ledger that does not verify, or results without
+        their ledger (the CLI exits with code 2).
     """
-    if num_clients < 1:
-        raise ConfigError(f"--clients must be >= 1, got {num_clients}")
+    from fedmoe.config import MAX_CLIENTS, MAX_DP_STEPS
+    from fedmoe.data import check_split
+    from fedmoe.privacy.accountant import steps_per_epoch
+    from fedmoe.privacy.plan import client_sample_rate
+    from fedmoe.reporting import check_run_folder, resolve_run_dir
+
+    if not 1 <= num_clients <= MAX_CLIENTS:
+        raise ConfigError(f"--clients must be in [1, {MAX_CLIENTS:,}], got {num_clients:,}")
     if config.min_available_clients > num_clients:
         raise ConfigError(
             f"min-available-clients={config.min_available_clients} exceeds --clients "
@@ -140,32 +192,134 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
                 f"--clients {num_clients}: the text corpus has one client per standard-library "
                 f"package and this Python has {len(stdlib_packages())}; use fewer clients"
             )
+    sizes = check_split(config, num_clients)
+    if config.batch_size and sizes:
+        smallest = min(train for train, _ in sizes)
+        steps = (config.num_server_rounds * config.local_epochs
+                 * steps_per_epoch(client_sample_rate(config, smallest)))
+        if steps > MAX_DP_STEPS:
+            raise ConfigError(
+                f"batch-size={config.batch_size} on a client of {smallest} training examples is "
+                f"{steps:,} DP-SGD steps over {config.num_server_rounds:,} rounds, over the "
+                f"{MAX_DP_STEPS:,} fedmoe allows; use fewer rounds or epochs, or a larger "
+                "batch-size"
+            )
+    run_dir = resolve_run_dir(config)
+    check_run_folder(run_dir)  # an earlier run's ledger must verify (read-only)
+    check_run_dir(run_dir)  # last: it creates the folder
+    return config.replace(run_dir=str(run_dir))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run folder must be a folder (or creatable) that this process can write into:
+    it is created here and a probe file written and removed (a permission check alone
+    would pass for root on a read-only file system).
+
+    Raises
+    ------
+    ConfigError
+        If ``run_dir`` (or a parent) is a file, or it cannot be created or written; any
+        folder created for the probe is removed again.
+    """
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == run_dir else f" (its parent {existing} is a file)"
+        raise ConfigError(f"--out {run_dir}: is a file, not a folder{where}; choose another "
+                          "--out (a new or an existing run folder)")
+    for name in ("ledger.sqlite", "results.json"):
+        if (run_dir / name).is_dir():
+            raise ConfigError(f"--out {run_dir}: {run_dir / name} is a folder; choose another "
+                              "--out")
+    missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".fedmoe-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        for folder in reversed(created):
+            folder.rmdir()
+        raise ConfigError(f"--out {run_dir}: cannot write there ({err.strerror or err}); choose "
+                          "another --out") from None
+
+
+def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dict[str, Any]:
+    """Simulate ``num_clients`` clients; return the results that were written to the run folder.
+
+    Everything that can be checked is checked first (:func:`preflight`), and what an
+    earlier, killed run left behind is removed (:func:`simulations.leftovers.clean_leftovers`).
+    Ctrl-C stops the run within seconds: the round in progress is abandoned, the report of
+    the finished rounds is written, Ray is stopped, and :class:`SimulationInterrupted` is
+    raised. A second Ctrl-C aborts at once.
+
+    Raises
+    ------
+    ConfigError
+        If the run could never start (bad client count, run folder or data split).
+    SimulationInterrupted
+        After Ctrl-C, once the partial report is written.
+    """
+    config = preflight(config, num_clients)
     # Imported here: the simulation engine (Ray) is heavy and only needed to run.
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from server.app import make_server_app
+    from simulations.leftovers import Recorder, clean_leftovers
 
+    # piped output (CI logs, make run | tee) gets a width that fits the per-client table
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    for line in clean_leftovers():
+        console.print(f"[yellow]cleaned up after an earlier killed run: {line}[/yellow]")
     if not verbose:
         # Flower's INFO log and its run_simulation deprecation notice would bury the
         # progress display; dropped replies show up there and in results.json instead.
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # piped output (CI logs, make run | tee) gets a width that fits the per-client table
-    listener = ProgressListener(Console(width=None if sys.stdout.isatty() else 120))
-    run_simulation(
-        server_app=make_server_app(config, listener),
-        client_app=client_app,
-        num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        verbose_logging=verbose,
-    )
+    listener = ProgressListener(console)
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: abort now
+        stop.set()
+        print("\nfedmoe: stopping (Ctrl-C again to abort): writing the report of the finished "
+              "rounds…", file=sys.stderr, flush=True)
+
+    # Python lets only the main thread set signal handlers; run() elsewhere keeps Python's
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    recorder = Recorder(Path(config.run_dir).resolve())
+    try:
+        with recorder:
+            run_simulation(
+                server_app=make_server_app(config, listener, stop=stop,
+                                           on_run_id=recorder.set_run_id),
+                client_app=client_app,
+                num_supernodes=num_clients,
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+                verbose_logging=verbose,
+            )
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        if listener.results is not None:
+            kept = keep_client_state(listener.results["run_id"], listener.results_path.parent)
+            if kept:
+                listener.console.print(f"simulated clients' state (ledgers, local experts): "
+                                       f"{kept}")
+        for line in recorder.finish():
+            logging.getLogger(__name__).info("ended leftover Ray process %s", line)
     if listener.results is None:
         raise RuntimeError("the simulation ended without results; rerun with --verbose for logs")
-    kept = keep_client_state(listener.results["run_id"], listener.results_path.parent)
-    if kept:
-        listener.console.print(f"simulated clients' state (ledgers, local experts): {kept}")
+    if stop.is_set():
+        raise SimulationInterrupted(listener.results_path, listener.results)
     return listener.results
 
 

@@ -13,6 +13,7 @@ from fedmoe.records import (
     ARRAYS,
     BUDGET_EXCEEDED,
     CLIENT,
+    DELTA_TOO_LARGE,
     LEDGER_UNUSABLE,
     METRICS,
     ClientInfo,
@@ -99,20 +100,20 @@ def test_ledger_kept_at_another_delta_or_accountant_is_refused(tmp_path):
 
 
 def test_tampered_or_overspent_ledger_refuses(tmp_path):
-    ctx = context(state_dir=str(tmp_path))
+    ctx = context(state_dir=str(tmp_path / "a"))
     app(message(server_round=1), ctx)
     app(message(server_round=2), ctx)
-    db = sqlite3.connect(tmp_path / LEDGER_FILE)
+    db = sqlite3.connect(tmp_path / "a" / LEDGER_FILE)
     db.execute("DELETE FROM charge WHERE seq = 1")  # "forget" a round
     db.commit()
     reply = app(message(server_round=3), ctx)
     assert reply.has_error() and reply.error.code == LEDGER_UNUSABLE
-    assert "inconsistent" in reply.error.reason and "restored from a backup" in reply.error.reason
-    # over-spent: the stored budget was lowered below the spend; nothing more is accepted
-    db.execute("DELETE FROM charge")
-    db.execute("UPDATE ledger SET budget = 0.01")
-    db.commit()
-    reply = app(message(server_round=3), context(state_dir=str(tmp_path), epsilon_budget=0.01))
+    assert "damaged" in reply.error.reason and "restored from a backup" in reply.error.reason
+    # over-spent: the operator lowered the budget below the spend; nothing more is accepted
+    ctx = context(state_dir=str(tmp_path / "b"))
+    app(message(server_round=1), ctx)
+    reply = app(message(server_round=2),
+                context(state_dir=str(tmp_path / "b"), epsilon_budget=0.01))
     assert reply.has_error() and reply.error.code == BUDGET_EXCEEDED
 
 
@@ -145,3 +146,32 @@ def test_evaluate_reports_personalised_and_global_accuracy(tmp_path):
     assert report.epsilon > 0 and report.num_examples > 0
     assert not reply.content.array_records  # evaluation sends no arrays back
     assert split_state_dict(model_for(SMALL), {Role.LOCAL}).keys() == ClientStore(tmp_path).load_local().keys()
+
+
+def test_client_refuses_a_round_plan_whose_delta_is_not_below_one_over_n(tmp_path):
+    """Whatever the server plans: δ ≥ 1/n for the client's own train set is refused before
+    the ledger is touched."""
+    from fedmoe.data import load_client_data
+    from fedmoe.records import RoundPlan
+
+    n = len(load_client_data(SMALL, 0, 3).train)
+    for delta in (0.5, 1 / n):
+        plan = RoundPlan(1, 2.0, 0.25, 4, delta, "rdp")
+        reply = app(message(plan=plan), context(state_dir=str(tmp_path)))
+        assert reply.has_error() and reply.error.code == DELTA_TOO_LARGE
+        assert f"{n} training examples" in reply.error.reason
+        assert "partition-0" in reply.error.reason
+    assert not (tmp_path / LEDGER_FILE).exists()
+    ok = RoundPlan(1, 2.0, 0.25, 4, 0.99 / n, "rdp")
+    assert not app(message(plan=ok), context(state_dir=str(tmp_path))).has_error()
+
+
+def test_query_declares_the_largest_train_and_test_split_of_the_run(tmp_path):
+    from fedmoe.data import load_client_data
+
+    config = SMALL
+    ctx = context(state_dir=str(tmp_path))
+    reply = app(message(MessageType.QUERY, config=config), ctx)
+    info = ClientInfo.from_record(reply.content.config_records[CLIENT])
+    data = load_client_data(config, 0, 3)
+    assert (info.num_train, info.num_test) == (len(data.train), len(data.test))

@@ -6,6 +6,8 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.special import gammaln, logsumexp
 
 from fedmoe.privacy import (
@@ -239,3 +241,53 @@ def test_dp_optimizer_noise_has_planned_scale():
 def test_secret_generator_is_not_torch_default():
     a, b = secret_generator(), secret_generator()
     assert torch.rand(4, generator=a).tolist() != torch.rand(4, generator=b).tolist()
+
+
+# ----------------------------------------------------------------------------- δ rule
+def _oracle_delta(n: int) -> float:
+    """Largest power of ten ≤ 1/(10 n), exactly (fractions), then at most 1e-3."""
+    from fractions import Fraction
+
+    k = 1
+    while Fraction(1, 10**k) > Fraction(1, 10 * n):
+        k += 1
+    return min(1e-3, 10.0**-k)
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 10, 11, 99, 100, 101, 999, 1000, 1001, 9999, 10_000,
+                               10_001, 123_456, 10**6, 10**6 + 1])
+def test_default_delta_rule_against_an_exact_oracle(n):
+    from fedmoe.config import FedMoEConfig
+    from fedmoe.privacy import client_delta
+
+    delta = client_delta(FedMoEConfig(), n)
+    assert delta == _oracle_delta(n)
+    assert delta < 1 / n and delta <= 1e-3
+    assert delta <= 1 / (10 * n) or delta == 1e-3
+
+
+@given(st.integers(1, 10**9))
+@settings(max_examples=200, deadline=None)
+def test_default_delta_rule_property(n):
+    from fedmoe.config import FedMoEConfig
+    from fedmoe.privacy import client_delta
+
+    assert client_delta(FedMoEConfig(), n) == _oracle_delta(n)
+
+
+def test_one_example_client_gets_1e_3_not_0_1():
+    from fedmoe.config import FedMoEConfig
+    from fedmoe.privacy import client_delta
+
+    assert [client_delta(FedMoEConfig(), n) for n in (1, 5, 50, 100, 101, 1000)] == [
+        1e-3, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4]
+
+
+@pytest.mark.parametrize("delta,n", [(0.5, 480), (0.5, 957), (1 / 480, 480), (0.01, 100),
+                                     (2e-3, 500)])
+def test_plan_refuses_delta_not_below_one_over_n_naming_the_client(delta, n):
+    from fedmoe.config import FedMoEConfig
+    from fedmoe.privacy import PlanError, plan_client
+
+    with pytest.raises(PlanError, match=rf"client 'hospital-a': δ={delta:g} is not below 1/n"):
+        plan_client(FedMoEConfig(target_delta=delta), "hospital-a", num_train=n, budget=8.0)

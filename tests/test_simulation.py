@@ -39,6 +39,7 @@ def test_two_rounds_three_clients_end_to_end(tmp_path, capsys):
     # the server's ledger and every client's agree, and the privacy report lists each client
     privacy = {p["client"]: p for p in results["privacy"]["clients"]}
     assert sorted(privacy) == clients and results["privacy"]["stopped"] is None
+    assert results["excluded"] == []  # every client took part
     for pid in clients:
         assert privacy[pid]["rounds"] == 2 and privacy[pid]["rounds_allowed"] == 2
         assert privacy[pid]["epsilon"] == pytest.approx(by_round[1][pid]["epsilon"], rel=1e-9)

@@ -1,7 +1,6 @@
 """The FedMoE strategy: discovery and planning, budget-aware sampling, the server ledger,
 the clean stop, reply validation and aggregation — against real in-process ClientApps."""
 
-import sqlite3
 
 import numpy as np
 import pytest
@@ -9,7 +8,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDic
 
 from fedmoe.models import model_for
 from fedmoe.privacy import LEDGER_FILE, LedgerBook, LedgerEntry, LedgerError, epsilon
-from fedmoe.records import ARRAYS, BUDGET_EXCEEDED, METRICS, TrainReport, to_arrays
+from fedmoe.records import (
+    ARRAYS,
+    BUDGET_EXCEEDED,
+    METRICS,
+    EvalReport,
+    TrainReport,
+    to_arrays,
+)
 from fedmoe.roles import split_state_dict
 from server.strategy import FedMoE
 from tests.helpers import SMALL, LocalGrid
@@ -95,10 +101,7 @@ def test_refusal_is_a_failed_reply_and_the_client_gets_no_more_rounds(book, tmp_
         client_book.open("partition-1", budget=4.0, delta=1e-4, accountant="rdp")
     strategy = FedMoE(SMALL, book=book)
     strategy.discover(grid, grid.get_node_ids(), 1)
-    # the operator lowers the client's budget after the query
-    db = sqlite3.connect(tmp_path / "c1" / LEDGER_FILE)
-    db.execute("UPDATE ledger SET budget = 0.1")
-    db.commit()
+    # the operator lowers the client's budget after the query: the server does not know
     grid.contexts[11].node_config["epsilon-budget"] = 0.1
     _, (arrays, metrics) = train_round(strategy, grid, 1)
     record = strategy.history[-1]
@@ -183,3 +186,199 @@ def test_aggregate_is_weighted_mean_and_drops_bad_replies(book):
     reasons = " | ".join(strategy.history[-1].rejected)
     assert "extra ['moe.local_experts.0.fc1.bias']" in reasons
     assert "NaN" in reasons and "shape (3,)" in reasons and "finite number" in reasons
+
+
+# ------------------------------------------------------------------ replies: dtypes, counts
+def _first_round(book, clients=2):
+    grid = LocalGrid(clients)
+    strategy = FedMoE(SMALL, book=book)
+    arrays = initial()
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    return strategy, arrays, sent
+
+
+def _reply(sent, arrays, *, fill=1.0, dtype=np.float32, num_examples=10, steps=None):
+    client_steps = steps if steps is not None else int(sent.content["config"]["steps"])
+    report = TrainReport(num_examples=num_examples, epsilon=0.5, steps=client_steps)
+    record = ArrayRecord({k: Array(np.full(a.shape, fill, dtype=dtype))
+                          for k, a in arrays.items()})
+    return Message(RecordDict({ARRAYS: record, METRICS: report.to_record()}), reply_to=sent)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.float64, np.float16, np.int32, np.uint8])
+def test_reply_arrays_of_another_dtype_are_dropped_and_float32_stays_float32(book, dtype):
+    strategy, arrays, sent = _first_round(book)
+    good = _reply(sent[0], arrays, fill=1.0)
+    bad = [_reply(sent[1], arrays, fill=3.0, dtype=dtype), _reply(sent[1], arrays, fill=5.0,
+                                                                 dtype=dtype)]
+    aggregated, _ = strategy.aggregate_train(1, [good, *bad])
+    assert all(a.dtype == "float32" for a in aggregated.values())
+    assert all(np.all(a.numpy() == 1.0) for a in aggregated.values())
+    reasons = strategy.history[-1].rejected
+    assert len(reasons) == 2 and all(f"dtype {np.dtype(dtype).name}" in r for r in reasons)
+
+
+@pytest.mark.parametrize("claim", [10**12, "declared+1"])
+def test_num_examples_above_the_declared_train_size_is_refused(book, claim):
+    strategy, arrays, sent = _first_round(book)
+    node = sent[1].metadata.dst_node_id
+    declared = strategy.declared[strategy.clients[node]].num_train
+    claimed = declared + 1 if claim == "declared+1" else claim
+    honest = _reply(sent[0], arrays, fill=1.0, num_examples=10)
+    inflated = _reply(sent[1], arrays, fill=100.0, num_examples=claimed)
+    at_limit = _reply(sent[1], arrays, fill=2.0, num_examples=declared)
+    aggregated, _ = strategy.aggregate_train(1, [honest, inflated, at_limit])
+    weight = declared / (10 + declared)  # only the honest and the at-limit reply count
+    for value in aggregated.values():
+        np.testing.assert_allclose(value.numpy(), 1.0 * (1 - weight) + 2.0 * weight, rtol=1e-6)
+    [reason] = strategy.history[-1].rejected
+    assert f"num-examples={claimed}" in reason and f"[1, {declared}]" in reason
+
+
+def test_steps_other_than_planned_are_refused(book):
+    strategy, arrays, sent = _first_round(book)
+    planned = int(sent[0].content["config"]["steps"])
+    aggregated, _ = strategy.aggregate_train(1, [_reply(sent[0], arrays, steps=planned + 1)])
+    assert aggregated is None
+    assert f"the round planned {planned}" in strategy.history[-1].rejected[0]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_examples", "declared+1", "test set size it declared"),
+    ("num_examples", 10**12, "test set size it declared"),
+    ("personalized_accuracy", 1.5, r"outside \[0, 1\]"),
+    ("global_accuracy", -0.1, r"outside \[0, 1\]"),
+    ("global_loss", -1.0, "negative"),
+])
+def test_evaluate_counts_and_ranges_are_checked(book, field, value, match, caplog):
+    strategy, arrays, sent = _first_round(book)
+    messages = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), LocalGrid(2)))
+    replies = LocalGrid(2).send_and_receive(messages)
+    node = replies[0].metadata.src_node_id
+    declared = strategy.declared[strategy.clients[node]].num_test
+    record = replies[0].content.metric_records[METRICS]
+    good = EvalReport.from_record(record)
+    assert 0 < good.num_examples <= declared
+    record[field.replace("_", "-")] = declared + 1 if value == "declared+1" else value
+    metrics = strategy.aggregate_evaluate(1, replies)
+    evaluated = strategy.history[-1].evaluate
+    assert strategy.clients[node] not in evaluated and len(evaluated) == 1
+    assert metrics is not None
+    import re
+    assert any(re.search(match, r.message) for r in caplog.records)
+
+
+# ------------------------------------------------------------------ δ
+def test_delta_not_below_one_over_n_excludes_the_client_before_any_charge(book):
+    grid = LocalGrid(2)
+    n = {}
+    strategy = FedMoE(SMALL.replace(target_delta=0.5), book=book)
+    strategy.start(grid, initial(), num_rounds=2)
+    for node, client in strategy.clients.items():
+        n[client] = strategy.declared[client].num_train
+        assert client in strategy.excluded and "δ=0.5 is not below 1/n" in strategy.excluded[client]
+        assert f"{n[client]} training examples" in strategy.excluded[client]
+    assert strategy.plans == {} and book.clients() == []  # nothing planned, nothing charged
+    assert "every client is excluded before round 1" in strategy.stop_reason
+    assert not [m for m in grid.sent if m.metadata.message_type == "train"]
+    from fedmoe.reporting import build_results, privacy_rows
+
+    results = build_results(strategy.config, strategy.history, 1.0,
+                            privacy=privacy_rows(book, strategy.plans),
+                            excluded=strategy.all_excluded())
+    listed = {e["client"]: e["reason"] for e in results["excluded"]}
+    assert listed == strategy.excluded and len(listed) == 2
+
+
+def test_delta_check_is_per_client_and_exact_at_one_over_n(book):
+    """δ = 1/n of the median client: it (δ = 1/n exactly) and every larger client are
+    excluded, every smaller one is planned."""
+    from fedmoe.data import load_client_data
+
+    sizes = {f"partition-{i}": len(load_client_data(SMALL, i, 12).train) for i in range(12)}
+    median = sorted(sizes.values())[6]
+    grid = LocalGrid(12)
+    strategy = FedMoE(SMALL.replace(target_delta=1 / median, min_available_clients=1),
+                      book=book)
+    strategy.discover(grid, grid.get_node_ids(), 1)
+    assert {c: i.num_train for c, i in strategy.declared.items()} == sizes
+    assert set(strategy.plans) == {c for c, n in sizes.items() if n < median}
+    assert set(strategy.excluded) == {c for c, n in sizes.items() if n >= median}
+
+
+# ------------------------------------------------------------------ ε from the server's ledger
+def test_every_epsilon_reported_is_the_server_ledgers(book):
+    grid = LocalGrid(2)
+    strategy = FedMoE(SMALL, book=book)
+    strategy.start(grid, initial(), num_rounds=2)
+    for rec in strategy.history:
+        ledger = {c: book.trajectory(c)[rec.server_round - 1][1] for c in strategy.plans}
+        assert rec.epsilon == pytest.approx(ledger, rel=1e-12)
+
+
+def test_reports_show_the_ledgers_epsilon_when_clients_report_less(book):
+    """Clients with a fresh state each round (as in a reused run folder) report ε of one
+    round; every report shows the server's composed ε and the client's beside it."""
+    from fedmoe.reporting import build_results, privacy_rows
+    from simulations.runner import ProgressListener, client_table
+
+    grid = LocalGrid(2)
+    strategy = FedMoE(SMALL, book=book)
+    for r in (1, 2):
+        for ctx in grid.contexts.values():  # forget the clients' own ledgers
+            ctx.node_config["state-dir"] = str(book.path.parent / f"fresh-{r}-{ctx.node_id}")
+        train_round(strategy, grid, r)
+        strategy._evaluate(r, initial(), grid, 60)
+    last = strategy.history[-1]
+    server = {c: book.get(c).spent() for c in strategy.plans}
+    assert last.epsilon == pytest.approx(server)
+    results = build_results(SMALL, strategy.history, 1.0,
+                            privacy=privacy_rows(book, strategy.plans),
+                            excluded=strategy.all_excluded())
+    for row in results["rounds"][-1]["clients"]:
+        assert row["epsilon"] == pytest.approx(server[row["client"]])
+        assert row["client_epsilon"] < row["epsilon"]
+    assert results["final"]["epsilon_max"] == pytest.approx(max(server.values()))
+    assert results["rounds"][-1]["epsilon_max"] == pytest.approx(max(server.values()))
+
+    from io import StringIO
+
+    from rich.console import Console
+    console = Console(file=StringIO(), width=200)
+    listener = ProgressListener(console)
+    listener.started(SMALL, book.path.parent)
+    listener.round_finished(last)
+    status = listener.progress.tasks[0].fields["status"]
+    listener.progress.stop()
+    reported = max(e.epsilon for e in last.evaluate.values())
+    assert f"ε max {max(server.values()):.2f} (clients report {reported:.2f})" in status
+    console.print(client_table(results))
+    table = console.file.getvalue()
+    for row in results["final"]["clients"]:
+        assert f"{row['epsilon']:.3f} (client {row['client_epsilon']:.3f})" in table
+
+
+def test_prv_settings_it_cannot_price_exclude_clients_and_the_server_stays_up(book):
+    config = SMALL.replace(accountant="prv", noise_multiplier=0.05, sample_rate=0.1)
+    grid = LocalGrid(2)
+    strategy = FedMoE(config, book=book)
+    strategy.start(grid, initial(config), num_rounds=2)
+    assert set(strategy.excluded) == {"partition-0", "partition-1"}
+    for reason in strategy.excluded.values():
+        assert "PRV accountant would need a grid" in reason and "accountant='rdp'" in reason
+    assert "every client is excluded" in strategy.stop_reason
+    assert not [m for m in grid.sent if m.metadata.message_type == "train"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num-train", 0), ("num-test", -1), ("epsilon-budget", float("inf")),
+    ("epsilon-budget", -1.0), ("ledger-delta", 1.5), ("ledger-delta", -1e-4),
+    ("ledger-accountant", "gdp"),
+])
+def test_query_reply_numbers_out_of_range_are_refused(field, value):
+    from fedmoe.records import ClientInfo, ReplyError
+
+    record = ClientInfo("c", 100, 0.0, num_test=20).to_record()
+    record[field] = value
+    with pytest.raises(ReplyError, match="out of range"):
+        ClientInfo.from_record(record)

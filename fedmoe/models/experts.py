@@ -200,7 +200,10 @@ def grouped_linear_norm_sample(layer: GroupedLinear, activations, backprops):
             bias_sq[cells] = gs.sum(dim=1).pow(2).sum(-1)
     weight_sq = weight_sq.view(layer.num_experts, batch).sum(0).clamp(min=0)
     bias_sq = bias_sq.view(layer.num_experts, batch).sum(0).clamp(min=0)
-    return {layer.weight: weight_sq.sqrt(), layer.bias: bias_sq.sqrt()}
+    # frozen tensors are not clipped: like Opacus' own samplers, give norms only for
+    # trainable ones (a norm for a frozen tensor would over-clip in book-keeping)
+    return {p: sq.sqrt() for p, sq in ((layer.weight, weight_sq), (layer.bias, bias_sq))
+            if p.requires_grad}
 
 
 class SparseExperts(nn.Module):

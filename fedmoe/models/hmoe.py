@@ -45,7 +45,11 @@ class HMoEConfig:
             raise ValueError(f"HMoEConfig: group_top_k exceeds the {groups} groups")
         if self.top_k > self.experts_per_group or (
                 self.num_local_experts and self.top_k > self.num_local_experts):
-            raise ValueError("HMoEConfig: top_k exceeds the experts of a group")
+            raise ValueError(
+                f"HMoEConfig: top_k={self.top_k} exceeds the experts of a group: "
+                f"{self.experts_per_group} per shared group"
+                + (f", {self.num_local_experts} in the local group" if self.num_local_experts
+                   else ""))
 
 
 class HierarchicalMoEClassifier(ResidualMoEClassifier):

@@ -52,7 +52,10 @@ class MoEConfig:
                               "num_shared_experts", "top_k"),
                        ("num_local_experts", "balance_coef", "z_loss_coef"))
         if self.top_k > self.num_shared_experts + self.num_local_experts:
-            raise ValueError("MoEConfig: top_k exceeds the number of experts")
+            raise ValueError(
+                f"MoEConfig: top_k={self.top_k} exceeds the number of experts, "
+                f"{self.num_shared_experts + self.num_local_experts} ({self.num_shared_experts} "
+                f"shared + {self.num_local_experts} local)")
 
 
 class ResidualMoEClassifier(nn.Module):

@@ -51,7 +51,10 @@ class MTMoEConfig:
         if not self.tasks or any(c < 2 for _, c in self.tasks):
             raise ValueError("MTMoEConfig: tasks must be non-empty, each with >= 2 classes")
         if self.top_k > self.num_shared_experts + self.num_local_experts:
-            raise ValueError("MTMoEConfig: top_k exceeds the number of experts")
+            raise ValueError(
+                f"MTMoEConfig: top_k={self.top_k} exceeds the number of experts, "
+                f"{self.num_shared_experts + self.num_local_experts} ({self.num_shared_experts} "
+                f"shared + {self.num_local_experts} local)")
 
 
 class MultiTaskMoE(nn.Module):

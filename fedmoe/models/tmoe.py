@@ -55,8 +55,10 @@ class TMoEConfig:
             raise ValueError(f"TMoEConfig: hidden_dim={self.hidden_dim} must be divisible by "
                              f"num_heads={self.num_heads}")
         if self.top_k > self.num_shared_experts + self.num_local_experts:
-            raise ValueError("TMoEConfig: top_k exceeds the number of routed experts "
-                             "(num_shared_experts + num_local_experts)")
+            raise ValueError(
+                f"TMoEConfig: top_k={self.top_k} exceeds the number of routed experts, "
+                f"{self.num_shared_experts + self.num_local_experts} ({self.num_shared_experts} "
+                f"shared + {self.num_local_experts} local)")
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"TMoEConfig: dispatch must be one of {DISPATCHES}, got "
                              f"{self.dispatch!r}")

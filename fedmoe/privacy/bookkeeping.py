@@ -139,7 +139,8 @@ def _norm_sq(module, inputs, g, batch: int):
             raise ValueError(f"book-keeping: the norm sampler of {type(module).__name__} gave "
                              "no norm for a trainable parameter (unsupported input shape?); "
                              "use grad-sample-mode 'hooks'")
-        return sum(n.reshape(batch) ** 2 for n in norms.values()), None
+        # a frozen tensor is not clipped, noised or updated: its norm must not count
+        return sum(n.reshape(batch) ** 2 for p, n in norms.items() if p.requires_grad), None
     sampler = GradSampleModule.GRAD_SAMPLERS[type(module)]
     grads = {p: gs for p, gs in sampler(module, list(inputs), g).items() if p.requires_grad}
     return sum(gs.reshape(batch, -1).pow(2).sum(-1) for gs in grads.values()), grads
@@ -158,6 +159,9 @@ def _linear_sum(module: nn.Linear, inputs, g, factors: torch.Tensor, sums: dict)
 def _grouped_linear_sum(module: GroupedLinear, inputs, g, factors: torch.Tensor,
                         sums: dict) -> None:
     x, experts, samples, _ = inputs
+    train_weight, train_bias = module.weight.requires_grad, module.bias.requires_grad
+    if not (train_weight or train_bias):
+        return
     x, row = x.to(g.dtype), factors[samples]
     scale_x = module.in_features <= module.out_features  # scale the narrower side
     if scale_x:
@@ -165,11 +169,12 @@ def _grouped_linear_sum(module: GroupedLinear, inputs, g, factors: torch.Tensor,
     else:
         g = g * row.unsqueeze(-1)
     counts = torch.bincount(experts, minlength=module.num_experts).tolist()
-    weight, bias = sums[module.weight], sums[module.bias]
     for e, (xc, gc, rc) in enumerate(zip(torch.split(x, counts), torch.split(g, counts),
                                          torch.split(row, counts), strict=True)):
-        weight[e].addmm_(xc.T, gc)
-        bias[e].add_(gc.T @ rc if scale_x else gc.sum(0))
+        if train_weight:
+            sums[module.weight][e].addmm_(xc.T, gc)
+        if train_bias:
+            sums[module.bias][e].add_(gc.T @ rc if scale_x else gc.sum(0))
 
 
 def _embedding_sum(module: nn.Embedding, inputs, g, factors: torch.Tensor,
@@ -183,7 +188,8 @@ def _embedding_sum(module: nn.Embedding, inputs, g, factors: torch.Tensor,
 
 
 #: ``rule(module, inputs, output_grads, factors, sums)`` adds ``Σ_b factor_b · (per-sample
-#: gradient of sample b)`` of each of the module's parameters to ``sums``, without forming
-#: per-sample gradients. Each type here also has a registered ghost-norm sampler.
+#: gradient of sample b)`` of each of the module's *trainable* parameters to ``sums``,
+#: without forming per-sample gradients (a frozen tensor has no entry in ``sums`` and is
+#: skipped). Each type here also has a registered ghost-norm sampler.
 _CLIPPED_SUMS = {nn.Linear: _linear_sum, GroupedLinear: _grouped_linear_sum,
                  nn.Embedding: _embedding_sum}

@@ -13,34 +13,53 @@ a crash may over-count its spend, never under-count it.
 
 A ledger re-opened with another δ or accountant is a :class:`LedgerError`: ε from two
 accountings cannot be mixed silently.
+
+The file is tamper-evident: every write extends a hash chain whose length and head are
+stored with it, and a book whose rows do not replay to that head is refused (see
+:class:`LedgerBook`): no removal or edit of rows, and no truncation of the file, can lower
+the spend it reports. Readers that must not write (``fedmoe budget``, a client's query and
+evaluate handlers) open it read-only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import re
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmoe.privacy.accountant import Segment, epsilon
+from fedmoe.privacy.accountant import AccountingError, Segment, epsilon
 
-#: ``PRAGMA user_version`` of the schema below; bump it with a migration when it changes.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` of the schema below. Version 2 added the hash chain (``link``
+#: columns, the ``head`` and ``budget`` tables); a version-1 ledger cannot be verified and
+#: is refused (see :class:`LedgerBook`).
+SCHEMA_VERSION = 2
 #: The ledger's file name, in a run folder (server) and in a client's state directory.
 LEDGER_FILE = "ledger.sqlite"
 # Calibration stops when ε is within its tolerance *below* the target; this slack only
 # absorbs float noise when the same history is re-evaluated.
 _SLACK = 1e-9
+#: The chain's hash before any event.
+GENESIS = hashlib.sha256(b"fedmoe privacy ledger v2").hexdigest()
 
 _SCHEMA = """
 CREATE TABLE ledger (
     client     TEXT PRIMARY KEY,
-    budget     REAL NOT NULL,
     delta      REAL NOT NULL,
-    accountant TEXT NOT NULL
+    accountant TEXT NOT NULL,
+    link       INTEGER NOT NULL UNIQUE  -- position of this event in the hash chain
+);
+CREATE TABLE budget (
+    link   INTEGER PRIMARY KEY,
+    client TEXT NOT NULL REFERENCES ledger (client),
+    budget REAL NOT NULL  -- the client's budget from this event on (latest wins)
 );
 CREATE TABLE charge (
     client           TEXT NOT NULL REFERENCES ledger (client),
@@ -50,7 +69,13 @@ CREATE TABLE charge (
     sample_rate      REAL NOT NULL,
     steps            INTEGER NOT NULL,
     epsilon          REAL NOT NULL,  -- ε after this charge, as the accountant computed it
+    link             INTEGER NOT NULL UNIQUE,
     PRIMARY KEY (client, seq)
+);
+CREATE TABLE head (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    count INTEGER NOT NULL,  -- events in the chain
+    hash  TEXT NOT NULL      -- sha256 chained over every event, in link order
 );
 """
 
@@ -132,7 +157,10 @@ class PrivacyLedger:
         return epsilon([*self.history, entry.segment], self.delta, self.accountant)
 
     def can_afford(self, entry: LedgerEntry) -> bool:
-        return self.epsilon_after(entry) <= self.budget + _SLACK
+        try:
+            return self.epsilon_after(entry) <= self.budget + _SLACK
+        except AccountingError:  # an ε that cannot be computed is never affordable
+            return False
 
     def charge(self, entry: LedgerEntry) -> float:
         """Append ``entry`` if it fits the budget and return ε after it.
@@ -140,9 +168,14 @@ class PrivacyLedger:
         Raises
         ------
         BudgetExceededError
-            With the ε it would reach; the ledger is unchanged.
+            With the ε it would reach, or why the accountant cannot price it; the ledger
+            is unchanged.
         """
-        after = self.epsilon_after(entry)
+        try:
+            after = self.epsilon_after(entry)
+        except AccountingError as err:
+            raise BudgetExceededError(f"round {entry.server_round} cannot be accounted: "
+                                      f"{err}") from err
         if after > self.budget + _SLACK:
             raise BudgetExceededError(
                 f"round {entry.server_round} would raise ε from {self.spent():.3f} to "
@@ -165,46 +198,67 @@ class PrivacyLedger:
 
 
 class LedgerBook:
-    """Durable privacy ledgers by client id, in one SQLite file.
+    """Durable privacy ledgers by client id, in one tamper-evident SQLite file.
+
+    Every write — a ledger created (client, δ, accountant), a budget set, a round charged —
+    is an *event* with a global position (``link``) in a hash chain: ``head = sha256(head
+    ‖ event)``, and the chain's length and head are stored with it in the same transaction.
+    Opening a book replays the chain from the rows and refuses the file unless it
+    reproduces the stored head over exactly ``count`` events: a removed, edited or
+    re-ordered row (of any client, first, middle or last), a client whose rows are all
+    gone, a file truncated or emptied, each is a :class:`LedgerError` naming the file —
+    none can lower the spend the book reports. (The chain has no secret: it detects damage
+    and hand edits, not a forger who re-runs fedmoe's own hashing.) Within one open book,
+    each write first checks that the head and the number of events are the ones it last
+    saw, and replays the chain again if another process wrote in between.
+
+    Only a *missing* file is created, and atomically (the schema is written to a temporary
+    file that is then linked into place), so a crash never leaves a half-made ledger; a
+    file that exists but is not a complete version-2 ledger is refused and kept as it is.
 
     Parameters
     ----------
     path : str or Path
-        The SQLite file; created (with its folder) if missing.
+        The SQLite file; created (with its folder) if missing, unless ``read_only``.
+    read_only : bool, keyword-only (default: False)
+        Open with SQLite's ``mode=ro``: nothing is ever written, nothing created.
 
     Raises
     ------
     LedgerError
-        If the file is not a fedmoe ledger of this schema version (the file is left as is).
+        If the file is not a complete, intact fedmoe ledger of this schema version (it is
+        left as is), or if ``read_only`` and it does not exist.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not self.path.exists():
+            if read_only:
+                raise LedgerError(f"{self.path}: no privacy ledger here")
+            _create(self.path)
         try:
-            # Autocommit mode: transactions are opened explicitly, BEGIN IMMEDIATE, so two
-            # processes charging the same book serialise instead of both reading old state.
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            self._db.execute("PRAGMA synchronous = FULL")
-            with self._transaction():
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0 and not self._tables():
-                    # statement by statement: executescript() would commit mid-transaction
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"{self.path}: ledger schema version {version} is not supported "
-                        f"(expected {SCHEMA_VERSION}); do not edit ledgers by hand"
-                    )
+            if read_only:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
+            else:
+                # Autocommit mode: transactions are opened explicitly, BEGIN IMMEDIATE, so
+                # two processes charging the same book serialise instead of both reading
+                # old state.
+                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+                self._db.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as err:
-            raise LedgerError(
-                f"{self.path}: not a readable fedmoe privacy ledger ({err}). Training is "
-                "refused until it is restored from a backup; deleting it would reset the "
-                "recorded privacy spend"
-            ) from err
+            raise self._unreadable(err) from err
+        try:
+            with self._transaction(write=False):
+                self._check_schema()
+                self._head = self._verify()
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise self._unreadable(err) from err
+        except LedgerError:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -249,15 +303,13 @@ class LedgerBook:
         Raises
         ------
         LedgerError
-            If the ledger exists with another δ or accountant.
+            If the ledger exists with another δ or accountant, or the book is read-only.
         """
         with self._transaction():
             ledger = self._read(client)
             if ledger is None:
-                self._db.execute(
-                    "INSERT INTO ledger (client, budget, delta, accountant) VALUES (?, ?, ?, ?)",
-                    (client, budget, delta, accountant),
-                )
+                self._append("ledger", (client, delta, accountant))
+                self._append("budget", (client, budget))
                 return PrivacyLedger(budget=budget, delta=delta, accountant=accountant)
             if ledger.delta != delta or ledger.accountant != accountant:
                 raise LedgerError(
@@ -268,7 +320,7 @@ class LedgerBook:
                     "only if its data is new"
                 )
             if ledger.budget != budget:
-                self._db.execute("UPDATE ledger SET budget = ? WHERE client = ?", (budget, client))
+                self._append("budget", (client, budget))
                 ledger.budget = budget
             return ledger
 
@@ -280,46 +332,134 @@ class LedgerBook:
         BudgetExceededError
             If it would exceed the budget (nothing is written).
         LedgerError
-            If the client has no ledger (call :meth:`open` first) or it is unreadable.
+            If the client has no ledger (call :meth:`open` first), it is unreadable or
+            damaged, or the book is read-only.
         """
         with self._transaction():
             ledger = self._read(client)
             if ledger is None:
                 raise LedgerError(f"{self.path}: no ledger for client {client!r}; open it first")
             after = ledger.charge(entry)
-            self._db.execute(
-                "INSERT INTO charge (client, seq, server_round, noise_multiplier, sample_rate, "
-                "steps, epsilon) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (client, len(ledger.entries), entry.server_round, entry.noise_multiplier,
-                 entry.sample_rate, entry.steps, after),
-            )
+            self._append("charge", (client, len(ledger.entries), entry.server_round,
+                                    entry.noise_multiplier, entry.sample_rate, entry.steps,
+                                    after))
         return after
 
     # ------------------------------------------------------------------ internals
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _transaction(self, write: bool = True) -> Iterator[None]:
+        if write and self.read_only:
+            raise LedgerError(f"{self.path}: opened read-only; nothing may be written")
+        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        head = getattr(self, "_head", None)
         try:
+            if write:
+                self._check_head()
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if head is not None:
+                self._head = head  # what was appended is gone again
             raise
-        self._db.execute("COMMIT")
 
-    def _tables(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    def _check_schema(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+        if version == 1:
+            raise LedgerError(
+                f"{self.path}: a version-1 fedmoe ledger (before tamper-evident ledgers); it "
+                "cannot be verified, so it is not migrated. Keep it as the record of that "
+                "spend: continue this client with the fedmoe release that wrote it, or give "
+                "it a new state-dir only if its data is new")
+        if version != SCHEMA_VERSION or not {"ledger", "budget", "charge", "head"} <= tables:
+            raise LedgerError(
+                f"{self.path}: not a complete fedmoe privacy ledger (schema version {version},"
+                f" tables {sorted(tables)}; expected version {SCHEMA_VERSION}). It was "
+                "emptied, truncated or replaced: training is refused until it is restored "
+                "from a backup; deleting it would reset the recorded privacy spend")
+
+    def _events(self) -> list[tuple[int, str, tuple]]:
+        """Every event, ``(link, kind, fields)``, in link order."""
+        events = [(int(r[3]), "ledger", (r[0], float(r[1]), r[2])) for r in self._db.execute(
+            "SELECT client, delta, accountant, link FROM ledger")]
+        events += [(int(r[0]), "budget", (r[1], float(r[2]))) for r in self._db.execute(
+            "SELECT link, client, budget FROM budget")]
+        events += [(int(r[7]), "charge", (r[0], int(r[1]), int(r[2]), float(r[3]),
+                                          float(r[4]), int(r[5]), float(r[6])))
+                   for r in self._db.execute(
+                       "SELECT client, seq, server_round, noise_multiplier, sample_rate, "
+                       "steps, epsilon, link FROM charge")]
+        return sorted(events, key=lambda e: e[0])
+
+    def _stored_head(self) -> tuple[int, str]:
+        row = self._db.execute("SELECT count, hash FROM head WHERE id = 0").fetchone()
+        if row is None:
+            raise self._damaged("its chain head is missing")
+        return int(row[0]), str(row[1])
+
+    def _verify(self) -> tuple[int, str]:
+        """Replay the chain from the rows; return the head if it is the stored one."""
+        count, stored = self._stored_head()
+        events = self._events()
+        if [link for link, _, _ in events] != list(range(1, len(events) + 1)):
+            raise self._damaged("its events are not one unbroken chain: rows were removed "
+                                "or renumbered")
+        head = GENESIS
+        for _, kind, values in events:
+            head = _link(head, kind, values)
+        if len(events) != count or head != stored:
+            raise self._damaged(f"its {len(events)} events do not reproduce the stored chain "
+                                f"head ({count} events): rows were removed, edited or "
+                                "re-ordered")
+        return count, head
+
+    def _check_head(self) -> None:
+        """Before a write: the head is the one this book last saw, else replay the chain."""
+        if self._stored_head() != self._head or self._count() != self._head[0]:
+            self._head = self._verify()
+
+    def _count(self) -> int:
+        return sum(self._db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                   for t in ("ledger", "budget", "charge"))
+
+    def _append(self, kind: str, values: tuple) -> None:
+        """Write one event and advance the head (inside the caller's transaction)."""
+        count, head = self._head
+        link = count + 1
+        if kind == "ledger":
+            self._db.execute("INSERT INTO ledger (client, delta, accountant, link) "
+                             "VALUES (?, ?, ?, ?)", (*values, link))
+        elif kind == "budget":
+            self._db.execute("INSERT INTO budget (link, client, budget) VALUES (?, ?, ?)",
+                             (link, *values))
+        else:
+            self._db.execute("INSERT INTO charge (client, seq, server_round, noise_multiplier, "
+                             "sample_rate, steps, epsilon, link) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (*values, link))
+        new = (link, _link(head, kind, values))
+        self._db.execute("UPDATE head SET count = ?, hash = ? WHERE id = 0", new)
+        self._head = new
 
     def _read(self, client: str) -> PrivacyLedger | None:
         row = self._db.execute(
-            "SELECT budget, delta, accountant FROM ledger WHERE client = ?", (client,)
+            "SELECT delta, accountant FROM ledger WHERE client = ?", (client,)
         ).fetchone()
         if row is None:
             return None
+        budget = self._db.execute(
+            "SELECT budget FROM budget WHERE client = ? ORDER BY link DESC LIMIT 1", (client,)
+        ).fetchone()
+        if budget is None:
+            raise self._tampered(client, "its budget is missing")
         rows = list(self._db.execute(
             "SELECT seq, server_round, noise_multiplier, sample_rate, steps, epsilon FROM charge "
             "WHERE client = ? ORDER BY seq", (client,)
         ))
-        ledger = PrivacyLedger(budget=float(row[0]), delta=float(row[1]), accountant=str(row[2]))
+        ledger = PrivacyLedger(budget=float(budget[0]), delta=float(row[0]),
+                               accountant=str(row[1]))
         if [r[0] for r in rows] != list(range(1, len(rows) + 1)):
             raise self._tampered(client, "charges are missing or out of order")
         ledger.entries = [LedgerEntry(int(r[1]), float(r[2]), float(r[3]), int(r[4])) for r in rows]
@@ -331,8 +471,58 @@ class LedgerBook:
                 )
         return ledger
 
+    def _unreadable(self, err: Exception) -> LedgerError:
+        return LedgerError(
+            f"{self.path}: not a readable fedmoe privacy ledger ({err}). Training is refused "
+            "until it is restored from a backup; deleting it would reset the recorded "
+            "privacy spend")
+
+    def _damaged(self, why: str) -> LedgerError:
+        return LedgerError(
+            f"{self.path}: the privacy ledger is damaged ({why}). Training is refused until "
+            "it is restored from a backup; deleting it would reset the recorded privacy spend")
+
     def _tampered(self, client: str, why: str) -> LedgerError:
         return LedgerError(
             f"{self.path}: the ledger of {client!r} is inconsistent ({why}): it was edited or "
             "damaged. Training is refused until it is restored from a backup"
         )
+
+
+def _link(head: str, kind: str, values: tuple) -> str:
+    """The chain's next head: sha256 of the previous head and the event, floats exact."""
+    fields = [v.hex() if isinstance(v, float) else v for v in values]
+    return hashlib.sha256(json.dumps([head, kind, fields]).encode()).hexdigest()
+
+
+def _create(path: Path) -> None:
+    """Create an empty version-2 ledger at ``path`` atomically; if another process created
+    one first, keep theirs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("BEGIN")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO head (id, count, hash) VALUES (0, 0, ?)", (GENESIS,))
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if the path exists: never replaces a ledger
+        except FileExistsError:
+            pass
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.unlink(tmp)

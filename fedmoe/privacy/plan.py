@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedmoe.config import FedMoEConfig
-from fedmoe.privacy.accountant import Segment, calibrate_noise, epsilon, steps_per_epoch
+from fedmoe.privacy.accountant import (
+    AccountingError,
+    Segment,
+    calibrate_noise,
+    epsilon,
+    steps_per_epoch,
+)
 from fedmoe.privacy.ledger import LedgerEntry
 
 #: "Rounds the budget allows" is searched up to this many times the planned rounds (the
@@ -21,12 +27,46 @@ from fedmoe.privacy.ledger import LedgerEntry
 ROUNDS_ALLOWED_CAP = 10
 
 
+#: The most δ the default rule ever gives (clients of ≤ 100 examples get exactly this).
+MAX_DEFAULT_DELTA = 1e-3
+
+
+class PlanError(ValueError):
+    """A client cannot be planned with these settings (the server excludes it and says why)."""
+
+
 def client_delta(config: FedMoEConfig, num_train: int) -> float:
     """δ for a client with ``num_train`` examples: ``target-delta``, or if that is 0 the
-    largest power of ten ≤ 1/(10·n) (so δ < 1/n with a margin, and readable)."""
+    largest power of ten ≤ 1/(10·n), capped at :data:`MAX_DEFAULT_DELTA` (1e-3).
+
+    δ < 1/n is necessary, not sufficient: the mechanism that publishes each record with
+    probability δ is (0, δ)-DP, so δ must be small in absolute terms too (Dwork & Roth,
+    *The Algorithmic Foundations of Differential Privacy*, 2014, §2.3: δ "less than the
+    inverse of any polynomial in the size of the database"; Ponomareva et al., *How to
+    DP-fy ML*, JAIR 2023: δ ≪ 1/n). The power of ten keeps δ < 1/(10·n) with a margin and
+    readable; the cap keeps a small client's δ at most 1/1000 (a 1-example client gets
+    1e-3, not 0.1). Computed in integers: exact at every power of ten.
+    """
     if config.target_delta > 0:
         return config.target_delta
-    return 10.0 ** math.floor(math.log10(1.0 / (10.0 * max(num_train, 1))))
+    digits = 0  # the smallest j with 10**j ≥ n, so 10**-(j+1) ≤ 1/(10·n) < 10**-j
+    while 10 ** digits < max(num_train, 1):
+        digits += 1
+    return min(MAX_DEFAULT_DELTA, 10.0 ** -(digits + 1))
+
+
+def delta_error(delta: float, num_train: int, client: str) -> str:
+    """Why δ ≥ 1/n protects nobody, and what to do (for refusals on both sides)."""
+    return (f"client {client!r}: δ={delta:g} is not below 1/n = {1.0 / num_train:.3g} for its "
+            f"{num_train} training examples: a mechanism that publishes a random record "
+            "outright meets such a δ. Lower target-delta (or set it to 0 for the automatic "
+            "rule)")
+
+
+def check_delta(delta: float, num_train: int, client: str) -> None:
+    """Raise :class:`PlanError` unless 0 < δ < 1/n."""
+    if not 0 < delta < 1.0 / max(num_train, 1):
+        raise PlanError(delta_error(delta, num_train, client))
 
 
 def client_sample_rate(config: FedMoEConfig, num_train: int) -> float:
@@ -56,7 +96,19 @@ class ClientPlan:
     rounds_allowed: int
     prior: tuple[Segment, ...] = ()
 
+    @property
+    def private(self) -> bool:
+        """False for a non-private plan (budget ε=∞: σ=0, no clipping, no ledger charge)."""
+        return self.noise_multiplier > 0
+
     def entry(self, server_round: int) -> LedgerEntry:
+        """The round's ledger entry (only a private plan has one).
+
+        Raises
+        ------
+        LedgerError
+            For a non-private plan.
+        """
         return LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
     def to_dict(self) -> dict:
@@ -86,15 +138,32 @@ def plan_client(
     """Plan ``client``: calibrate σ (unless ``noise-multiplier`` is set) for all planned rounds.
 
     ``delta`` overrides :func:`client_delta` (a client whose ledger already has a δ keeps it).
+    A budget of ε=∞ gives a non-private plan: σ=0 and δ=0 (plain SGD on the same Poisson
+    batches, nothing charged), every planned round allowed.
+
+    Raises
+    ------
+    PlanError
+        If δ is not below 1/``num_train`` (:func:`check_delta`), or the accountant cannot
+        price even one round of the plan (PRV: :func:`~fedmoe.privacy.accountant.check_prv`).
     """
-    delta = client_delta(config, num_train) if delta is None else delta
     q = client_sample_rate(config, num_train)
     steps = config.local_epochs * steps_per_epoch(q)
+    if math.isinf(budget):
+        return ClientPlan(client, num_train, math.inf, 0.0, config.accountant, q, steps, 0.0,
+                          config.num_server_rounds, tuple(prior))
+    delta = client_delta(config, num_train) if delta is None else delta
+    check_delta(delta, num_train, client)
     prior = tuple((float(s), float(r), int(n)) for s, r, n in prior)
     sigma = config.noise_multiplier
-    if sigma == 0:
-        sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
-                           config.accountant, prior)
+    try:
+        if sigma == 0:
+            sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
+                               config.accountant, prior)
+        if not math.isinf(sigma):
+            epsilon([*prior, (sigma, q, steps)], delta, config.accountant)
+    except AccountingError as err:
+        raise PlanError(f"client {client!r}: {err}") from err
     allowed = 0 if math.isinf(sigma) else rounds_allowed(
         budget, delta, config.accountant, (sigma, q, steps), prior,
         start=config.num_server_rounds, cap=ROUNDS_ALLOWED_CAP * config.num_server_rounds,
@@ -110,6 +179,8 @@ def _calibrate(budget: float, delta: float, q: float, steps: int, accountant: st
     ``inf`` if the prior spend leaves no room."""
     try:
         return calibrate_noise(budget, delta, q, steps, accountant, prior=prior)
+    except AccountingError:
+        raise
     except ValueError:
         return math.inf
 
@@ -125,7 +196,10 @@ def rounds_allowed(
 
     def fits(rounds: int) -> bool:
         history = [*prior, (sigma, q, steps * rounds)] if rounds else list(prior)
-        return epsilon(history, delta, accountant) <= budget + 1e-9
+        try:
+            return epsilon(history, delta, accountant) <= budget + 1e-9
+        except AccountingError:  # PRV cannot price this many rounds: do not allow them
+            return False
 
     start = max(1, min(start, cap))
     if fits(start):

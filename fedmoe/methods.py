@@ -1,0 +1,123 @@
+"""Methods: what a run trains and which of its tensors leave the client.
+
+A method is a model builder plus a role assignment (:mod:`fedmoe.roles`); the ClientApp and
+the ServerApp never look at the method's name. They build the run's model with
+:func:`method_model` and exchange exactly its ``shared`` and ``gate`` tensors, so
+
+| method   | model                                 | sent to the server    | kept on the client |
+|----------|---------------------------------------|-----------------------|--------------------|
+| `fedmoe` | the run's ``model`` (MoE family)      | shared + gate         | local experts      |
+| `fedavg` | MLP in -> ``mlp-width`` -> classes    | everything            | nothing            |
+| `fedper` | the same MLP                          | body (first layer)    | head               |
+| `local`  | the same MLP                          | nothing (no arrays)   | everything         |
+
+Every method trains with the same DP-SGD (all trainable tensors clipped and noised
+together), the same accountant and the same ledgers; only what is aggregated differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmoe.config import METHODS, FedMoEConfig
+from fedmoe.models import model_for
+from fedmoe.models.tasks import Classification
+from fedmoe.roles import Role, set_role
+
+#: Input features and classes of the data sets the MLP baselines train on (digits 8x8
+#: images and the generated ``synthetic`` set share them).
+MLP_IN, MLP_CLASSES = 64, 10
+
+
+class MLPClassifier(nn.Module):
+    """The baselines' dense classifier: x (B, in) -> ReLU(body) (B, width) -> head (B, C).
+
+    Returns ``(logits, aux)`` like every fedmoe model, ``aux`` (B,) zeros (no router).
+    Roles are set by the method (:data:`METHOD_SPECS`), not here.
+    """
+
+    task = Classification()
+
+    def __init__(self, in_features: int, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(in_features, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.body(x))  # (B, width)
+        return self.head(h), x.new_zeros(x.shape[0])  # (B, C), (B,)
+
+
+def _mlp(config: FedMoEConfig) -> MLPClassifier:
+    return MLPClassifier(MLP_IN, config.mlp_width, MLP_CLASSES)
+
+
+def _all(role: Role) -> Callable[[nn.Module], None]:
+    def assign(model: nn.Module) -> None:
+        set_role(model, role)
+    return assign
+
+
+def _personal_head(model: nn.Module) -> None:
+    set_role(model, Role.SHARED)
+    set_role(model.head, Role.LOCAL)
+
+
+def _own_roles(model: nn.Module) -> None:
+    """fedmoe's models tag their parts themselves (routers, local experts)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method: its model builder and its role assignment.
+
+    ``global_only`` says whether "global-only accuracy" (the model without its local
+    tensors) means anything: for ``fedper`` and ``local`` the local part is the head or the
+    whole model, so the figure is left out of reports.
+    """
+
+    name: str
+    build: Callable[[FedMoEConfig, int], nn.Module]
+    assign_roles: Callable[[nn.Module], None]
+    global_only: bool
+    summary: str
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "fedmoe": MethodSpec("fedmoe", model_for, _own_roles, True,
+                         "the MoE model; shared experts, trunk, head and gate aggregated, "
+                         "local experts kept"),
+    "fedavg": MethodSpec("fedavg", lambda c, r: _mlp(c), _all(Role.SHARED), True,
+                         "dense MLP, fully aggregated"),
+    "fedper": MethodSpec("fedper", lambda c, r: _mlp(c), _personal_head, False,
+                         "dense MLP, body aggregated, personal head"),
+    "local": MethodSpec("local", lambda c, r: _mlp(c), _all(Role.LOCAL), False,
+                        "dense MLP trained alone; nothing leaves the client"),
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered method ``name``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the valid ones listed).
+    """
+    if name not in METHOD_SPECS:
+        raise ValueError(f"unknown method '{name}'; available: {list(METHOD_SPECS)}")
+    return METHOD_SPECS[name]
+
+
+def method_model(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
+    """The run's model for its ``method``, roles assigned (server and clients build the
+    same one), set up for the training phase of ``server_round``."""
+    spec = method_spec(config.method)
+    model = spec.build(config, server_round)
+    spec.assign_roles(model)
+    return model

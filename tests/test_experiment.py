@@ -1,0 +1,166 @@
+"""fedmoe experiment: a tiny grid end to end, resuming, and malformed grid files."""
+
+import json
+import math
+import os
+import textwrap
+
+import pytest
+
+from fedmoe.cli import main
+from simulations.experiment import CSV, REPORT, ROW, GridError, load_grid, parse_grid, read_csv
+from simulations.report import ACCURACY_PLOT, ROUNDS_PLOT, SPREAD_PLOT, mean_std, report_markdown
+
+TINY = """
+[experiment]
+clients = 3
+seeds = [1]
+
+[base]
+num-server-rounds = 1
+
+[grid]
+method = ["fedavg", "local"]
+target-epsilon = [8.0]
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def test_tiny_grid_runs_end_to_end_and_resumes(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["experiment", str(tiny), "--out", str(out)]) == 0
+    rows = read_csv(out / CSV)
+    assert [r["method"] for r in rows] == ["fedavg", "local"]
+    for row in rows:
+        assert row["seed"] == "1" and row["clients"] == "3" and row["num-server-rounds"] == "1"
+        assert 0 <= float(row["personalized_accuracy"]) <= 1
+        assert float(row["personalized_accuracy_worst_decile"]) <= float(row["personalized_accuracy"])
+        assert 0 < float(row["epsilon_max"]) <= 8.0
+        assert len(json.loads(row["epsilon_per_client"])) == 3
+        assert row["privacy"] == "dp" and row["rounds"] == "1"
+    fedavg, local = rows
+    assert float(local["upload_bytes_per_client_round"]) == 0  # nothing leaves the client
+    assert float(fedavg["upload_bytes_per_client_round"]) > 4 * 4810
+    assert local["global_accuracy"] == ""  # no global model to score
+    report = (out / REPORT).read_text()
+    assert "| fedavg |" in report and "| local |" in report and "ε=8" in report
+    for plot in (ACCURACY_PLOT, ROUNDS_PLOT, SPREAD_PLOT):
+        assert (out / plot).stat().st_size > 1000
+    assert "[2/2]" in capsys.readouterr().err
+
+    # re-running skips both finished runs; an interrupted run (no row.json) is redone
+    runs = sorted((out / "runs").iterdir())
+    marks = {p.name: (p / ROW).stat().st_mtime_ns for p in runs}
+    os.remove(runs[1] / ROW)
+    (runs[1] / "leftover").write_text("from the killed run")
+    assert main(["experiment", str(tiny), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "1 already finished, 1 to run" in err
+    assert (runs[0] / ROW).stat().st_mtime_ns == marks[runs[0].name]
+    assert (runs[1] / ROW).is_file() and not (runs[1] / "leftover").exists()
+    assert len(read_csv(out / CSV)) == 2
+
+
+@pytest.mark.parametrize("body, names", [
+    ("[grid]\nmethod = ['fedavg', 'fedprox']", ["method must be one of", "method=fedprox"]),
+    ("[grid]\nlearning-rat = [0.1]", ["unknown run-config key 'learning-rat'", "[grid]"]),
+    ("[base]\nlearning-rate = 'fast'", ["learning-rate must be of type float"]),
+    ("[base]\nseed = 3", ["'seed'", "seeds"]),
+    ("[experiment]\nseeds = []", ["seeds must be a non-empty list"]),
+    ("[experiment]\nclient = 3", ["unknown key(s) ['client']"]),
+    ("[experiment]\nengine = 'ray'", ["engine must be one of"]),
+    ("[grid]\ntarget-epsilon = 8.0", ["[grid] target-epsilon must be a non-empty list"]),
+    ("[grid]\nsplit = [{partitioner = 'iid'}]", ["[grid] split[0] needs a name"]),
+    ("[base]\nlearning-rate = 0.1\n[grid]\nlearning-rate = [0.2]",
+     ["'learning-rate' is set in both [base] and [grid] learning-rate"]),
+    ("[grid]\nmethod = ['fedavg']\n[method.fedavg]\nmethod = 'local'", ["'method'"]),
+    ("[method.fedprox]\nlearning-rate = 0.1", ["[method.fedprox]: unknown method"]),
+    ("[grids]\nmethod = ['local']", ["unknown table(s) ['grids']"]),
+    ("[grid]\nmethod = ['local', 'local']", ["same run config"]),
+    ("[grid\nmethod = 1", ["not valid TOML"]),
+])
+def test_malformed_grid_is_one_clear_error_naming_the_key(tmp_path, capsys, body, names):
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent(body))
+    with pytest.raises(GridError) as err:
+        load_grid(path)
+    for name in names:
+        assert name in str(err.value)
+    out = tmp_path / "out"
+    assert main(["experiment", str(path), "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("fedmoe: error:") and names[0] in message
+    assert not out.exists()  # nothing started
+
+
+def test_bundles_method_tables_and_seeds_expand_to_runs():
+    grid = parse_grid({
+        "experiment": {"seeds": [1, 2]},
+        "grid": {"method": ["fedavg", "fedmoe"], "target-epsilon": [math.inf, 3.0],
+                 "split": [{"name": "iid", "partitioner": "iid"},
+                           {"name": "dir-0.1", "partitioner": "dirichlet",
+                            "dirichlet-alpha": 0.1}]},
+        "method": {"fedavg": {"learning-rate": 1.0, "mlp-width": 128}},
+    })
+    assert len(grid.runs) == 2 * 2 * 2 * 2
+    fedavg = [r.config for r in grid.runs if r.config.method == "fedavg"]
+    assert {(c.learning_rate, c.mlp_width) for c in fedavg} == {(1.0, 128)}
+    assert {r.config.learning_rate for r in grid.runs if r.config.method == "fedmoe"} == {0.5}
+    assert {(r.config.partitioner, r.config.dirichlet_alpha) for r in grid.runs} == {
+        ("iid", 0.5), ("dirichlet", 0.1)}
+    assert {r.config.seed for r in grid.runs} == {1, 2}
+    assert len({r.run_id for r in grid.runs}) == len(grid.runs)
+
+
+def test_report_mean_and_std_over_seeds():
+    rows = [{"method": "fedavg", "target-epsilon": 8.0, "personalized_accuracy": v,
+             "axis:split": "iid"} for v in (0.8, 0.9, 1.0)]
+    rows.append({"method": "fedavg", "target-epsilon": math.inf, "personalized_accuracy": 0.95,
+                 "axis:split": "iid"})
+    assert mean_std([0.8, 0.9, 1.0]) == pytest.approx((0.9, 0.1))
+    report = report_markdown(rows, ["method", "target-epsilon", "split"])
+    assert "## split=iid" in report
+    assert "| method | ε=∞ (non-private) | ε=8 |" in report
+    assert "| fedavg | 0.950 ± 0.000 (n=1) | 0.900 ± 0.100 (n=3) |" in report
+
+
+def test_inline_grid_turns_a_client_exception_into_an_error_reply(tmp_path):
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from simulations.inline import FIRST_NODE_ID, InlineGrid
+
+    broken = ClientApp()
+
+    @broken.train()
+    def train(msg, context):
+        raise RuntimeError(f"partition {context.node_config['partition-id']} is on fire")
+
+    grid = InlineGrid(2, tmp_path, client_app=broken)
+    assert grid.get_node_ids() == [FIRST_NODE_ID, FIRST_NODE_ID + 1]
+    msg = Message(RecordDict(), dst_node_id=FIRST_NODE_ID + 1, message_type=MessageType.TRAIN)
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_error() and "partition 1 is on fire" in reply.error.reason
+    assert grid.time.messages == {MessageType.TRAIN: 1}
+    assert grid.contexts[FIRST_NODE_ID + 1].node_config["state-dir"] == str(tmp_path / "partition-1")
+
+
+@pytest.mark.slow
+def test_worker_processes_and_flower_engine_give_the_same_rows(tiny, tmp_path):
+    """--jobs 2 (spawned workers) and engine = "flower" (Ray) run the same grid."""
+    assert main(["experiment", str(tiny), "--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    flower = tmp_path / "flower.toml"
+    flower.write_text(TINY.replace("clients = 3", "clients = 3\nengine = \"flower\""))
+    assert main(["experiment", str(flower), "--out", str(tmp_path / "ray")]) == 0
+    jobs, ray = read_csv(tmp_path / "jobs" / CSV), read_csv(tmp_path / "ray" / CSV)
+    assert [r["run"] for r in jobs] == [r["run"] for r in ray]  # same configs, same ids
+    for a, b in zip(jobs, ray, strict=True):
+        assert a["upload_bytes_per_client_round"] == b["upload_bytes_per_client_round"]
+        assert a["epsilon_per_client"] == b["epsilon_per_client"]  # same plans, same ledgers
+        assert b["client_seconds"] == ""  # not visible through Ray
