@@ -29,7 +29,9 @@ from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
 from fedmoe.data.text import unigram_perplexity
 from fedmoe.methods import method_model
-from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error
+from fedmoe.models.prior import LabelPrior, label_priors
+from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error, secret_generator
+from fedmoe.privacy.label_prior import noisy_label_counts
 from fedmoe.records import (
     ARRAYS,
     BAD_MESSAGE,
@@ -81,6 +83,12 @@ def train(msg: Message, context: Context) -> Message:
     if not plan.private and math.isfinite(budget):
         return _refuse(msg, BUDGET_EXCEEDED, f"the server asks for a non-private round (σ=0); "
                                              f"this client trains only under its ε={budget:g}")
+    model = personal_model(config, node, store, global_state, plan.server_round)
+    priors = label_priors(model)
+    if plan.prior_noise and (len(priors) != 1 or priors[0].is_set):
+        return _refuse(msg, BAD_MESSAGE, "the server asks for a label histogram, but this "
+                       "client's model " + ("already holds its label prior" if priors else
+                                            "has no label prior") + "; refused before any charge")
     epsilon = math.inf  # a non-private round: nothing to charge, no guarantee
     if plan.private:
         if plan.delta >= 1.0 / len(data.train):  # checked before the ledger is touched
@@ -90,13 +98,14 @@ def train(msg: Message, context: Context) -> Message:
             with store.book() as book:
                 book.open(node.client, budget=budget, delta=plan.delta,
                           accountant=plan.accountant)
-                epsilon = book.charge(node.client, plan.entry())  # write-ahead
+                for entry in plan.entries():  # write-ahead: histogram (if asked), round
+                    epsilon = book.charge(node.client, entry)
         except BudgetExceededError as err:
             return _refuse(msg, BUDGET_EXCEEDED, str(err))
         except LedgerError as err:
             return _refuse(msg, LEDGER_UNUSABLE, str(err))
+    set_label_prior(priors, data.train, plan, config)
 
-    model = personal_model(config, node, store, global_state, plan.server_round)
     if plan.private:
         result = train_dp_round(
             model,
@@ -183,6 +192,23 @@ def _spent(node: NodeSettings, config: FedMoEConfig, ledger) -> float:
 def _refuse(msg: Message, code: int, reason: str) -> Message:
     """An error reply: the server counts it as a failed reply and logs ``reason``."""
     return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
+                    config: FedMoEConfig) -> None:
+    """Give the model its personal label prior, once: from the DP label histogram the round
+    plan asks for (σ_h, already charged), or in a non-private run from the exact counts.
+    Afterwards the prior is a local tensor, kept with the local experts."""
+    if not priors:
+        return
+    labels = train_set.tensors[1]
+    if plan.prior_noise:
+        counts = noisy_label_counts(labels, len(priors[0].log_prior), plan.prior_noise,
+                                    secret_generator())
+        priors[0].set_counts(counts, pseudo_count=plan.prior_noise)
+    elif not plan.private and config.label_prior_share > 0 and not priors[0].is_set:
+        counts = torch.bincount(labels, minlength=len(priors[0].log_prior)).float()
+        priors[0].set_counts(counts, pseudo_count=1.0)
 
 
 def personal_model(

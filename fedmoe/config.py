@@ -181,6 +181,12 @@ class FedMoEConfig:
     synthetic_samples : int (default: 20000)
         ``synthetic``: examples in the generated data set (scikit-learn's
         ``make_classification``, 64 features, 10 classes), shared out by ``partitioner``.
+    label_prior_share : float (default: 0.1)
+        Models with a personal label prior (``moe``, ``hmoe``): the share of each client's
+        ε budget that its one DP label histogram would cost on its own (σ_h calibrated to
+        it); the histogram gives the client's prior on the logits (logit adjustment, see
+        :mod:`fedmoe.models.prior`). Composed with DP-SGD it costs less than this share.
+        0 = no label prior. Other models and methods ignore it.
 
     Non-private runs: ``target-epsilon = inf`` trains with plain SGD on the same Poisson
     batches (no clipping, no noise, no ledger charge); such runs are reported as ε=∞.
@@ -233,6 +239,7 @@ class FedMoEConfig:
     validation_fraction: float = 0.2
     classes_per_client: int = 2
     synthetic_samples: int = 20000
+    label_prior_share: float = 0.1
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -347,6 +354,8 @@ class FedMoEConfig:
              f"classes-per-client must be in [1, {MAX_COUNT:,}]"),
             (100 <= self.synthetic_samples <= MAX_SYNTHETIC,
              f"synthetic-samples must be in [100, {MAX_SYNTHETIC:,}]"),
+            (0.0 <= self.label_prior_share <= 0.5,
+             "label-prior-share must be in [0, 0.5] (0 = no label prior)"),
             (
                 self.method == "fedmoe" or MODEL_DATASET.get(self.model) == "digits",
                 f"method '{self.method}' trains an MLP classifier on digits or synthetic "

@@ -26,6 +26,7 @@ from torch import nn
 
 from fedmoe.config import METHODS, FedMoEConfig
 from fedmoe.models import model_for
+from fedmoe.models.prior import label_priors
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
 
@@ -121,3 +122,9 @@ def method_model(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
     model = spec.build(config, server_round)
     spec.assign_roles(model)
     return model
+
+
+def has_label_prior(config: FedMoEConfig) -> bool:
+    """Whether the run trains a personal label prior: its model has one
+    (:class:`~fedmoe.models.prior.LabelPrior`) and ``label-prior-share`` is above 0."""
+    return config.label_prior_share > 0 and bool(label_priors(method_model(config)))

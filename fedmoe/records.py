@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmoe.config import ACCOUNTANTS, FedMoEConfig
 from fedmoe.privacy.accountant import Segment
+from fedmoe.privacy.label_prior import prior_segment
 from fedmoe.privacy.ledger import LedgerEntry, LedgerError
 from fedmoe.privacy.plan import ClientPlan
 
@@ -62,6 +63,8 @@ class RoundPlan:
 
     A train message carries the DP parameters of the client's round; server and client
     both charge exactly these to their ledgers, and the client trains with exactly these.
+    ``prior_noise`` > 0 (a client's first round, when the model has a label prior) asks
+    the client to release its DP label histogram at that σ_h too, charged before the round.
     An evaluate message carries only the round.
     """
 
@@ -71,11 +74,13 @@ class RoundPlan:
     steps: int = 0
     delta: float = 0.0
     accountant: str = ""
+    prior_noise: float = 0.0
 
     @classmethod
-    def for_training(cls, server_round: int, plan: ClientPlan) -> RoundPlan:
+    def for_training(cls, server_round: int, plan: ClientPlan, *,
+                     with_prior: bool = False) -> RoundPlan:
         return cls(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps,
-                   plan.delta, plan.accountant)
+                   plan.delta, plan.accountant, plan.prior_noise if with_prior else 0.0)
 
     @property
     def is_training(self) -> bool:
@@ -89,6 +94,13 @@ class RoundPlan:
     def entry(self) -> LedgerEntry:
         return LedgerEntry(self.server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
+    def entries(self) -> list[LedgerEntry]:
+        """What the client charges for this round, in order: its label histogram (if asked
+        for), then the round's DP-SGD."""
+        first = [LedgerEntry(self.server_round, *prior_segment(self.prior_noise))] \
+            if self.prior_noise else []
+        return [*first, self.entry()]
+
     def to_record(self) -> ConfigRecord:
         record = ConfigRecord({"server-round": self.server_round})
         if self.is_training:
@@ -97,6 +109,8 @@ class RoundPlan:
             record["steps"] = self.steps
             record["delta"] = self.delta
             record["accountant"] = self.accountant
+            if self.prior_noise:
+                record["prior-noise-multiplier"] = self.prior_noise
         return record
 
     @classmethod
@@ -106,9 +120,14 @@ class RoundPlan:
                 return cls(int(record["server-round"]))
             plan = cls(int(record["server-round"]), float(record["noise-multiplier"]),
                        float(record["sample-rate"]), int(record["steps"]),
-                       float(record["delta"]), str(record["accountant"]))
+                       float(record["delta"]), str(record["accountant"]),
+                       float(record.get("prior-noise-multiplier", 0.0)))
         except KeyError as err:
             raise ReplyError(f"round config lacks {err}") from err
+        if not (plan.prior_noise == 0 or (plan.noise_multiplier > 0
+                                          and 0 < plan.prior_noise < math.inf)):
+            raise ReplyError(f"prior-noise-multiplier must be 0, or > 0 and finite in a "
+                             f"private round; got {plan.prior_noise}")
         if plan.noise_multiplier == 0:  # non-private: no ledger entry, no δ
             if not (0 < plan.sample_rate <= 1 and plan.steps >= 1):
                 raise ReplyError(f"invalid non-private round {plan}: need 0 < q ≤ 1, steps ≥ 1")

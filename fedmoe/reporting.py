@@ -93,7 +93,8 @@ def privacy_rows(book: LedgerBook, plans: Mapping[str, ClientPlan] | None = None
         last = ledger.entries[-1] if ledger.entries else None
         row = {
             "client": client,
-            "rounds": sum(1 for r, _ in trajectory if r > 0),
+            # distinct rounds: a client's first round may charge a label histogram too
+            "rounds": len({r for r, _ in trajectory if r > 0}),
             "prior_rounds": sum(1 for r, _ in trajectory if r == 0),
             "epsilon": spent,
             "budget": ledger.budget,

@@ -41,6 +41,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sampl
 from flwr.supercore import log
 
 from fedmoe.config import FedMoEConfig
+from fedmoe.methods import has_label_prior
 from fedmoe.privacy import (
     BudgetExceededError,
     ClientPlan,
@@ -137,6 +138,9 @@ class FedMoE(FedAvg):
         self.plans: dict[str, ClientPlan] = {}  # client id -> its plan for this run
         self.excluded: dict[str, str] = {}  # client id -> why it gets no more rounds
         self.failed_nodes: dict[int, str] = {}  # nodes whose query failed -> why
+        #: whether the run's model has a personal label prior (a DP histogram per client)
+        self.label_prior = has_label_prior(config)
+        self._histograms: set[str] = set()  # clients sent their label-histogram round
         self.history: list[RoundRecord] = []
         self.stop_reason: str | None = None
         self._rng = random.Random(config.seed)
@@ -277,7 +281,7 @@ class FedMoE(FedAvg):
         prior = self.book.get(client).history
         try:
             plan = plan_client(c, client, num_train=info.num_train, budget=budget,
-                               delta=delta, prior=prior)
+                               delta=delta, prior=prior, label_prior=self.label_prior)
         except PlanError as err:
             self._exclude(client, str(err))
             return
@@ -309,7 +313,17 @@ class FedMoE(FedAvg):
         except LedgerError as err:  # damaged since the run began: never under-count
             self._exclude(client, str(err))
             return False
-        return ledger is not None and ledger.can_afford(plan.entry(server_round))
+        return ledger is not None and ledger.can_afford(*self._entries(plan, server_round))
+
+    def _with_histogram(self, plan: ClientPlan) -> bool:
+        """Whether the client's next round also releases its DP label histogram (its
+        first round of the run, when its plan has one)."""
+        return bool(plan.prior_noise) and plan.client not in self._histograms
+
+    def _entries(self, plan: ClientPlan, server_round: int) -> list[LedgerEntry]:
+        """What the client's next round costs: its label histogram if due, then DP-SGD."""
+        first = [plan.prior_entry(server_round)] if self._with_histogram(plan) else []
+        return [*first, plan.entry(server_round)]
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -326,7 +340,7 @@ class FedMoE(FedAvg):
             known = set(self.clients.values())
             if known and known <= set(self.excluded):
                 self.stop_reason = (f"every client is excluded before round {server_round} "
-                                    "(reasons in privacy.excluded), e.g. "
+                                    "(reasons in results.json's excluded), e.g. "
                                     f"{next(iter(self.excluded.items()))[1]}")
             else:
                 self.stop_reason = (f"no client can afford round {server_round} within its "
@@ -338,14 +352,19 @@ class FedMoE(FedAvg):
         messages = []
         for node in nodes:
             plan = self.plans[self.clients[node]]
+            histogram = self._with_histogram(plan)
             if plan.private:
                 try:
-                    self.book.charge(plan.client, plan.entry(server_round))  # sent = spent
+                    for entry in self._entries(plan, server_round):  # sent = spent
+                        self.book.charge(plan.client, entry)
                 except (LedgerError, BudgetExceededError) as err:  # damaged since it was read
                     self._exclude(plan.client, str(err))
                     continue
-            content = server_message(arrays, RoundPlan.for_training(server_round, plan),
-                                     self.config)
+            if histogram:
+                self._histograms.add(plan.client)
+            content = server_message(
+                arrays, RoundPlan.for_training(server_round, plan, with_prior=histogram),
+                self.config)
             messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
         if not messages:
             self.stop_reason = f"no client could be charged for round {server_round}"

@@ -95,3 +95,82 @@ def test_classifier_prior_is_local_and_switched_with_the_local_experts(name):
     assert torch.allclose(personal, plain + prior.log_prior, atol=1e-6)
     set_use_local(model, False)
     assert torch.allclose(model(x)[0], plain, atol=1e-6)
+
+
+# ----------------------------------------------------------------- through the apps
+from flwr.app import ConfigRecord  # noqa: E402
+
+from clients.app import app  # noqa: E402
+from clients.state import ClientStore  # noqa: E402
+from fedmoe.config import FedMoEConfig  # noqa: E402
+from fedmoe.privacy import LEDGER_FILE, LedgerBook  # noqa: E402
+from fedmoe.records import ARRAYS, BAD_MESSAGE, METRICS, RoundPlan, TrainReport  # noqa: E402
+from server.strategy import FedMoE  # noqa: E402
+from tests.helpers import SMALL, LocalGrid, context, message  # noqa: E402
+
+
+def _plan(prior_noise=4.0, server_round=1):
+    return RoundPlan(server_round, 1.5, 0.25, 4, 1e-4, "rdp", prior_noise)
+
+
+def test_client_releases_its_histogram_once_charged_before_training(tmp_path):
+    ctx = context(state_dir=str(tmp_path))
+    reply = app(message(plan=_plan()), ctx)
+    assert not reply.has_error(), reply.error
+    report = TrainReport.from_record(reply.content.metric_records[METRICS])
+    expected = [(4.0, 1.0, 1), (1.5, 0.25, 4)]  # the histogram, then the round
+    assert report.epsilon == pytest.approx(epsilon(expected, 1e-4), rel=1e-12)
+    with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:
+        assert book.get("partition-0").history == expected
+    assert not any("prior" in k for k in reply.content.array_records[ARRAYS].keys())
+    stored = ClientStore(tmp_path).load_local()["prior.log_prior"]
+    assert stored.abs().sum() > 0 and torch.isfinite(stored).all()
+    # a later round charges DP-SGD only and keeps the prior as it was
+    reply = app(message(plan=_plan(0.0, server_round=2)), ctx)
+    assert not reply.has_error(), reply.error
+    assert torch.equal(ClientStore(tmp_path).load_local()["prior.log_prior"], stored)
+    with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:
+        assert book.get("partition-0").history == [*expected, (1.5, 0.25, 4)]
+
+
+def test_client_refuses_a_second_histogram_without_charging(tmp_path):
+    ctx = context(state_dir=str(tmp_path))
+    assert not app(message(plan=_plan()), ctx).has_error()
+    with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:
+        before = book.get("partition-0").history
+    reply = app(message(plan=_plan(server_round=2)), ctx)
+    assert reply.has_error() and reply.error.code == BAD_MESSAGE
+    assert "already holds its label prior" in reply.error.reason
+    with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:
+        assert book.get("partition-0").history == before
+
+
+@pytest.mark.parametrize("share", [0.1, 0.0])
+def test_server_charges_the_histogram_once_and_both_ledgers_agree(tmp_path, share):
+    config = SMALL.replace(label_prior_share=share)
+    grid = LocalGrid(3)
+    with LedgerBook(tmp_path / LEDGER_FILE) as book:
+        strategy = FedMoE(config, book=book)
+        assert strategy.label_prior is (share > 0)
+        strategy.start(grid, to_arrays_initial(config), num_rounds=config.num_server_rounds)
+        for client, plan in strategy.plans.items():
+            rounds = [plan.entry(r).segment for r in (1, 2, 3)]
+            if share:
+                assert plan.prior_noise == pytest.approx(
+                    prior_noise_multiplier(config.target_epsilon, share, plan.delta))
+                rounds = [prior_segment(plan.prior_noise), *rounds]
+            else:
+                assert plan.prior_noise == 0
+            assert book.get(client).history == rounds
+            spent = book.get(client).spent()
+            assert spent == pytest.approx(epsilon(rounds, plan.delta), rel=1e-12)
+            # σ is calibrated for what the histogram leaves: the run ends at the budget
+            assert config.target_epsilon - 0.01 <= spent <= config.target_epsilon + 1e-9
+        assert all(not r.mismatches for r in strategy.history)
+
+
+def to_arrays_initial(config: FedMoEConfig):
+    from fedmoe.models import model_for
+    from fedmoe.records import to_arrays
+
+    return to_arrays(split_state_dict(model_for(config)))

@@ -153,12 +153,14 @@ class PrivacyLedger:
     def spent(self) -> float:
         return epsilon(self.history, self.delta, self.accountant)
 
-    def epsilon_after(self, entry: LedgerEntry) -> float:
-        return epsilon([*self.history, entry.segment], self.delta, self.accountant)
+    def epsilon_after(self, *entries: LedgerEntry) -> float:
+        """ε after charging ``entries`` too (a round, or a label histogram and a round)."""
+        return epsilon([*self.history, *(e.segment for e in entries)], self.delta,
+                       self.accountant)
 
-    def can_afford(self, entry: LedgerEntry) -> bool:
+    def can_afford(self, *entries: LedgerEntry) -> bool:
         try:
-            return self.epsilon_after(entry) <= self.budget + _SLACK
+            return self.epsilon_after(*entries) <= self.budget + _SLACK
         except AccountingError:  # an ε that cannot be computed is never affordable
             return False
 

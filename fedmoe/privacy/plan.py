@@ -20,6 +20,7 @@ from fedmoe.privacy.accountant import (
     epsilon,
     steps_per_epoch,
 )
+from fedmoe.privacy.label_prior import prior_noise_multiplier, prior_segment
 from fedmoe.privacy.ledger import LedgerEntry
 
 #: "Rounds the budget allows" is searched up to this many times the planned rounds (the
@@ -81,8 +82,10 @@ class ClientPlan:
     """One client's DP parameters for the run.
 
     ``rounds_allowed`` is how many rounds of these parameters its budget pays for, after its
-    ``prior`` spend (ledger history from earlier runs), searched up to
-    ``ROUNDS_ALLOWED_CAP`` × the planned rounds; 0 means it cannot take part.
+    ``prior`` spend (ledger history from earlier runs) and its label histogram, searched up
+    to ``ROUNDS_ALLOWED_CAP`` × the planned rounds; 0 means it cannot take part.
+    ``prior_noise`` is σ_h of the DP label histogram the client releases with its first
+    round of this run (:mod:`fedmoe.privacy.label_prior`); 0 = none.
     """
 
     client: str
@@ -95,6 +98,7 @@ class ClientPlan:
     noise_multiplier: float
     rounds_allowed: int
     prior: tuple[Segment, ...] = ()
+    prior_noise: float = 0.0
 
     @property
     def private(self) -> bool:
@@ -111,6 +115,16 @@ class ClientPlan:
         """
         return LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, self.steps)
 
+    def prior_entry(self, server_round: int) -> LedgerEntry:
+        """The ledger entry of the label-histogram release (one q = 1 step at σ_h).
+
+        Raises
+        ------
+        LedgerError
+            If the plan releases no histogram (``prior_noise`` is 0).
+        """
+        return LedgerEntry(server_round, *prior_segment(self.prior_noise))
+
     def to_dict(self) -> dict:
         return {
             "client": self.client,
@@ -123,6 +137,7 @@ class ClientPlan:
             "steps_per_round": self.steps,
             "rounds_allowed": self.rounds_allowed,
             "prior_rounds": len(self.prior),
+            "label_prior_noise": self.prior_noise,
         }
 
 
@@ -134,10 +149,15 @@ def plan_client(
     budget: float,
     delta: float | None = None,
     prior: Sequence[Segment] = (),
+    label_prior: bool = False,
 ) -> ClientPlan:
     """Plan ``client``: calibrate σ (unless ``noise-multiplier`` is set) for all planned rounds.
 
     ``delta`` overrides :func:`client_delta` (a client whose ledger already has a δ keeps it).
+    With ``label_prior`` (the run's model has a personal label prior), a client with no
+    earlier spend releases a DP label histogram with its first round: σ_h costs
+    ``label-prior-share`` of its budget on its own, and σ of DP-SGD is calibrated for what
+    the histogram leaves (composed, not subtracted: :mod:`fedmoe.privacy.label_prior`).
     A budget of ε=∞ gives a non-private plan: σ=0 and δ=0 (plain SGD on the same Poisson
     batches, nothing charged), every planned round allowed.
 
@@ -155,21 +175,31 @@ def plan_client(
     delta = client_delta(config, num_train) if delta is None else delta
     check_delta(delta, num_train, client)
     prior = tuple((float(s), float(r), int(n)) for s, r, n in prior)
-    sigma = config.noise_multiplier
+    sigma, prior_noise = config.noise_multiplier, 0.0
     try:
+        if label_prior and config.label_prior_share > 0 and not prior:
+            prior_noise = _prior_noise(budget, config.label_prior_share, delta,
+                                       config.accountant)
+        spent = (*prior, prior_segment(prior_noise)) if prior_noise else prior
         if sigma == 0:
             sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
-                               config.accountant, prior)
+                               config.accountant, spent)
         if not math.isinf(sigma):
-            epsilon([*prior, (sigma, q, steps)], delta, config.accountant)
+            epsilon([*spent, (sigma, q, steps)], delta, config.accountant)
     except AccountingError as err:
         raise PlanError(f"client {client!r}: {err}") from err
     allowed = 0 if math.isinf(sigma) else rounds_allowed(
-        budget, delta, config.accountant, (sigma, q, steps), prior,
+        budget, delta, config.accountant, (sigma, q, steps), spent,
         start=config.num_server_rounds, cap=ROUNDS_ALLOWED_CAP * config.num_server_rounds,
     )
     return ClientPlan(client, num_train, budget, delta, config.accountant, q, steps, sigma,
-                      allowed, prior)
+                      allowed, prior, prior_noise)
+
+
+@lru_cache(maxsize=256)
+def _prior_noise(budget: float, share: float, delta: float, accountant: str) -> float:
+    """σ_h for one (budget, share, δ): clients alike share one calibration."""
+    return prior_noise_multiplier(budget, share, delta, accountant)
 
 
 @lru_cache(maxsize=256)
