@@ -40,7 +40,9 @@ config is validated before the first one starts: a malformed file is one
   other axes; ``accuracy_vs_epsilon.png``, ``accuracy_per_round.png``,
   ``client_spread.png``.
 
-Both files are rewritten after every finished run.
+Both files are rewritten after every finished run. A run that raises is reported and left
+unfinished (the others go on; the command then exits with code 1), so the next invocation
+retries it.
 """
 
 from __future__ import annotations
