@@ -58,7 +58,8 @@ app = ClientApp()
 def query(msg: Message, context: Context) -> Message:
     node, store, (_, plan, config), data = _open(msg, context)
     try:
-        ledger = store.ledger(node.client)
+        ledger = store.ledger(node.client,
+                              private=math.isfinite(node.budget(config.target_epsilon)))
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
     num_train, num_test = _split_sizes(config, node, data, plan.server_round)
@@ -134,7 +135,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     node, store, (global_state, plan, config), data = _open(msg, context)
     try:
-        ledger = store.ledger(node.client)
+        ledger = store.ledger(node.client,
+                              private=math.isfinite(node.budget(config.target_epsilon)))
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
     model = personal_model(config, node, store, global_state, plan.server_round)

@@ -49,16 +49,18 @@ class ClientStore:
         self._check_not_lost()
         return LedgerBook(self.root / LEDGER_FILE)
 
-    def ledger(self, client: str) -> PrivacyLedger | None:
+    def ledger(self, client: str, *, private: bool = True) -> PrivacyLedger | None:
         """The client's own ledger, None before its first round; opened read-only (reading
-        never writes, never creates).
+        never writes, never creates). ``private=False`` (a client that trains without DP,
+        ``target-epsilon = inf``, keeps no ledger) skips the lost-ledger check.
 
         Raises
         ------
         LedgerError
             As :meth:`book`.
         """
-        self._check_not_lost()
+        if private:
+            self._check_not_lost()
         if not (self.root / LEDGER_FILE).exists():
             return None
         with LedgerBook(self.root / LEDGER_FILE, read_only=True) as book:

@@ -176,7 +176,7 @@ def clean() -> int:
 
 def experiment(grid_file: Path, out: Path, *, jobs: int | None = None) -> int:
     """Validate the whole grid, then run what is not finished yet in ``out``."""
-    from simulations.experiment import load_grid, run_grid
+    from simulations.experiment import GridRunError, load_grid, run_grid
 
     try:
         if jobs is not None and jobs < 1:
@@ -185,7 +185,12 @@ def experiment(grid_file: Path, out: Path, *, jobs: int | None = None) -> int:
     except ConfigError as err:
         print(f"fedmoe: error: {err}", file=sys.stderr)
         return 2
-    run_grid(grid, out, jobs=jobs)
+    try:
+        run_grid(grid, out, jobs=jobs)
+    except GridRunError as err:
+        print(f"fedmoe: error: {err}\nresults of the other runs: {out / 'results.csv'}",
+              file=sys.stderr)
+        return 1
     print(f"results: {out / 'results.csv'} · report: {out / 'report.md'}")
     return 0
 

@@ -18,6 +18,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from flwr.supercore.run import Run
 
 from fedmoe.config import FedMoEConfig
 from fedmoe.methods import method_model
@@ -51,11 +52,11 @@ class StoppableGrid(Grid):
     def __init__(self, grid: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
         self.grid, self.stop, self.poll_interval = grid, stop, poll_interval
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]
+    def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         return self.grid.run
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:

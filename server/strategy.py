@@ -420,18 +420,19 @@ class FedMoE(FedAvg):
     def ledger_epsilons(self, clients: Iterable[str] | None = None) -> dict[str, float]:
         """ε spent by the server's ledger (the last charge's stored ε, which the ledger
         verified on reading), per client of ``clients`` (default: every client of this run
-        that has a ledger)."""
+        that has a ledger); ε=∞ for a client trained non-privately (its plan has σ=0)."""
         chosen = set(self.clients.values()) if clients is None else set(clients)
-        spent = {}
-        for client in chosen & set(self.book.clients()):
+        spent = {c: math.inf for c in chosen if c in self.plans and not self.plans[c].private}
+        for client in (chosen - set(spent)) & set(self.book.clients()):
             trajectory = self.book.trajectory(client)
             spent[client] = trajectory[-1][1] if trajectory else 0.0
         return spent
 
     def _check_epsilon(self, record: RoundRecord, client: str, reported: float) -> None:
         """Flag a client whose own ε differs from what the server charged it."""
-        trajectory = self.book.trajectory(client)
-        ours = trajectory[-1][1] if trajectory else 0.0
+        ours = self.ledger_epsilons([client]).get(client, 0.0)
+        if ours == reported:  # ε=∞ of a non-private round: nothing to compare
+            return
         if not math.isclose(ours, reported, rel_tol=MISMATCH_TOLERANCE, abs_tol=1e-9):
             record.mismatches[client] = (ours, reported)
             log(WARNING, "privacy mismatch: client %s reports ε=%.6f, the server's ledger "

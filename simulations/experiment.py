@@ -40,7 +40,9 @@ config is validated before the first one starts: a malformed file is one
   other axes; ``accuracy_vs_epsilon.png``, ``accuracy_per_round.png``,
   ``client_spread.png``.
 
-Both files are rewritten after every finished run.
+Both files are rewritten after every finished run. A run that raises is reported and left
+unfinished (the others go on; the command then exits with code 1), so the next invocation
+retries it.
 """
 
 from __future__ import annotations
@@ -206,6 +208,10 @@ def parse_grid(raw: dict[str, Any], name: str = "grid") -> Grid:
             except ConfigError as err:
                 cell = " ".join(f"{k}={v}" for k, v in labels) or "(the only cell)"
                 raise GridError(f"{name}: cell {cell}, seed {seed}: {err}") from err
+            if config.min_available_clients > exp["clients"]:
+                raise GridError(f"{name}: min-available-clients={config.min_available_clients}"
+                                f" exceeds [experiment] clients = {exp['clients']}: the server "
+                                "would wait forever; lower min-available-clients")
             runs.append(Run(labels, config, exp["clients"]))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
@@ -415,9 +421,21 @@ def run_grid(
              f" · ε {_fmt_eps(row['epsilon_max'])} · {row['wall_seconds']:.1f} s · elapsed "
              f"{_duration(elapsed)} · ETA {_duration(eta)}")
 
+    def failed(run: Run, err: BaseException) -> None:
+        nonlocal finished
+        finished += 1
+        failures.append(f"{run.describe()} (runs/{run.run_id}): {type(err).__name__}: {err}")
+        echo(f"[failed] {failures[-1]} · it is retried when the grid is run again")
+
+    failures: list[str] = []
     if jobs == 1:
         for run in pending:
-            done(run, run_one(run, out / "runs" / run.run_id, grid.engine, grid.threads))
+            try:
+                row = run_one(run, out / "runs" / run.run_id, grid.engine, grid.threads)
+            except Exception as err:  # noqa: BLE001  (one broken run must not end the grid)
+                failed(run, err)
+                continue
+            done(run, row)
     else:
         import multiprocessing
 
@@ -426,10 +444,25 @@ def run_grid(
             futures = {pool.submit(run_one, run, out / "runs" / run.run_id, grid.engine,
                                    grid.threads): run for run in pending}
             for future in as_completed(futures):
-                done(futures[future], future.result())
-    if not pending:
-        write_outputs(out, [rows[r.run_id] for r in grid.runs], grid.axes)
+                try:
+                    row = future.result()
+                except Exception as err:  # noqa: BLE001
+                    failed(futures[future], err)
+                    continue
+                done(futures[future], row)
+    if not pending or (rows and failures):
+        write_outputs(out, [rows[r.run_id] for r in grid.runs if r.run_id in rows], grid.axes)
+    if failures:
+        raise GridRunError(failures)
     return [rows[r.run_id] for r in grid.runs]
+
+
+class GridRunError(RuntimeError):
+    """Some runs of a grid failed (the others finished and are in the outputs)."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
+        self.failures = failures
 
 
 def _fmt(value: float | None) -> str:

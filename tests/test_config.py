@@ -92,7 +92,7 @@ import dataclasses
 import math
 
 from fedmoe.config import MAX_PARAMETERS, parameter_count
-from fedmoe.models import build_model
+from fedmoe.models import build_model, run_overrides
 
 FLOAT_KEYS = [f.name.replace("_", "-") for f in dataclasses.fields(FedMoEConfig) if f.type == "float"]
 INT_KEYS = [f.name.replace("_", "-") for f in dataclasses.fields(FedMoEConfig) if f.type == "int"]
@@ -140,7 +140,7 @@ def moe_parameters(h: int) -> int:
 @pytest.mark.parametrize("model", ["moe", "hmoe", "mtmoe", "tmoe"])
 def test_parameter_count_is_the_built_models(model):
     config = FedMoEConfig(model=model, hidden_dim=32, num_heads=2)
-    built = build_model(config.model, **__import__("fedmoe.models").models.run_overrides(config))
+    built = build_model(config.model, **run_overrides(config))
     assert parameter_count(config) == sum(p.numel() for p in built.parameters())
 
 

@@ -83,6 +83,8 @@ def test_tiny_grid_runs_end_to_end_and_resumes(tiny, tmp_path, capsys):
     ("[method.fedprox]\nlearning-rate = 0.1", ["[method.fedprox]: unknown method"]),
     ("[grids]\nmethod = ['local']", ["unknown table(s) ['grids']"]),
     ("[grid]\nmethod = ['local', 'local']", ["same run config"]),
+    ("[experiment]\nclients = 3\n[base]\nmin-available-clients = 4",
+     ["min-available-clients=4 exceeds [experiment] clients = 3"]),
     ("[grid\nmethod = 1", ["not valid TOML"]),
 ])
 def test_malformed_grid_is_one_clear_error_naming_the_key(tmp_path, capsys, body, names):
@@ -164,3 +166,24 @@ def test_worker_processes_and_flower_engine_give_the_same_rows(tiny, tmp_path):
         assert a["upload_bytes_per_client_round"] == b["upload_bytes_per_client_round"]
         assert a["epsilon_per_client"] == b["epsilon_per_client"]  # same plans, same ledgers
         assert b["client_seconds"] == ""  # not visible through Ray
+
+
+def test_a_failing_run_does_not_end_the_grid(tiny, tmp_path, monkeypatch, capsys):
+    import simulations.experiment as experiment
+
+    real = experiment.run_one
+
+    def flaky(run, run_dir, engine="inline", threads=1):
+        if run.config.method == "fedavg":
+            raise RuntimeError("partition exploded")
+        return real(run, run_dir, engine, threads)
+
+    monkeypatch.setattr(experiment, "run_one", flaky)
+    out = tmp_path / "out"
+    assert main(["experiment", str(tiny), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) failed" in err and "method=fedavg" in err and "partition exploded" in err
+    assert [r["method"] for r in read_csv(out / CSV)] == ["local"]  # the other run is kept
+    monkeypatch.setattr(experiment, "run_one", real)
+    assert main(["experiment", str(tiny), "--out", str(out)]) == 0  # retried, local skipped
+    assert "1 already finished, 1 to run" in capsys.readouterr().err

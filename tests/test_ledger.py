@@ -235,3 +235,18 @@ def test_simulate_into_a_folder_with_a_damaged_ledger_exits_2_before_starting(tm
     assert cli(["simulate", "--clients", "2", "--rounds", "1", "--out", str(tmp_path)]) == 2
     assert expected in capsys.readouterr().err
     assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+
+
+def test_a_new_ledger_is_created_whole_even_without_hard_links(tmp_path, monkeypatch):
+    import os
+
+    def no_links(*_):
+        raise PermissionError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "a" / LEDGER_FILE
+    with LedgerBook(path) as book:
+        book.open("c", budget=1.0, delta=1e-4, accountant="rdp")
+    with LedgerBook(path, read_only=True) as book:
+        assert book.clients() == ["c"]
+    assert [p.name for p in path.parent.iterdir()] == [LEDGER_FILE]  # no temporary left

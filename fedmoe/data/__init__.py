@@ -10,7 +10,6 @@ Nothing is downloaded:
 - ``pystdlib``: Python's own standard-library source, one client per top-level package
   (a natural non-IID split; :mod:`fedmoe.data.text`): byte windows for next-token
   pretraining, or the indentation level of the next line for fine-tuning.
-
 - ``synthetic``: a generated classification set for runs at scale (scikit-learn's
   ``make_classification``: ``synthetic-samples`` examples, 64 features, 10 classes; the
   same set for every seed), split over clients like digits.

@@ -521,6 +521,8 @@ def _create(path: Path) -> None:
             os.link(tmp, path)  # fails if the path exists: never replaces a ledger
         except FileExistsError:
             pass
+        except OSError:  # no hard links here: exclusive create, then copy (a crash
+            _copy_exclusive(tmp, path)  # mid-copy leaves a file that is refused, never read)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -528,3 +530,15 @@ def _create(path: Path) -> None:
             os.close(dir_fd)
     finally:
         os.unlink(tmp)
+
+
+def _copy_exclusive(source: str, path: Path) -> None:
+    """Copy ``source`` to ``path`` only if ``path`` does not exist yet."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+        out.write(src.read())
+        out.flush()
+        os.fsync(out.fileno())
