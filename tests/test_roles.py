@@ -11,7 +11,8 @@ def test_every_tensor_has_one_role_and_local_means_local_experts():
     roles = tensor_roles(model)
     assert set(roles) == set(model.state_dict())
     local = {k for k, r in roles.items() if r is Role.LOCAL}
-    assert local and all(k.startswith("moe.local_experts.") for k in local)
+    assert local and all(k.startswith("moe.local_experts.") for k in local - {"prior.log_prior"})
+    assert "prior.log_prior" in local  # the personal label prior (a buffer)
     assert {k for k, r in roles.items() if r is Role.GATE} == {"moe.gate.proj.weight", "moe.gate.proj.bias"}
 
 

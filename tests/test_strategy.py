@@ -54,8 +54,11 @@ def test_calibrated_plan_spends_the_budget_exactly_over_the_planned_rounds(book)
         assert plan.rounds_allowed == 3
         assert SMALL.target_epsilon - 0.01 <= spent <= SMALL.target_epsilon
         assert plan.delta < 1 / plan.num_train
-        # independent recomputation from the parameters sent
-        assert spent == pytest.approx(epsilon([plan.entry(1).segment] * 3, plan.delta))
+        # independent recomputation from the parameters sent: the label histogram (σ_h, one
+        # q=1 step) with the first round, then three rounds of DP-SGD
+        assert plan.prior_noise > 0
+        sent = [(plan.prior_noise, 1.0, 1), *[plan.entry(1).segment] * 3]
+        assert spent == pytest.approx(epsilon(sent, plan.delta))
     queries = [m for m in grid.sent if m.metadata.message_type == "query"]
     assert len(queries) == 3  # each client queried once, before its first round
 
@@ -312,7 +315,8 @@ def test_every_epsilon_reported_is_the_server_ledgers(book):
     strategy = FedMoE(SMALL, book=book)
     strategy.start(grid, initial(), num_rounds=2)
     for rec in strategy.history:
-        ledger = {c: book.trajectory(c)[rec.server_round - 1][1] for c in strategy.plans}
+        ledger = {c: [e for r, e in book.trajectory(c) if r == rec.server_round][-1]
+                  for c in strategy.plans}
         assert rec.epsilon == pytest.approx(ledger, rel=1e-12)
 
 
