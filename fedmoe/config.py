@@ -19,17 +19,19 @@ from functools import lru_cache
 from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv")
-MODELS = ("moe", "hmoe", "mtmoe", "tmoe")
+MODELS = ("moe", "lmoe", "hmoe", "mtmoe", "tmoe")
 GATES = ("linear", "attention")
 DISPATCHES = ("dense", "sparse")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "bookkeeping")
 #: (dispatch, grad-sample-mode) that ``auto`` picks per model: the fastest correct pair in a
 #: measured DP round of the model at its defaults (docs/benchmarks.md).
-FASTEST = {"moe": ("dense", "bookkeeping"), "hmoe": ("dense", "bookkeeping"),
+FASTEST = {"moe": ("dense", "bookkeeping"), "lmoe": ("dense", "bookkeeping"),
+           "hmoe": ("dense", "bookkeeping"),
            "mtmoe": ("dense", "bookkeeping"), "tmoe": ("sparse", "bookkeeping")}
 DATASETS = ("auto", "digits", "pystdlib", "synthetic")
 #: The data set each model trains on (``dataset = "auto"``).
-MODEL_DATASET = {"moe": "digits", "hmoe": "digits", "mtmoe": "digits", "tmoe": "pystdlib"}
+MODEL_DATASET = {"moe": "digits", "lmoe": "digits", "hmoe": "digits", "mtmoe": "digits",
+                 "tmoe": "pystdlib"}
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 #: Ways of training and sharing a model (:mod:`fedmoe.methods`).
 METHODS = ("fedmoe", "local", "fedavg", "fedper")
@@ -169,7 +171,8 @@ class FedMoEConfig:
     mlp_width : int (default: 288)
         Hidden width of the baselines' MLP (in -> width -> classes: 75·width + 10
         parameters on 64 features; 288 gives 21,610, about the 21,710 shared + gate
-        parameters of the default ``moe``; 64 is the 4,810-parameter MLP 64-64-10).
+        parameters of the default ``moe``; 64 is the 4,810-parameter MLP 64-64-10); 0 = a
+        linear classifier (650 parameters; not for ``fedper``, which shares a body).
     evaluate_on : str (default: "test")
         ``test`` (each client's own test split) or ``validation``: a share
         ``validation-fraction`` of each client's training split is held out and scored
@@ -347,7 +350,10 @@ class FedMoEConfig:
         """Checks of the method, evaluation-split and generated-data keys."""
         checks = [
             (self.method in METHODS, f"method must be one of {METHODS}"),
-            (1 <= self.mlp_width <= MAX_WIDTH, f"mlp-width must be in [1, {MAX_WIDTH:,}]"),
+            (0 <= self.mlp_width <= MAX_WIDTH,
+             f"mlp-width must be in [0, {MAX_WIDTH:,}] (0 = a linear classifier)"),
+            (self.mlp_width > 0 or self.method != "fedper",
+             "method 'fedper' needs a body to share: mlp-width must be >= 1"),
             (self.evaluate_on in EVALUATE_ON, f"evaluate-on must be one of {EVALUATE_ON}"),
             (0.0 < self.validation_fraction < 1.0, "validation-fraction must be in (0, 1)"),
             (1 <= self.classes_per_client <= MAX_COUNT,

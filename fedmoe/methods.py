@@ -36,7 +36,8 @@ MLP_IN, MLP_CLASSES = 64, 10
 
 
 class MLPClassifier(nn.Module):
-    """The baselines' dense classifier: x (B, in) -> ReLU(body) (B, width) -> head (B, C).
+    """The baselines' dense classifier: x (B, in) -> ReLU(body) (B, width) -> head (B, C),
+    or with ``width`` 0 a linear classifier x (B, in) -> head (B, C) (no body).
 
     Returns ``(logits, aux)`` like every fedmoe model, ``aux`` (B,) zeros (no router).
     Roles are set by the method (:data:`METHOD_SPECS`), not here.
@@ -46,11 +47,11 @@ class MLPClassifier(nn.Module):
 
     def __init__(self, in_features: int, width: int, num_classes: int) -> None:
         super().__init__()
-        self.body = nn.Linear(in_features, width)
-        self.head = nn.Linear(width, num_classes)
+        self.body = nn.Linear(in_features, width) if width else None
+        self.head = nn.Linear(width or in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.relu(self.body(x))  # (B, width)
+        h = x if self.body is None else F.relu(self.body(x))  # (B, width or in)
         return self.head(h), x.new_zeros(x.shape[0])  # (B, C), (B,)
 
 

@@ -137,7 +137,7 @@ def moe_parameters(h: int) -> int:
     return trunk + head + router + 4 * expert
 
 
-@pytest.mark.parametrize("model", ["moe", "hmoe", "mtmoe", "tmoe"])
+@pytest.mark.parametrize("model", ["moe", "lmoe", "hmoe", "mtmoe", "tmoe"])
 def test_parameter_count_is_the_built_models(model):
     config = FedMoEConfig(model=model, hidden_dim=32, num_heads=2)
     built = build_model(config.model, **run_overrides(config))

@@ -15,7 +15,8 @@ from tests.test_models import CASES, naive_per_sample_grads
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
-@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe", "tmoe-pretrain", "tmoe-finetune"])
+@pytest.mark.parametrize("name", ["moe", "lmoe", "hmoe", "mtmoe", "tmoe-pretrain",
+                                  "tmoe-finetune"])
 def test_ghost_clipping_gives_the_same_update_as_hooks(name, dispatch):
     model, (x, y), _, _ = CASES[name]("linear", dispatch)
     model = model.double()
@@ -37,7 +38,8 @@ def test_ghost_clipping_gives_the_same_update_as_hooks(name, dispatch):
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
-@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe", "tmoe-pretrain", "tmoe-finetune"])
+@pytest.mark.parametrize("name", ["moe", "lmoe", "hmoe", "mtmoe", "tmoe-pretrain",
+                                  "tmoe-finetune"])
 def test_bookkeeping_gives_the_same_update_as_hooks_with_one_backward(name, dispatch):
     """Linear, sparse experts and embeddings by their direct rules, LayerNorm through its
     materialised per-sample gradients: all against Opacus' hooks mode."""
@@ -61,7 +63,7 @@ def test_bookkeeping_gives_the_same_update_as_hooks_with_one_backward(name, disp
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
-@pytest.mark.parametrize("name", ["moe", "tmoe-pretrain", "tmoe-finetune"])
+@pytest.mark.parametrize("name", ["moe", "lmoe", "tmoe-pretrain", "tmoe-finetune"])
 def test_bookkeeping_update_equals_a_naive_clip_and_sum(name, dispatch):
     """An oracle with no Opacus and no book-keeping: each sample's gradient by its own
     backward pass, clipped to C as Opacus does, averaged over B, one SGD step."""

@@ -81,7 +81,7 @@ def test_prior_from_counts_matches_hand_computation():
     assert torch.equal(prior(logits), logits)
 
 
-@pytest.mark.parametrize("name", ["moe", "hmoe"])
+@pytest.mark.parametrize("name", ["moe", "lmoe", "hmoe"])
 def test_classifier_prior_is_local_and_switched_with_the_local_experts(name):
     model = build_model(name, num_local_experts=0).eval()
     roles = tensor_roles(model)

@@ -36,7 +36,7 @@ def expected_after_pull(state: dict, dispatch: str, fraction: float) -> dict:
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
-@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe", "tmoe-pretrain"])
+@pytest.mark.parametrize("name", ["moe", "lmoe", "hmoe", "mtmoe", "tmoe-pretrain"])
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])
 def test_pull_moves_only_local_experts_towards_the_shared_average(name, dispatch, fraction):
     model, _, _, _ = CASES[name]("linear", dispatch)

@@ -38,6 +38,12 @@ def moe_case(gate="linear", dispatch="dense"):
             _unused("moe.local_experts", 1, dispatch))
 
 
+def lmoe_case(gate="linear", dispatch="dense"):
+    model = build_model("lmoe", expert_hidden_dim=8, gate=gate, dispatch=dispatch, **AUX)
+    return (model, digits_batch(), lambda m: _starve(m.moe.gate, 3),
+            _unused("moe.local_experts", 1, dispatch))
+
+
 def hmoe_case(gate="linear", dispatch="dense"):
     model = build_model("hmoe", hidden_dim=16, expert_hidden_dim=8, num_groups=2,
                         experts_per_group=2, num_local_experts=2, group_top_k=2, top_k=1,
@@ -78,7 +84,7 @@ def _starve(router, expert):
 
 
 CASES = {
-    "moe": moe_case, "hmoe": hmoe_case, "mtmoe": mtmoe_case,
+    "moe": moe_case, "lmoe": lmoe_case, "hmoe": hmoe_case, "mtmoe": mtmoe_case,
     "tmoe-pretrain": lambda *a: tmoe_case("pretrain", *a),
     "tmoe-finetune": lambda *a: tmoe_case("finetune", *a),
 }
@@ -127,7 +133,7 @@ def test_per_sample_grads_match_naive_loop_with_an_unused_expert(name, gate, dis
     assert starved.abs().max() == 0  # present, and exactly zero
 
 
-@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe"])
+@pytest.mark.parametrize("name", ["moe", "lmoe", "hmoe", "mtmoe"])
 def test_functorch_mode_agrees_too(name):
     model, (x, y), _, _ = CASES[name]()
     model, x = model.double(), x.double()
@@ -267,7 +273,7 @@ def _to_sparse_layout(state: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["moe", "hmoe", "mtmoe", "tmoe-pretrain"])
+@pytest.mark.parametrize("name", ["moe", "lmoe", "hmoe", "mtmoe", "tmoe-pretrain"])
 def test_sparse_dispatch_computes_what_dense_dispatch_computes(name):
     """Same parameters (re-laid out), same outputs: dispatch changes cost, not the model."""
     dense, (x, _), _, _ = CASES[name]("linear", "dense")

@@ -3,6 +3,7 @@
 | name    | model                                   | data           | task                       |
 |---------|-----------------------------------------|----------------|----------------------------|
 | `moe`   | flat top-k MoE classifier               | digits         | classification             |
+| `lmoe`  | linear scores + top-k MoE over the scores | digits       | classification             |
 | `hmoe`  | deep MoE, hierarchical (2-level) gating | digits         | classification             |
 | `mtmoe` | multi-gate multi-task MoE               | digits (3 tasks) | multi-task, uncertainty-weighted |
 | `tmoe`  | Transformer with MoE feed-forward blocks | Python stdlib source | next-token pretraining, then classification |
@@ -32,13 +33,14 @@ from fedmoe.models.layers import (
     per_sample_balance_loss,
     set_use_local,
 )
-from fedmoe.models.moe import MoEClassifier, MoEConfig
+from fedmoe.models.moe import LMoEConfig, LogitMoEClassifier, MoEClassifier, MoEConfig
 from fedmoe.models.mtmoe import DIGIT_TASKS, MTMoEConfig, MultiTaskMoE
 from fedmoe.models.tmoe import TMoEConfig, TransformerMoE
 
 #: name -> (config dataclass, model class).
 MODELS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
     "moe": (MoEConfig, MoEClassifier),
+    "lmoe": (LMoEConfig, LogitMoEClassifier),
     "hmoe": (HMoEConfig, HierarchicalMoEClassifier),
     "mtmoe": (MTMoEConfig, MultiTaskMoE),
     "tmoe": (TMoEConfig, TransformerMoE),
@@ -86,6 +88,10 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
     }
     if config.model == "moe":
         return common | {"num_shared_experts": config.num_shared_experts}
+    if config.model == "lmoe":  # experts work on the class scores: hidden-dim is theirs
+        hidden = common.pop("hidden_dim")
+        return common | {"num_shared_experts": config.num_shared_experts,
+                         "expert_hidden_dim": hidden}
     if config.model == "hmoe":
         return common | {"num_groups": config.num_groups,
                          "experts_per_group": config.num_shared_experts,
@@ -110,6 +116,7 @@ def model_for(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
 __all__ = [
     "MODELS", "build_model", "model_config", "model_for", "run_overrides", "Expert", "Router",
     "TopKMoE", "HierarchicalMoE", "MultiGateMoE", "per_sample_balance_loss", "set_use_local",
-    "expert_usage", "MoEClassifier", "MoEConfig", "HierarchicalMoEClassifier", "HMoEConfig",
+    "expert_usage", "MoEClassifier", "MoEConfig", "LogitMoEClassifier", "LMoEConfig",
+    "HierarchicalMoEClassifier", "HMoEConfig",
     "MultiTaskMoE", "MTMoEConfig", "TransformerMoE", "TMoEConfig",
 ]
