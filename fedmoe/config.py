@@ -70,7 +70,7 @@ COUNT_KEYS = (("num_shared_experts", 1), ("num_local_experts", 0), ("top_k", 1),
               ("num_groups", 1), ("group_top_k", 1), ("expert_depth", 1), ("num_layers", 1),
               ("num_heads", 1), ("num_always_on_experts", 0))
 #: Keys that set the model's size (named in the "model too large" error when changed).
-SHAPE_KEYS = ("hidden-dim", "num-shared-experts", "num-local-experts", "num-groups",
+SHAPE_KEYS = ("hidden-dim", "expert-hidden-dim", "num-shared-experts", "num-local-experts", "num-groups",
               "expert-depth", "num-layers", "num-always-on-experts", "seq-len")
 
 
@@ -121,9 +121,11 @@ class FedMoEConfig:
         each client's budget allows. 0 means "calibrate σ from target-epsilon".
     accountant : str (default: "rdp")
         ``rdp`` or ``prv`` (Opacus accountants).
-    model : str (default: "moe")
-        ``moe`` (flat top-k), ``hmoe`` (hierarchical gating, deep experts), ``mtmoe``
-        (multi-task, one gate per task) or ``tmoe`` (Transformer-MoE on text).
+    model : str (default: "lmoe")
+        ``lmoe`` (linear class scores + top-k MoE over the scores: the model for DP on
+        small data), ``moe`` (flat top-k on an MLP trunk), ``hmoe`` (hierarchical gating,
+        deep experts), ``mtmoe`` (multi-task, one gate per task) or ``tmoe``
+        (Transformer-MoE on text).
     gate : str (default: "linear")
         Router kind: ``linear`` or ``attention`` (query attends over learned expert keys).
     dispatch : str (default: "auto")
@@ -132,8 +134,11 @@ class FedMoEConfig:
         model's fastest (:data:`FASTEST`).
     hidden_dim, num_shared_experts, num_local_experts, top_k
         Model shape (``hmoe``: experts per group, local experts in one extra group, top-k
-        inside a group). Mapped onto each model's own config dataclass in one place,
-        :func:`fedmoe.models.run_overrides`.
+        inside a group; ``lmoe`` has no trunk and ignores ``hidden-dim``). Mapped onto
+        each model's own config dataclass in one place, :func:`fedmoe.models.run_overrides`.
+    expert_hidden_dim : int (default: 0)
+        Hidden width of every expert; 0 = the model's own default (``lmoe`` 16, ``moe`` 64,
+        ``hmoe`` 32, ...).
     balance_coef, z_loss_coef : float (default: 0.01, 0.001)
         Weights of the per-sample router balance loss and router z-loss.
     local_pull : float (default: 0.3)
@@ -184,8 +189,8 @@ class FedMoEConfig:
     synthetic_samples : int (default: 20000)
         ``synthetic``: examples in the generated data set (scikit-learn's
         ``make_classification``, 64 features, 10 classes), shared out by ``partitioner``.
-    label_prior_share : float (default: 0.1)
-        Models with a personal label prior (``moe``, ``hmoe``): the share of each client's
+    label_prior_share : float (default: 0.25)
+        Models with a personal label prior (``lmoe``, ``moe``, ``hmoe``): the share of each client's
         ε budget that its one DP label histogram would cost on its own (σ_h calibrated to
         it); the histogram gives the client's prior on the logits (logit adjustment, see
         :mod:`fedmoe.models.prior`). Composed with DP-SGD it costs less than this share.
@@ -210,10 +215,11 @@ class FedMoEConfig:
     target_delta: float = 0.0
     noise_multiplier: float = 0.0
     accountant: str = "rdp"
-    model: str = "moe"
+    model: str = "lmoe"
     gate: str = "linear"
     dispatch: str = "auto"
     hidden_dim: int = 64
+    expert_hidden_dim: int = 0
     num_shared_experts: int = 2
     num_local_experts: int = 2
     top_k: int = 2
@@ -242,7 +248,7 @@ class FedMoEConfig:
     validation_fraction: float = 0.2
     classes_per_client: int = 2
     synthetic_samples: int = 20000
-    label_prior_share: float = 0.1
+    label_prior_share: float = 0.25
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -299,6 +305,11 @@ class FedMoEConfig:
                 self.dispatch in ("auto", *DISPATCHES),
                 f"dispatch must be one of {('auto', *DISPATCHES)}",
             ),
+            (self.expert_hidden_dim >= 0, "expert-hidden-dim must be >= 0 (0 = the model's own; "
+             "its upper bound is the model's parameter count)"),
+            (self.model != "lmoe" or self.hidden_dim <= MAX_WIDTH,
+             f"hidden-dim must be <= {MAX_WIDTH:,} (model 'lmoe' has no trunk and does not use "
+             "it: its experts' width is expert-hidden-dim)"),
             (self.hidden_dim >= 1, "hidden-dim must be >= 1 (its upper bound is the model's "
              "parameter count)"),
             *[(low <= getattr(self, name) <= MAX_COUNT,

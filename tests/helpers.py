@@ -13,7 +13,7 @@ from fedmoe.roles import split_state_dict
 # as flwr.simulation.run_simulation does.
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
 
-SMALL = FedMoEConfig(num_server_rounds=3, sample_rate=0.25, target_epsilon=4.0)
+SMALL = FedMoEConfig(num_server_rounds=3, sample_rate=0.25, target_epsilon=4.0, model="moe")
 
 
 def context(partition_id=0, num_partitions=3, **node_config) -> Context:

@@ -29,11 +29,11 @@ def test_unknown_key_is_named_with_the_valid_keys():
 @pytest.mark.parametrize("key,value,message", [
     ("sample-rate", 1.5, "sample-rate must be in"),
     ("target-epsilon", -1.0, "target-epsilon must be"),
-    ("top-k", 5, r"model 'moe': MoEConfig: top-k=5 exceeds the number of experts, 4 \(2 shared "
-                 r"\+ 2 local\)"),
+    ("top-k", 5, r"model 'lmoe': LMoEConfig: top-k=5 exceeds the number of experts, 4 \(2 "
+                 r"shared \+ 2 local\)"),
     ("model", "gpt", "model must be one of"),
     ("gate", "mlp", "gate must be one of"),
-    ("dataset", "pystdlib", "model 'moe' trains on dataset 'digits'"),
+    ("dataset", "pystdlib", "model 'lmoe' trains on dataset 'digits'"),
     ("group-top-k", 4, None),
     ("target-delta", 1.0, "target-delta must be in"),
     ("noise-multiplier", -0.5, "noise-multiplier must be finite and >= 0"),
@@ -145,20 +145,20 @@ def test_parameter_count_is_the_built_models(model):
 
 
 def test_model_too_large_is_refused_with_its_size_without_building_it():
-    assert parameter_count(FedMoEConfig()) == moe_parameters(64) == 38_350
+    assert parameter_count(FedMoEConfig(model="moe")) == moe_parameters(64) == 38_350
     h = 1_000_000_000
     count = moe_parameters(h)
     with pytest.raises(ConfigError) as err:
-        FedMoEConfig(hidden_dim=h)
+        FedMoEConfig(model="moe", hidden_dim=h)
     message = str(err.value)
     assert f"{count:.2e} parameters" in message and "hidden-dim=1,000,000,000" in message
     assert f"{4 * count / 1e12:.3g} TB" in message  # float32 bytes
     assert f"{MAX_PARAMETERS:.2e}" in message
     # the largest hidden-dim under the cap is accepted, the next one refused
     largest = (MAX_PARAMETERS - 270) // 595
-    FedMoEConfig(hidden_dim=largest)
+    FedMoEConfig(model="moe", hidden_dim=largest)
     with pytest.raises(ConfigError, match="parameters"):
-        FedMoEConfig(hidden_dim=largest + 1)
+        FedMoEConfig(model="moe", hidden_dim=largest + 1)
 
 
 @pytest.mark.parametrize("overrides,message", [

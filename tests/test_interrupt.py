@@ -90,7 +90,8 @@ def test_stop_writes_the_report_of_the_finished_rounds(tmp_path):
     # back, agrees with the report (a round sent before a stop would stay charged)
     with LedgerBook(tmp_path / "run" / LEDGER_FILE) as book:
         for client in book.clients():
-            assert [r for r, _ in book.trajectory(client)] == [1]
+            # round 1 only (a first round also charges the label histogram: two entries)
+            assert {r for r, _ in book.trajectory(client)} == {1}
     assert {p["client"]: p["rounds"] for p in results["privacy"]["clients"]} == {
         "partition-0": 1, "partition-1": 1, "partition-2": 1}
 

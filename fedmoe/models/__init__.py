@@ -88,10 +88,11 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
     }
     if config.model == "moe":
         return common | {"num_shared_experts": config.num_shared_experts}
-    if config.model == "lmoe":  # experts work on the class scores: hidden-dim is theirs
-        hidden = common.pop("hidden_dim")
-        return common | {"num_shared_experts": config.num_shared_experts,
-                         "expert_hidden_dim": hidden}
+    if config.expert_hidden_dim:  # 0 = the model config's own default
+        common["expert_hidden_dim"] = config.expert_hidden_dim
+    if config.model == "lmoe":  # no trunk width: the experts work on the class scores
+        del common["hidden_dim"]
+        return common | {"num_shared_experts": config.num_shared_experts}
     if config.model == "hmoe":
         return common | {"num_groups": config.num_groups,
                          "experts_per_group": config.num_shared_experts,

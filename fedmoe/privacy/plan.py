@@ -180,6 +180,9 @@ def plan_client(
         if label_prior and config.label_prior_share > 0 and not prior:
             prior_noise = _prior_noise(budget, config.label_prior_share, delta,
                                        config.accountant)
+        if math.isinf(prior_noise):  # a budget too small for even the histogram
+            return ClientPlan(client, num_train, budget, delta, config.accountant, q, steps,
+                              math.inf, 0, prior)
         spent = (*prior, prior_segment(prior_noise)) if prior_noise else prior
         if sigma == 0:
             sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
@@ -198,8 +201,14 @@ def plan_client(
 
 @lru_cache(maxsize=256)
 def _prior_noise(budget: float, share: float, delta: float, accountant: str) -> float:
-    """σ_h for one (budget, share, δ): clients alike share one calibration."""
-    return prior_noise_multiplier(budget, share, delta, accountant)
+    """σ_h for one (budget, share, δ): clients alike share one calibration; ``inf`` if no
+    σ_h can fit (a budget far too small)."""
+    try:
+        return prior_noise_multiplier(budget, share, delta, accountant)
+    except AccountingError:
+        raise
+    except ValueError:
+        return math.inf
 
 
 @lru_cache(maxsize=256)
