@@ -44,15 +44,26 @@ def epsilon_label(eps: float) -> str:
     return NON_PRIVATE if math.isinf(eps) else f"{eps:g}"
 
 
+#: A grid axis of bundles with this name labels the table rows instead of ``method`` (e.g.
+#: two settings of one method side by side: ``variant = [{name = "fedavg-linear", ...}]``).
+ROW_AXIS = "variant"
+
+
 def _setting(row: dict[str, Any], axes: Sequence[str]) -> str:
-    parts = [f"{a}={row[f'axis:{a}']}" for a in axes if a not in ("method", "target-epsilon")
-             and f"axis:{a}" in row]
+    parts = [f"{a}={row[f'axis:{a}']}" for a in axes
+             if a not in ("method", "target-epsilon", ROW_AXIS) and f"axis:{a}" in row]
     return ", ".join(parts) or "all runs"
 
 
+def _label(row: dict[str, Any]) -> str:
+    """A row's label in the tables: its ``variant`` bundle's name, else its method."""
+    return row.get(f"axis:{ROW_AXIS}") or row["method"]
+
+
 def _methods(rows: list[dict[str, Any]]) -> list[str]:
-    present = {r["method"] for r in rows}
-    return [m for m in METHODS if m in present]
+    """Row labels in order: the registry's methods first, then variants as they appear."""
+    present = list(dict.fromkeys(_label(r) for r in rows))
+    return [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
 
 
 def _epsilons(rows: list[dict[str, Any]]) -> list[float]:
@@ -68,7 +79,7 @@ def _by_setting(rows: list[dict[str, Any]], axes: Sequence[str]) -> dict[str, li
 
 
 def _cell(rows: list[dict[str, Any]], method: str, eps: float) -> list[dict[str, Any]]:
-    return [r for r in rows if r["method"] == method and float(r["target-epsilon"]) == eps]
+    return [r for r in rows if _label(r) == method and float(r["target-epsilon"]) == eps]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -187,3 +187,18 @@ def test_a_failing_run_does_not_end_the_grid(tiny, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(experiment, "run_one", real)
     assert main(["experiment", str(tiny), "--out", str(out)]) == 0  # retried, local skipped
     assert "1 already finished, 1 to run" in capsys.readouterr().err
+
+
+def test_a_variant_axis_labels_the_rows_instead_of_the_method():
+    from simulations.report import report_markdown
+
+    rows = [{"method": m, "axis:variant": v, "target-epsilon": "8.0",
+             "personalized_accuracy": str(a)}
+            for m, v, a in [("fedavg", "fedavg-linear", 0.9), ("fedavg", "fedavg-mlp", 0.8),
+                            ("fedmoe", "fedmoe", 0.95)]]
+    text = report_markdown(rows, ["target-epsilon", "variant"])
+    assert "## all runs" in text and "variant=" not in text  # one setting, not three
+    table = text.split("**Mean personalised accuracy", 1)[1]
+    assert "| fedavg-linear | 0.900" in table and "| fedavg-mlp | 0.800" in table
+    # the registry's names first (fedmoe), then other variants in order of appearance
+    assert table.index("| fedmoe |") < table.index("| fedavg-linear") < table.index("| fedavg-mlp")
