@@ -254,6 +254,9 @@ def test_steps_other_than_planned_are_refused(book):
     ("global_loss", -1.0, "negative"),
 ])
 def test_evaluate_counts_and_ranges_are_checked(book, field, value, match, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="flwr")  # other tests quieten Flower's logger
     strategy, arrays, sent = _first_round(book)
     messages = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), LocalGrid(2)))
     replies = LocalGrid(2).send_and_receive(messages)
