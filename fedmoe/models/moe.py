@@ -31,6 +31,15 @@ def check_positive(config, names: tuple[str, ...], nonnegative: tuple[str, ...] 
         raise ValueError(f"{type(config).__name__}: " + "; ".join(bad))
 
 
+def check_top_k(config) -> None:
+    """Raise ValueError if ``config.top_k`` exceeds its routed experts (shared + local)."""
+    experts = config.num_shared_experts + config.num_local_experts
+    if config.top_k > experts:
+        raise ValueError(f"{type(config).__name__}: top_k={config.top_k} exceeds the number of "
+                         f"experts, {experts} ({config.num_shared_experts} shared + "
+                         f"{config.num_local_experts} local)")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Shape of a :class:`MoEClassifier` (defaults fit scikit-learn's 8x8 digits)."""
@@ -51,11 +60,7 @@ class MoEConfig:
         check_positive(self, ("in_features", "num_classes", "hidden_dim", "expert_hidden_dim",
                               "num_shared_experts", "top_k"),
                        ("num_local_experts", "balance_coef", "z_loss_coef"))
-        if self.top_k > self.num_shared_experts + self.num_local_experts:
-            raise ValueError(
-                f"MoEConfig: top_k={self.top_k} exceeds the number of experts, "
-                f"{self.num_shared_experts + self.num_local_experts} ({self.num_shared_experts} "
-                f"shared + {self.num_local_experts} local)")
+        check_top_k(self)
 
 
 class ResidualMoEClassifier(nn.Module):
@@ -105,7 +110,8 @@ class MoEClassifier(ResidualMoEClassifier):
 class LMoEConfig:
     """Shape of a :class:`LogitMoEClassifier` (defaults fit scikit-learn's 8x8 digits).
 
-    ``expert_hidden_dim`` is the run config's ``hidden-dim`` for this model.
+    ``expert_hidden_dim`` is the run config's ``expert-hidden-dim`` (this model has no
+    trunk width: ``hidden-dim`` does not apply).
     """
 
     in_features: int = 64
@@ -123,11 +129,7 @@ class LMoEConfig:
         check_positive(self, ("in_features", "num_classes", "expert_hidden_dim",
                               "num_shared_experts", "top_k"),
                        ("num_local_experts", "balance_coef", "z_loss_coef"))
-        experts = self.num_shared_experts + self.num_local_experts
-        if self.top_k > experts:
-            raise ValueError(f"LMoEConfig: top_k={self.top_k} exceeds the number of experts, "
-                             f"{experts} ({self.num_shared_experts} shared + "
-                             f"{self.num_local_experts} local)")
+        check_top_k(self)
 
 
 class LogitMoEClassifier(nn.Module):

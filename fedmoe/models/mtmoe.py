@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.models.layers import MultiGateMoE
-from fedmoe.models.moe import check_positive
+from fedmoe.models.moe import check_positive, check_top_k
 from fedmoe.models.tasks import MultiTask
 from fedmoe.roles import Role, set_role
 
@@ -50,11 +50,7 @@ class MTMoEConfig:
                        ("num_local_experts", "balance_coef", "z_loss_coef"))
         if not self.tasks or any(c < 2 for _, c in self.tasks):
             raise ValueError("MTMoEConfig: tasks must be non-empty, each with >= 2 classes")
-        if self.top_k > self.num_shared_experts + self.num_local_experts:
-            raise ValueError(
-                f"MTMoEConfig: top_k={self.top_k} exceeds the number of experts, "
-                f"{self.num_shared_experts + self.num_local_experts} ({self.num_shared_experts} "
-                f"shared + {self.num_local_experts} local)")
+        check_top_k(self)
 
 
 class MultiTaskMoE(nn.Module):
