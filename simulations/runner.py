@@ -175,7 +175,7 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
     from fedmoe.data import check_split
     from fedmoe.privacy.accountant import steps_per_epoch
     from fedmoe.privacy.plan import client_sample_rate
-    from fedmoe.reporting import check_run_folder, resolve_run_dir
+    from fedmoe.reporting import RESULTS, check_run_folder, resolve_run_dir
 
     if not 1 <= num_clients <= MAX_CLIENTS:
         raise ConfigError(f"--clients must be in [1, {MAX_CLIENTS:,}], got {num_clients:,}")
@@ -206,6 +206,11 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
             )
     run_dir = resolve_run_dir(config)
     check_run_folder(run_dir)  # an earlier run's ledger must verify (read-only)
+    if (run_dir / RESULTS).exists():
+        raise ConfigError(
+            f"--out {run_dir}: holds the results of an earlier run ({RESULTS}); fedmoe does "
+            "not overwrite a finished run. Choose a new --out (continuing a run in its own "
+            "folder is not supported yet)")
     check_run_dir(run_dir)  # last: it creates the folder
     return config.replace(run_dir=str(run_dir))
 
@@ -227,7 +232,7 @@ def check_run_dir(run_dir: Path) -> None:
     if not existing.is_dir():
         where = "" if existing == run_dir else f" (its parent {existing} is a file)"
         raise ConfigError(f"--out {run_dir}: is a file, not a folder{where}; choose another "
-                          "--out (a new or an existing run folder)")
+                          "--out (a new folder)")
     for name in ("ledger.sqlite", "results.json"):
         if (run_dir / name).is_dir():
             raise ConfigError(f"--out {run_dir}: {run_dir / name} is a folder; choose another "

@@ -203,3 +203,17 @@ def test_real_command_line_refuses_before_anything_starts(tmp_path, argv, messag
     code, err, seconds = fedmoe("simulate", "--out", str(out), *argv)
     _check_refusal(code, err, out, message, absent)
     assert seconds < 60  # before Ray or any data set is started (a run takes longer)
+
+
+def test_a_finished_run_folder_is_never_overwritten(tmp_path):
+    """A second simulate into a folder with results.json is refused before anything starts,
+    and the earlier results stay byte-identical."""
+    from fedmoe.privacy import LEDGER_FILE, LedgerBook
+
+    run = tmp_path / "run"
+    run.mkdir()
+    LedgerBook(run / LEDGER_FILE).close()  # the earlier run's (valid) ledger
+    (run / "results.json").write_text('{"earlier": true}')
+    with pytest.raises(ConfigError, match="holds the results of an earlier run"):
+        preflight(FedMoEConfig(run_dir=str(run)), 3)
+    assert (run / "results.json").read_text() == '{"earlier": true}'
