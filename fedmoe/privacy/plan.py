@@ -203,12 +203,7 @@ def plan_client(
 def _prior_noise(budget: float, share: float, delta: float, accountant: str) -> float:
     """σ_h for one (budget, share, δ): clients alike share one calibration; ``inf`` if no
     σ_h can fit (a budget far too small)."""
-    try:
-        return prior_noise_multiplier(budget, share, delta, accountant)
-    except AccountingError:
-        raise
-    except ValueError:
-        return math.inf
+    return _or_inf(prior_noise_multiplier, budget, share, delta, accountant)
 
 
 @lru_cache(maxsize=256)
@@ -216,8 +211,14 @@ def _calibrate(budget: float, delta: float, q: float, steps: int, accountant: st
                prior: tuple[Segment, ...]) -> float:
     """σ for one (budget, δ, q, steps, prior) — clients alike share one calibration.
     ``inf`` if the prior spend leaves no room."""
+    return _or_inf(calibrate_noise, budget, delta, q, steps, accountant, prior=prior)
+
+
+def _or_inf(calibrate, *args, **kwargs) -> float:
+    """A calibration's σ, or ``inf`` where no σ fits the budget (its ValueError); an
+    :class:`AccountingError` (the accountant cannot price it) propagates."""
     try:
-        return calibrate_noise(budget, delta, q, steps, accountant, prior=prior)
+        return calibrate(*args, **kwargs)
     except AccountingError:
         raise
     except ValueError:
