@@ -29,9 +29,11 @@ from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
 from fedmoe.data.text import unigram_perplexity
 from fedmoe.methods import method_model
+from fedmoe.models.layers import decide_experts
 from fedmoe.models.prior import LabelPrior, label_priors
 from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error, secret_generator
 from fedmoe.privacy.label_prior import noisy_label_counts
+from fedmoe.privacy.plan import gradient_noise_scale
 from fedmoe.records import (
     ARRAYS,
     BAD_MESSAGE,
@@ -106,6 +108,8 @@ def train(msg: Message, context: Context) -> Message:
         except LedgerError as err:
             return _refuse(msg, LEDGER_UNUSABLE, str(err))
     set_label_prior(priors, data.train, plan, config)
+    decide_experts(model, gradient_noise_scale(plan.noise_multiplier, plan.sample_rate,
+                                               len(data.train)), config.expert_noise_limit)
 
     if plan.private:
         result = train_dp_round(

@@ -57,6 +57,7 @@ MAX_COUNT = 1_024  # experts, groups, layers, heads, depth
 MAX_SEQ_LEN = 8_192
 MAX_WINDOWS = 10_000_000
 MAX_SEED = 2**32 - 1
+MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
 MAX_WIDTH = 100_000  # mlp-width: at most 7.4M parameters on digits
 MAX_SYNTHETIC = 10_000_000  # generated examples (about 2.6 GB of float32 features)
 #: The largest model (trainable parameters) fedmoe builds: 50 M float32 parameters are
@@ -146,6 +147,15 @@ class FedMoEConfig:
         the average of its layer's shared experts (0 = off, 1 = a copy of it). It uses no
         data, so it costs no privacy; without it the DP noise on local experts, which no
         aggregation averages out, piles up round after round.
+    expert_noise_limit : float (default: 0.1)
+        Models with an expert switch (``lmoe``): a DP client trains its MoE experts and
+        router only if the noise on its averaged clipped gradient per step, in units of
+        the clipping bound, ν = σ / (q · n) (σ its noise multiplier, q its sample rate,
+        n its training examples), is at most this; otherwise it freezes them (no clipping
+        budget, no noise spent on them) and its model is the linear scores with its label
+        prior. Decided once, at the client's first round, and kept with its local tensors.
+        0 = never train the experts under DP; non-private runs always train them. How
+        the default was chosen: docs/results.md.
     num_groups, group_top_k, expert_depth : int (default: 2, 1, 2)
         ``hmoe``: groups of shared experts, groups picked per token, layers per expert.
     num_layers, num_heads, num_always_on_experts, seq_len : int (default: 2, 4, 1, 64)
@@ -226,6 +236,7 @@ class FedMoEConfig:
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     local_pull: float = 0.3
+    expert_noise_limit: float = 0.1
     num_groups: int = 2
     group_top_k: int = 1
     expert_depth: int = 2
@@ -319,6 +330,9 @@ class FedMoEConfig:
             (0.0 <= self.z_loss_coef <= MAX_LOSS_COEF,
              f"z-loss-coef must be in [0, {MAX_LOSS_COEF:g}]"),
             (0.0 <= self.local_pull <= 1.0, "local-pull must be in [0, 1]"),
+            (0.0 <= self.expert_noise_limit <= MAX_NOISE_LIMIT,
+             f"expert-noise-limit must be in [0, {MAX_NOISE_LIMIT:g}] (0 = experts never "
+             "train under DP)"),
             (0 <= self.pretrain_rounds <= MAX_ROUNDS,
              f"pretrain-rounds must be in [0, {MAX_ROUNDS:,}]"),
             (2 <= self.seq_len <= MAX_SEQ_LEN, f"seq-len must be in [2, {MAX_SEQ_LEN:,}]"),

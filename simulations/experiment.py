@@ -440,7 +440,8 @@ def run_grid(
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # no forked torch/Ray state
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_one, run, out / "runs" / run.run_id, grid.engine,
                                    grid.threads): run for run in pending}
             for future in as_completed(futures):
@@ -455,6 +456,20 @@ def run_grid(
     if failures:
         raise GridRunError(failures)
     return [rows[r.run_id] for r in grid.runs]
+
+
+def _die_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
+    """Worker initialiser: exit as soon as the grid's process is gone (killed by SIGTERM or
+    SIGKILL, which Python cannot forward), so no orphan goes on computing a run nobody
+    collects. The run it was in leaves no ``row.json`` and is redone on the next invocation."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 class GridRunError(RuntimeError):

@@ -202,3 +202,55 @@ def test_a_variant_axis_labels_the_rows_instead_of_the_method():
     assert "| fedavg-linear | 0.900" in table and "| fedavg-mlp | 0.800" in table
     # the registry's names first (fedmoe), then other variants in order of appearance
     assert table.index("| fedmoe |") < table.index("| fedavg-linear") < table.index("| fedavg-mlp")
+
+
+@pytest.mark.slow
+def test_killing_the_grid_process_leaves_no_worker_running(tmp_path):
+    """SIGKILL of `fedmoe experiment --jobs 2` (no handler can run): its workers notice the
+    parent is gone and exit; the runs in progress have no row.json and are redone later."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = tmp_path / "slow.toml"
+    grid.write_text(TINY.replace("num-server-rounds = 1", "num-server-rounds = 50"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "experiment", str(grid),
+                             "--out", str(out), "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(stat[1]) == proc.pid and "spawn_main" in open(
+                        f"/proc/{entry}/cmdline").read().replace("\0", " "):
+                    found.append(int(entry))
+        return found
+
+    try:
+        deadline = time.time() + 300  # spawning two torch workers is slow on a busy machine
+        while len(workers := children()) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(workers) == 2, "the grid never started its two workers"
+        while len(list(out.glob("runs/*"))) < 2 and time.time() < deadline:
+            time.sleep(0.5)  # both workers are inside a run
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 300
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and
+                                         open(f"/proc/{w}/stat").read().rsplit(")", 1)[1]
+                                         .split()[0] != "Z" for w in workers):
+        time.sleep(0.5)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+             and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    for w in alive:  # never leave them behind, even when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"orphaned grid workers still running: {alive}"
+    assert not list(out.glob(f"runs/*/{ROW}"))

@@ -370,6 +370,57 @@ def pull_local_experts(model: nn.Module, fraction: float) -> None:
         layer.pull_local_experts(fraction)
 
 
+class ExpertSwitch(nn.Module):
+    """A client's decision whether its model's MoE part trains and runs (``expert-noise-limit``).
+
+    A ``local`` buffer ``state`` (()): -1 undecided (the experts run), 1 on, 0 off. The
+    client decides once, at its first DP round, from its own noise scale
+    ν = σ / (q · n) (:func:`fedmoe.privacy.plan.gradient_noise_scale`), and keeps the
+    decision with its local tensors. The model owning the switch skips its MoE part while
+    it is off; :func:`decide_experts` also freezes that part, so DP-SGD neither clips nor
+    noises it (frozen tensors are not in the released update's book-keeping).
+    """
+
+    def __init__(self, guarded: nn.Module) -> None:
+        super().__init__()
+        set_role(self, Role.LOCAL)
+        self.register_buffer("state", torch.tensor(-1.0))
+        self._guarded = [guarded]  # a list: not registered as a submodule twice
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.state != 0)
+
+    @property
+    def decided(self) -> bool:
+        return bool(self.state >= 0)
+
+    def set(self, on: bool) -> None:
+        """Record the decision and (un)freeze the guarded part accordingly."""
+        self.state.fill_(1.0 if on else 0.0)
+        self.apply_state()
+
+    def apply_state(self) -> None:
+        """Freeze the guarded part while the switch is off (call after loading state)."""
+        self._guarded[0].requires_grad_(self.enabled)
+
+
+def expert_switches(model: nn.Module) -> list[ExpertSwitch]:
+    return [m for m in model.modules() if isinstance(m, ExpertSwitch)]
+
+
+def decide_experts(model: nn.Module, noise_scale: float, limit: float) -> bool | None:
+    """Decide, once, whether ``model``'s switched MoE part trains: on iff the client's noise
+    scale ν = σ/(q·n) is ≤ ``limit`` (ν = 0 for a non-private round). A decision already
+    held in the model's local state is kept. Returns the decision (None: no switch)."""
+    switches = expert_switches(model)
+    for switch in switches:
+        if not switch.decided:
+            switch.set(noise_scale <= limit)
+        switch.apply_state()
+    return switches[0].enabled if switches else None
+
+
 def set_use_local(model: nn.Module, enabled: bool) -> None:
     """Route over local experts too and apply the personal label prior (personalised), or
     use the shared parts only (global-only)."""

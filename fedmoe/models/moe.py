@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.config import DISPATCHES, GATES
-from fedmoe.models.layers import TopKMoE
+from fedmoe.models.layers import ExpertSwitch, TopKMoE
 from fedmoe.models.prior import LabelPrior
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
@@ -146,6 +146,11 @@ class LogitMoEClassifier(nn.Module):
     clients. A linear trunk (650 parameters on digits) is what a DP linear classifier
     would learn; the experts work in the 10-dimensional score space, so a local expert
     costs 346 parameters (hidden 16) instead of the 8,320 of ``moe``'s.
+
+    Where DP noise would swamp even these (a client's ν = σ/(q·n) above
+    ``expert-noise-limit``), the client's :class:`~fedmoe.models.layers.ExpertSwitch`
+    turns the MoE part off and freezes it: the model is then the shared linear scores
+    with the client's label prior, the strongest model such a noise level affords.
     """
 
     task = Classification()
@@ -167,8 +172,11 @@ class LogitMoEClassifier(nn.Module):
             z_loss_coef=config.z_loss_coef,
         )
         self.prior = LabelPrior(config.num_classes)
+        self.switch = ExpertSwitch(self.moe)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.trunk(x)  # (B, C)
+        if not self.switch.enabled:  # experts off for this client: scores + prior
+            return self.prior(z), x.new_zeros(x.shape[0])  # (B, C), (B,)
         m, aux = self.moe(z)  # (B, C), (B,)
         return self.prior(z + m), aux  # (B, C), (B,)

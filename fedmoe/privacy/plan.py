@@ -77,6 +77,27 @@ def client_sample_rate(config: FedMoEConfig, num_train: int) -> float:
     return config.sample_rate
 
 
+def gradient_noise_scale(noise_multiplier: float, sample_rate: float, num_train: int) -> float:
+    """ν = σ / (q · n): the standard deviation of the Gaussian noise on a client's averaged
+    clipped gradient per DP-SGD step, in units of the clipping bound C (the noise σC is
+    added to a sum of about q·n clipped per-sample gradients). 0 for a non-private round.
+
+    Every coordinate of the update gets noise of this size whatever the model, while the
+    signal per coordinate shrinks as more coordinates share the clipping budget: the rule
+    behind ``expert-noise-limit``. It reads n, which fedmoe treats as public (the plan's σ
+    is calibrated from it, docs/architecture.md).
+
+    Raises
+    ------
+    ValueError
+        If σ < 0, q not in (0, 1] or n < 1.
+    """
+    if noise_multiplier < 0 or not 0 < sample_rate <= 1 or num_train < 1:
+        raise ValueError(f"need σ >= 0, q in (0, 1], n >= 1; got σ={noise_multiplier}, "
+                         f"q={sample_rate}, n={num_train}")
+    return noise_multiplier / (sample_rate * num_train)
+
+
 @dataclass(frozen=True)
 class ClientPlan:
     """One client's DP parameters for the run.
