@@ -18,7 +18,7 @@ from fedmoe.config import METHODS
 
 #: (column, title, format) of the report's tables, one table per setting each.
 TABLES = (
-    ("personalized_accuracy", "Mean personalised accuracy (own test split)", "{:.3f}"),
+    ("personalized_accuracy", "Mean personalised accuracy", "{:.3f}"),
     ("personalized_accuracy_worst_decile", "Worst-decile personalised accuracy "
      "(mean of the worst ⌈10 %⌉ of clients)", "{:.3f}"),
     ("global_accuracy", "Global-only accuracy (without local tensors; – where the method "
@@ -92,7 +92,7 @@ def report_markdown(rows: list[dict[str, Any]], axes: Sequence[str]) -> str:
     lines = ["# Experiment report", "",
              f"{len(rows)} runs. Each entry: mean ± std over seeds (n = seeds). ε is each "
              "client's budget; ε = ∞ is a **non-private** run (plain SGD: no clipping, no "
-             "noise, no ledger).", ""]
+             f"noise, no ledger). Accuracies are on {scored_on(rows)}.", ""]
     for setting, group in _by_setting(rows, axes).items():
         lines += [f"## {setting}", ""]
         methods, epsilons = _methods(group), _epsilons(group)
@@ -202,7 +202,19 @@ def summary_table(rows: list[dict[str, Any]], axes: Sequence[str], setting: str 
     report = report_markdown(groups[setting], axes)
     title = f"**{TABLES[0][1]}**"
     table = report.split(title, 1)[1].split("\n\n", 2)[1]
-    return f"{setting}: {TABLES[0][1].lower()}, mean ± std over seeds.\n\n{table}\n"
+    return (f"{setting}: {TABLES[0][1].lower()} on {scored_on(groups[setting])}, mean ± std "
+            f"over seeds.\n\n{table}\n")
+
+
+def scored_on(rows: list[dict[str, Any]]) -> str:
+    """Which split the rows' accuracies were measured on (their ``evaluate-on``)."""
+    kinds = {r.get("evaluate-on") or "test" for r in rows}
+    if kinds == {"validation"}:
+        return ("each client's validation split (held out of its training split; the test "
+                "split untouched)")
+    if kinds == {"test"}:
+        return "each client's own test split"
+    return "each client's test or validation split (see the evaluate-on column)"
 
 
 def splice(path: Path, text: str) -> None:

@@ -121,7 +121,8 @@ def client_table(results: dict[str, Any]) -> Table:
     extra = [k for k in ("personalized-perplexity", "global-perplexity", "unigram-perplexity")
              if any(k in c for c in clients)]
     extra += sorted({k for c in clients for k in c if k.startswith("personalized-task-")})
-    table = Table(title="Per-client results (own test split)")
+    split = results.get("config", {}).get("evaluate-on", "test")
+    table = Table(title=f"Per-client results (own {split} split)")
     columns = ["client", "personalised acc", "global-only acc",
                *[k.replace("personalized-", "pers. ").replace("-accuracy", " acc")
                  .replace("global-", "global ").replace("unigram-", "unigram ") for k in extra],

@@ -254,3 +254,15 @@ def test_killing_the_grid_process_leaves_no_worker_running(tmp_path):
         os.kill(w, signal.SIGKILL)
     assert not alive, f"orphaned grid workers still running: {alive}"
     assert not list(out.glob(f"runs/*/{ROW}"))
+
+
+def test_report_names_the_split_the_accuracies_were_scored_on():
+    from simulations.report import scored_on, summary_table
+    row = {"method": "fedavg", "target-epsilon": "8.0", "seed": "1",
+           "personalized_accuracy": "0.5"}
+    validation = [dict(row, **{"evaluate-on": "validation"})]
+    assert "validation split" in report_markdown(validation, ["method"])
+    assert "validation split" in summary_table(validation, ["method"])
+    assert "test split" in report_markdown([dict(row, **{"evaluate-on": "test"})], ["method"])
+    assert "see the evaluate-on column" in scored_on(
+        [dict(row, **{"evaluate-on": "test"}), *validation])
