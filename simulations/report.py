@@ -189,6 +189,9 @@ def _save(fig: Any, path: Path) -> None:
 
 
 README_BEGIN, README_END = "<!-- experiment-results:begin -->", "<!-- experiment-results:end -->"
+#: Where ``--results-md`` puts the report in a page that has these markers (the rest of the
+#: page, e.g. how the settings were chosen, is kept).
+REPORT_BEGIN, REPORT_END = "<!-- grid-report:begin -->", "<!-- grid-report:end -->"
 
 
 def summary_table(rows: list[dict[str, Any]], axes: Sequence[str], setting: str | None = None,
@@ -217,8 +220,8 @@ def scored_on(rows: list[dict[str, Any]]) -> str:
     return "each client's test or validation split (see the evaluate-on column)"
 
 
-def splice(path: Path, text: str) -> None:
-    """Replace what is between the README markers in ``path`` with ``text``.
+def splice(path: Path, text: str, begin: str = README_BEGIN, end: str = README_END) -> None:
+    """Replace what is between the markers ``begin`` and ``end`` in ``path`` with ``text``.
 
     Raises
     ------
@@ -226,11 +229,11 @@ def splice(path: Path, text: str) -> None:
         If the markers are missing.
     """
     content = path.read_text()
-    if README_BEGIN not in content or README_END not in content:
-        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} markers")
-    head, rest = content.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    path.write_text(f"{head}{README_BEGIN}\n{text}{README_END}{tail}")
+    if begin not in content or end not in content:
+        raise ValueError(f"{path} has no {begin} ... {end} markers")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__.split(";")[0])
     parser.add_argument("out", type=Path, help="an experiment folder (with results.csv)")
     parser.add_argument("--results-md", type=Path, default=None,
-                        help="also write the report here (e.g. docs/results.md)")
+                        help="also write the report here (e.g. docs/results.md); a page "
+                             f"with {REPORT_BEGIN} ... {REPORT_END} markers keeps the rest")
     parser.add_argument("--command", default="",
                         help="the command that produced the grid, quoted in --results-md")
     parser.add_argument("--readme", type=Path, default=None,
@@ -258,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_all(rows, axes, args.out)
     if args.results_md:
         command = f"Produced by `{args.command}`.\n\n" if args.command else ""
-        args.results_md.write_text(text.replace("\n", f"\n\n{command}", 1) if command else text)
+        page = text.replace("\n", f"\n\n{command}", 1) if command else text
+        if args.results_md.is_file() and REPORT_BEGIN in args.results_md.read_text():
+            body = page.split("\n", 1)[1].replace("\n## ", "\n### ")  # under the page's heading
+            splice(args.results_md, body, REPORT_BEGIN, REPORT_END)
+        else:
+            args.results_md.write_text(page)
     if args.readme:
         splice(args.readme, summary_table(rows, axes, args.setting)
                + (f"\nFrom `{args.command}` ([docs/results.md](docs/results.md)).\n"

@@ -266,3 +266,21 @@ def test_report_names_the_split_the_accuracies_were_scored_on():
     assert "test split" in report_markdown([dict(row, **{"evaluate-on": "test"})], ["method"])
     assert "see the evaluate-on column" in scored_on(
         [dict(row, **{"evaluate-on": "test"}), *validation])
+
+
+def test_results_page_keeps_its_text_outside_the_report_markers(tmp_path):
+    from simulations.experiment import write_csv
+    from simulations.report import REPORT_BEGIN, REPORT_END
+    from simulations.report import main as report_main
+    rows = [{"axis:method": m, "method": m, "target-epsilon": 8.0, "seed": s,
+             "personalized_accuracy": a, "evaluate-on": "test", "round_accuracy": "[]",
+             "client_accuracy": "[]"}
+            for m, s, a in [("fedavg", 1, 0.5), ("fedavg", 2, 0.7), ("local", 1, 0.4)]]
+    write_csv(tmp_path / CSV, rows)
+    page = tmp_path / "results.md"
+    page.write_text(f"# Results\n\nHow we chose.\n\n{REPORT_BEGIN}\nold\n{REPORT_END}\n\nEnd.\n")
+    assert report_main([str(tmp_path), "--results-md", str(page), "--command", "CMD"]) == 0
+    text = page.read_text()
+    assert text.startswith("# Results\n\nHow we chose.") and text.endswith("End.\n")
+    assert "old" not in text and "Produced by `CMD`" in text
+    assert "0.600 ± 0.141 (n=2)" in text  # fedavg at ε=8: mean, sample std of 0.5, 0.7
