@@ -15,21 +15,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedmoe.config import ConfigError, FedMoEConfig
-from fedmoe.privacy.audit import AuditResult, audit_server_view, audit_white_box
+from fedmoe.privacy.audit import (
+    AuditResult,
+    audit_server_view,
+    audit_white_box,
+    check_audit,
+)
 
 AUDIT_JSON, AUDIT_TABLE, AUDIT_PLOT = "audit.json", "audit.md", "audit.png"
 KINDS = ("white-box", "server")
 
 
-def plan_audits(config: FedMoEConfig, models: Sequence[str],
-                epsilons: Sequence[float]) -> list[FedMoEConfig]:
-    """One validated config per (model, ε); nothing runs.
+def plan_audits(config: FedMoEConfig, models: Sequence[str], epsilons: Sequence[float], *,
+                canaries: int, num_clients: int, breakage: str = "none",
+                confidence: float = 0.95) -> list[FedMoEConfig]:
+    """One validated config per (model, ε), every audit setting checked; nothing runs and
+    nothing is written.
 
     Raises
     ------
     ConfigError
-        For an invalid model or ε (the config's own checks), a non-finite ε, or an empty
-        list.
+        For an invalid model or ε (the config's own checks), a non-finite ε, an empty
+        list, or an audit setting out of range (:func:`~fedmoe.privacy.audit.check_audit`).
     """
     if not models or not epsilons:
         raise ConfigError("--models and --epsilons need at least one value each")
@@ -39,7 +46,26 @@ def plan_audits(config: FedMoEConfig, models: Sequence[str],
             raise ConfigError(f"--epsilons: the audit needs finite ε values, got {eps}")
         for model in models:
             configs.append(config.replace(model=model, target_epsilon=float(eps)))
+    for c in configs:
+        check_audit(c, canaries=canaries, num_clients=num_clients, breakage=breakage,
+                    confidence=confidence)
     return configs
+
+
+def check_out(run_dir: Path) -> None:
+    """The run folder must be writable and hold no earlier audit (never overwritten).
+
+    Raises
+    ------
+    ConfigError
+        Naming the folder and what to do.
+    """
+    from simulations.runner import check_run_dir
+
+    if (run_dir / AUDIT_JSON).exists():
+        raise ConfigError(f"--out {run_dir}: holds an earlier audit ({AUDIT_JSON}); fedmoe does "
+                          "not overwrite it: choose another folder")
+    check_run_dir(run_dir)
 
 
 def run_audits(configs: Sequence[FedMoEConfig], *, canaries: int, num_clients: int,

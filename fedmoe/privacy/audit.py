@@ -335,8 +335,19 @@ class AuditResult:
         return asdict(self)
 
 
-def _check(config: FedMoEConfig, canaries: int, breakage: str, confidence: float,
-           canary_norm: float) -> None:
+def check_audit(config: FedMoEConfig, *, canaries: int, num_clients: int = 1,
+                breakage: str = "none", confidence: float = 0.95,
+                canary_norm: float = DEFAULT_CANARY_NORM) -> None:
+    """Refuse what the audit cannot audit, before anything runs.
+
+    Raises
+    ------
+    ConfigError
+        For a non-private run, a method other than ``fedmoe``, or a setting out of range
+        (canaries 10–100,000, clients 1–1,000, confidence in (0, 1), canary norm ≥ 1).
+    """
+    if not 1 <= num_clients <= 1000:
+        raise ConfigError(f"--clients must be in [1, 1000], got {num_clients}")
     if not math.isfinite(config.target_epsilon) and config.noise_multiplier == 0:
         raise ConfigError("the audit needs a private run: a finite target-epsilon (or a "
                           "noise-multiplier); target-epsilon=inf trains without DP")
@@ -452,7 +463,8 @@ def audit_white_box(
         For a non-private run, a method other than ``fedmoe``, or an audit setting out of
         range; :class:`~fedmoe.privacy.plan.PlanError` if the client cannot be planned.
     """
-    _check(config, canaries, breakage, confidence, canary_norm)
+    check_audit(config, canaries=canaries, num_clients=num_partitions, breakage=breakage,
+                confidence=confidence, canary_norm=canary_norm)
     generator = generator or secret_generator()
     tie_seed = int(torch.randint(0, 2**31, (1,), generator=generator))
     included = _inclusion(canaries, generator)
@@ -491,9 +503,8 @@ def audit_server_view(
 
     from fedmoe.records import ARRAYS, METRICS, WEIGHT_KEY, from_arrays, to_arrays
 
-    _check(config, canaries, breakage, confidence, canary_norm)
-    if not 1 <= num_clients <= 1000:
-        raise ConfigError(f"--clients must be in [1, 1000], got {num_clients}")
+    check_audit(config, canaries=canaries, num_clients=num_clients, breakage=breakage,
+                confidence=confidence, canary_norm=canary_norm)
     generator = generator or secret_generator()
     tie_seed = int(torch.randint(0, 2**31, (1,), generator=generator))
     included = _inclusion(canaries, generator)
