@@ -99,8 +99,7 @@ def table(results: Sequence[AuditResult]) -> str:
     head = ("| model | dispatch | clipping | audit | pipeline | target ε | claimed ε "
             "(accountant) | audited ε ≥ | confidence | correct / guesses | ceiling | δ | σ "
             "| q | steps |")
-    rows = [head, "|" + "---|" * head.count("|")[:-1] if False else
-            "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         b = r.bound
         rows.append(

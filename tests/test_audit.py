@@ -259,3 +259,43 @@ def test_a_normal_run_cannot_reach_the_broken_pipeline():
     code = ("import sys, clients.app, server.app; "
             "sys.exit('fedmoe.privacy.audit' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ----------------------------------------------------------------------------- the command
+def test_audit_command_writes_table_json_and_plot_and_never_overwrites(tmp_path, capsys):
+    import json
+
+    from fedmoe.cli import main
+
+    out = tmp_path / "audit"
+    argv = ["audit", "--run-config", "num-server-rounds=1 target-delta=1e-6 hidden-dim=16",
+            "--canaries", "100", "--clients", "2", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "audit.json").read_text())
+    assert [r["kind"] for r in rows] == ["white-box", "server"]
+    assert all(r["bound"]["epsilon"] <= r["claimed_epsilon"] for r in rows)
+    assert "claimed ε (accountant)" in (out / "audit.md").read_text()
+    assert (out / "audit.png").stat().st_size > 0
+    before = (out / "audit.json").read_text()
+    assert main(argv) == 2  # an earlier audit is never overwritten
+    assert "earlier audit" in capsys.readouterr().err
+    assert (out / "audit.json").read_text() == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--canaries", "5"], "--canaries must be in"),
+    (["--clients", "0"], "--clients must be in"),
+    (["--models", "moe,nope"], "model must be one of"),
+    (["--epsilons", "1,x"], "is not a number"),
+    (["--epsilons", "inf"], "finite ε"),
+    (["--confidence", "1.5"], "confidence must be in"),
+    (["--run-config", "method='fedavg'"], "method 'fedmoe'"),
+])
+def test_audit_command_refuses_bad_input_before_anything_runs(tmp_path, capsys, argv,
+                                                                message):
+    from fedmoe.cli import main
+
+    out = tmp_path / "never"
+    assert main(["audit", "--out", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
