@@ -111,32 +111,41 @@ def table(results: Sequence[AuditResult]) -> str:
 
 
 def plot(results: Sequence[AuditResult], path: Path) -> None:
-    """Claimed ε (accountant) against the audited lower bound, per model and audit; the
-    diagonal is where a bound would refute the claim."""
+    """Claimed ε (accountant) against the audited lower bound: marker = model, colour =
+    pipeline (real or which breakage), filled = white-box, hollow = server view. Above the
+    diagonal a bound refutes the claim; the dotted line is the most the audit can show."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     markers = dict(zip(sorted({r.model for r in results}), "osD^vP*X"))
-    colours = {"white-box": "tab:blue", "server": "tab:orange"}
-    seen = set()
+    colours = {"none": "tab:blue", "no-noise": "tab:red", "no-clipping": "tab:purple"}
     for r in results:
-        label = f"{r.model}, {r.kind}" + ("" if r.breakage == "none" else f" ({r.breakage})")
-        ax.scatter(r.claimed_epsilon, r.bound.epsilon, marker=markers[r.model],
-                   color=colours[r.kind], facecolors="none" if r.breakage != "none" else None,
-                   label=None if label in seen else label, s=50)
-        seen.add(label)
+        colour = colours[r.breakage]
+        ax.scatter(r.claimed_epsilon, r.bound.epsilon, marker=markers[r.model], s=55,
+                   color=colour if r.kind == "white-box" else "none", edgecolors=colour)
     top = max([r.claimed_epsilon for r in results] + [r.bound.epsilon for r in results]) * 1.1
-    ax.plot([0, top], [0, top], "k--", lw=1, label="audited = claimed")
+    ax.plot([0, top], [0, top], "k--", lw=1)
     ceiling = max(r.bound.ceiling for r in results)
-    ax.axhline(ceiling, color="grey", lw=0.8, ls=":",
-               label=f"most this audit can show ({ceiling:.2f})")
+    ax.axhline(ceiling, color="grey", lw=0.8, ls=":")
+    handles = [Line2D([], [], ls="--", color="k", label="audited = claimed"),
+               Line2D([], [], ls=":", color="grey", label=f"most this audit can show "
+                                                          f"({ceiling:.2f})")]
+    handles += [Line2D([], [], ls="", marker=m, color="grey", label=model)
+                for model, m in markers.items()]
+    handles += [Line2D([], [], ls="", marker="s", color=colours[b],
+                       label="real pipeline" if b == "none" else f"BROKEN: {b}")
+                for b in colours if any(r.breakage == b for r in results)]
+    handles += [Line2D([], [], ls="", marker="o", color="k", label="white-box"),
+                Line2D([], [], ls="", marker="o", color="k", markerfacecolor="none",
+                       label="server view")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left")
     ax.set_xlabel("claimed ε (accountant)")
     ax.set_ylabel(f"audited ε lower bound ({results[0].bound.confidence:.0%} confidence)")
     ax.set_title(f"One-run audit, {results[0].bound.canaries} canaries")
-    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -151,3 +160,20 @@ def write(results: Sequence[AuditResult], run_dir: Path) -> None:
         "With the stated confidence the run is *not* (ε', δ)-DP for any ε' at or below the "
         "audited bound; a bound above the claimed ε refutes the claim.\n\n" + table(results))
     plot(results, run_dir / AUDIT_PLOT)
+
+
+def load(run_dir: Path) -> list[AuditResult]:
+    """The audits of an earlier ``fedmoe audit`` (its ``audit.json``)."""
+    from fedmoe.privacy.audit import AuditBound
+
+    rows = json.loads((Path(run_dir) / AUDIT_JSON).read_text())
+    return [AuditResult(**{**row, "bound": AuditBound(**row["bound"])}) for row in rows]
+
+
+if __name__ == "__main__":  # python -m simulations.audit OUT.png RUN_DIR [RUN_DIR ...]
+    import sys
+
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m simulations.audit OUT.png RUN_DIR [RUN_DIR ...]: one plot "
+                 "of the audits in several fedmoe audit run folders")
+    plot([r for d in sys.argv[2:] for r in load(Path(d))], Path(sys.argv[1]))
