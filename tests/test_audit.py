@@ -144,13 +144,14 @@ def test_canary_gradients_are_diracs_and_real_records_are_untouched():
                    if n != "canary.weight")
 
 
-def small(model: str, eps: float, **kw) -> FedMoEConfig:
-    """A small, fast run: 2 rounds of 10 steps; δ = 1e-6 (the one-run bound needs m·δ ≪ 1)."""
+def small(model: str, eps: float, rounds: int = 2, **kw) -> FedMoEConfig:
+    """A small, fast run: ``rounds`` of 10 steps; δ = 1e-6 (the one-run bound needs
+    m·δ ≪ 1)."""
     shape = {"hidden_dim": 16, "seq_len": 16, "max_windows": 60, "num_layers": 1,
              "num_heads": 2}
     if model != "moe":
         shape["expert_hidden_dim"] = 8
-    return FedMoEConfig(model=model, num_server_rounds=2, target_epsilon=eps,
+    return FedMoEConfig(model=model, num_server_rounds=rounds, target_epsilon=eps,
                         target_delta=1e-6, **shape | kw)
 
 
@@ -199,7 +200,7 @@ def test_the_real_pipeline_stays_within_its_claim(model, eps):
 @pytest.mark.parametrize("model", MODELS)
 def test_the_real_pipeline_stays_within_its_claim_in_every_mode(model, dispatch, clipping,
                                                                   eps):
-    config = small(model, eps, dispatch=dispatch, grad_sample_mode=clipping)
+    config = small(model, eps, rounds=1, dispatch=dispatch, grad_sample_mode=clipping)
     result = audit_white_box(config, canaries=1000, generator=seeded(1))
     assert (result.dispatch, result.clipping) == (dispatch, clipping)
     assert result.bound.epsilon <= result.claimed_epsilon
@@ -249,6 +250,19 @@ def test_audit_refuses_what_it_cannot_audit():
         audit_white_box(small("moe", 1.0), breakage="no-accounting")
     with pytest.raises(ConfigError, match="method 'fedmoe'"):
         audit_white_box(small("moe", 1.0, method="fedavg"))
+
+
+def test_the_broken_pipelines_break_exactly_one_thing():
+    """no-noise: σ = 0 with the planned C; no-clipping: a bound no gradient reaches, with
+    the planned noise standard deviation σ·C; none: the plan's (σ, C)."""
+    from fedmoe.privacy.audit import _dp_parameters
+
+    plan = plan_client(small("moe", 1.0), "c", num_train=100, budget=1.0)
+    sigma = plan.noise_multiplier
+    assert _dp_parameters(plan, 0.7, "none") == (sigma, 0.7)
+    assert _dp_parameters(plan, 0.7, "no-noise") == (0.0, 0.7)
+    noise, clip = _dp_parameters(plan, 0.7, "no-clipping")
+    assert clip >= 1e9 * 0.7 and noise * clip == pytest.approx(sigma * 0.7, rel=1e-12)
 
 
 def test_a_normal_run_cannot_reach_the_broken_pipeline():
