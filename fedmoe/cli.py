@@ -217,38 +217,9 @@ def experiment(grid_file: Path, out: Path, *, jobs: int | None = None) -> int:
 
 def audit(args: argparse.Namespace) -> int:
     """``fedmoe audit``: 0 when done, 2 for bad input (nothing run)."""
-    import torch
+    from simulations.audit import command
 
-    from fedmoe.privacy import PlanError
-    from fedmoe.reporting import resolve_run_dir
-    from simulations.audit import check_out, plan_audits, run_audits, write
-
-    settings = {"canaries": args.canaries, "num_clients": args.clients,
-                "breakage": args.broken or "none", "confidence": args.confidence}
-    try:
-        config = build_config(argparse.Namespace(run_config=args.run_config, rounds=None,
-                                                 out=args.out))
-        models = args.models.split(",") if args.models else [config.model]
-        epsilons = ([_number("--epsilons", e) for e in args.epsilons.split(",")]
-                    if args.epsilons else [config.target_epsilon])
-        configs = plan_audits(config, models, epsilons, **settings)
-        run_dir = resolve_run_dir(config)
-        check_out(run_dir)
-        torch.set_num_threads(1)  # tiny models: one thread is fastest (docs/architecture.md)
-        results = run_audits(configs, **settings)
-    except (ConfigError, PlanError) as err:
-        print(f"fedmoe: error: {err}", file=sys.stderr)
-        return 2
-    write(results, run_dir)
-    print(f"audit: {run_dir / 'audit.md'} · {run_dir / 'audit.png'}")
-    return 0
-
-
-def _number(flag: str, text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{flag}: {text!r} is not a number") from None
+    return command(args, build_config)
 
 
 def budget(folder: Path, *, as_json: bool = False) -> int:
