@@ -11,6 +11,9 @@ Exit codes: 0 done, 2 bad input (reported before anything starts), 130 Ctrl-C.
 - ``fedmoe experiment GRID.toml --out DIR [--jobs N]`` runs a grid of federations
   (methods × ε × partitioners × seeds × any key; :mod:`simulations.experiment`), resumably,
   into ``DIR/results.csv``, ``DIR/report.md`` and plots.
+- ``fedmoe audit [--run-config ...] [--canaries M] [--models a,b] [--epsilons 1,8]``
+  audits the DP claim empirically (one-run ε lower bound, :mod:`fedmoe.privacy.audit`)
+  into a run folder: ``audit.md``, ``audit.json``, ``audit.png``.
 
 Every run-config key of :class:`fedmoe.config.FedMoEConfig` can be set with
 ``--run-config``, in Flower's own syntax; the config is validated before anything starts.
@@ -130,8 +133,25 @@ def main(argv: list[str] | None = None) -> int:
                      help="results folder; re-running with the same folder skips finished runs")
     exp.add_argument("--jobs", type=int, default=None,
                      help="worker processes (default: the grid's [experiment] jobs, else 1)")
+    aud = sub.add_parser("audit", help="one-run privacy audit: an empirical lower bound on ε "
+                                       "next to the accountant's, per model and ε")
+    aud.add_argument("--run-config", action="append", default=None, metavar="'K=V ...'",
+                     help="the run to audit (Flower syntax), as for simulate")
+    aud.add_argument("--out", default=None, help="run folder (= run-dir); default runs/<time>")
+    aud.add_argument("--canaries", type=int, default=1000, help="canaries M (default: 1000)")
+    aud.add_argument("--clients", type=int, default=3,
+                     help="clients of the server-view audit (default: 3)")
+    aud.add_argument("--models", default=None, help="comma-separated (default: the run's)")
+    aud.add_argument("--epsilons", default=None,
+                     help="comma-separated target ε values (default: the run's)")
+    aud.add_argument("--confidence", type=float, default=0.95, help="(default: 0.95)")
+    aud.add_argument("--broken", choices=("no-noise", "no-clipping"), default=None,
+                     help="AUDIT ONLY: train with a deliberately broken pipeline (σ=0, or "
+                          "no per-sample clipping) to see the audit catch it")
     args = parser.parse_args(argv)
 
+    if args.command == "audit":
+        return audit(args)
     if args.command == "experiment":
         return experiment(args.grid, args.out, jobs=args.jobs)
     if args.command == "budget":
@@ -193,6 +213,13 @@ def experiment(grid_file: Path, out: Path, *, jobs: int | None = None) -> int:
         return 1
     print(f"results: {out / 'results.csv'} · report: {out / 'report.md'}")
     return 0
+
+
+def audit(args: argparse.Namespace) -> int:
+    """``fedmoe audit``: 0 when done, 2 for bad input (nothing run)."""
+    from simulations.audit import command
+
+    return command(args, build_config)
 
 
 def budget(folder: Path, *, as_json: bool = False) -> int:
