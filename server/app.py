@@ -26,7 +26,7 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
 from fedmoe.roles import split_state_dict
-from server.strategy import FedMoE, RoundRecord
+from server.strategy import WAIT_LOG_INTERVAL, FedMoE, RoundRecord
 
 
 class RunListener(Protocol):
@@ -76,16 +76,29 @@ class StoppableGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        waiting = set(self.push_messages(messages))
+        sent = list(messages)
+        waiting = set(self.push_messages(sent))
+        nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # set by push
         end = None if timeout is None else time.monotonic() + timeout
+        next_log = time.monotonic() + WAIT_LOG_INTERVAL
         replies: list[Message] = []
         while waiting and (end is None or time.monotonic() < end):
             self._check()
             new = list(self.pull_messages(waiting))
             replies.extend(new)
             waiting -= {m.metadata.reply_to_message_id for m in new}
+            if waiting and time.monotonic() >= next_log:
+                left = "" if end is None else f", giving up in {end - time.monotonic():.0f}s"
+                log(INFO, "fedmoe: waiting for %s repl%s (nodes %s)%s", len(waiting),
+                    "y" if len(waiting) == 1 else "ies",
+                    ", ".join(str(nodes.get(m, "?")) for m in sorted(waiting)[:5]), left)
+                next_log = time.monotonic() + WAIT_LOG_INTERVAL
             if waiting:
                 self.stop.wait(self.poll_interval)
+        if waiting:
+            log(WARNING, "fedmoe: %s repl%s did not come within %.0fs (nodes %s)", len(waiting),
+                "y" if len(waiting) == 1 else "ies", timeout,
+                ", ".join(str(nodes.get(m, "?")) for m in sorted(waiting)[:5]))
         return replies
 
     def _check(self) -> None:

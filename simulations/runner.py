@@ -184,6 +184,11 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
             f"min-available-clients={config.min_available_clients} exceeds --clients "
             f"{num_clients}; the server would wait forever. Lower min-available-clients."
         )
+    if config.min_train_replies > num_clients:
+        raise ConfigError(
+            f"min-train-replies={config.min_train_replies} exceeds --clients {num_clients}; "
+            "no round could change the model. Lower min-train-replies."
+        )
     if config.data == "pystdlib":
         from fedmoe.data.text import stdlib_packages
 
