@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from flwr.supercore.run import Run
@@ -26,6 +26,14 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
 from fedmoe.roles import split_state_dict
+from fedmoe.storage import run_folder_lock
+from server.checkpoint import (
+    Checkpoint,
+    prepare_run_folder,
+    resume_point,
+    restore_strategy,
+    save_checkpoint,
+)
 from server.strategy import WAIT_LOG_INTERVAL, FedMoE, RoundRecord
 
 
@@ -109,19 +117,48 @@ class StoppableGrid(Grid):
 def run_federation(
     grid: Grid, config: FedMoEConfig, listener: RunListener | None = None,
     run_id: int | None = None, *, stop: threading.Event | None = None,
+    num_clients: int | None = None, engine: str | None = None,
 ) -> dict[str, Any]:
     """Run FedMoE on ``grid`` until the planned rounds are done, no client can afford
     another, or ``stop`` is set; write the run folder and return the results.
 
-    When ``stop`` is set the round in progress is abandoned (its charges stay in the
-    ledgers: sent = spent) and the report covers the rounds that finished.
+    The run folder is locked for the whole run (:func:`fedmoe.storage.run_folder_lock`);
+    it must hold no earlier run, or, with ``config.resume``, the checkpoint of an
+    unfinished run of the same config, which the run continues
+    (:func:`server.checkpoint.prepare_run_folder`). A checkpoint is written after every
+    finished round. When ``stop`` is set the round in progress is abandoned (its charges
+    stay in the ledgers: sent = spent) and the report covers the rounds that finished.
+    ``num_clients`` and ``engine`` (simulations) are recorded in the checkpoint.
+
+    Raises
+    ------
+    server.checkpoint.CheckpointError
+        If the run folder holds a run and ``config.resume`` is false, or the checkpoint
+        cannot be resumed with ``config``.
+    fedmoe.storage.RunFolderBusy
+        If another process is writing the run folder.
     """
-    start = time.time()
     run_dir = resolve_run_dir(config)
-    torch.manual_seed(config.seed)
-    initial = to_arrays(split_state_dict(method_model(config)))  # shared + gate only
-    log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s",
-        config.num_server_rounds, config.target_epsilon, run_dir)
+    with run_folder_lock(run_dir):
+        checkpoint = prepare_run_folder(run_dir, config, num_clients=num_clients, engine=engine)
+        return _run_locked(grid, config, run_dir, checkpoint, listener, run_id, stop,
+                           (num_clients, engine))
+
+
+def _run_locked(
+    grid: Grid, config: FedMoEConfig, run_dir: Path, checkpoint: Checkpoint | None,
+    listener: RunListener | None, run_id: int | None, stop: threading.Event | None,
+    simulation: tuple[int | None, str | None],
+) -> dict[str, Any]:
+    start = time.time() - (checkpoint.wall_seconds if checkpoint else 0.0)
+    if checkpoint is None:
+        torch.manual_seed(config.seed)
+        initial = to_arrays(split_state_dict(method_model(config)))  # shared + gate only
+    else:
+        initial = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
+    log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s%s",
+        config.num_server_rounds, config.target_epsilon, run_dir,
+        f"; resuming after round {checkpoint.server_round}" if checkpoint else "")
     if stop is not None:
         grid = StoppableGrid(grid, stop)
     if listener:
@@ -134,11 +171,33 @@ def run_federation(
             listener.round_finished(record)
 
     with LedgerBook(run_dir / LEDGER_FILE) as book:
-        strategy = FedMoE(config, book=book, on_round=on_round)
+        def save(server_round: int, arrays: ArrayRecord, finished: bool = False) -> None:
+            save_checkpoint(run_dir, strategy, server_round,
+                            {k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
+                            num_clients=simulation[0], engine=simulation[1], finished=finished,
+                            wall_seconds=time.time() - start)
+
+        last = (checkpoint.server_round if checkpoint else 0, initial)
+
+        def track(server_round: int, arrays: ArrayRecord) -> None:
+            nonlocal last
+            last = (server_round, arrays)
+            save(server_round, arrays)
+
+        strategy = FedMoE(config, book=book, on_round=on_round, on_checkpoint=track)
+        first_round = 1
+        if checkpoint is not None:
+            restore_strategy(strategy, checkpoint.strategy)
+            first_round = resume_point(checkpoint, strategy, book)
+            finished.update(r.server_round for r in strategy.history)
+        else:
+            save(0, initial)  # a folder with a ledger always has a checkpoint to resume
+        interrupted = False
         try:
             strategy.start(grid=grid, initial_arrays=initial,
-                           num_rounds=config.num_server_rounds)
+                           num_rounds=config.num_server_rounds, first_round=first_round)
         except RunInterrupted:
+            interrupted = True
             unfinished = [r.server_round for r in strategy.history
                           if r.server_round not in finished]
             strategy.history = [r for r in strategy.history if r.server_round in finished]
@@ -146,6 +205,8 @@ def run_federation(
                 "interrupted (Ctrl-C)" + (f" during round {unfinished[0]}" if unfinished else "")
                 + f"; the report covers the {len(strategy.history)} finished round(s)")
             log(WARNING, "fedmoe: %s", strategy.stop_reason)
+        if not interrupted:  # --resume of this folder is refused from now on
+            save(*last, finished=True)
         results = build_results(
             config, strategy.history, time.time() - start,
             privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
@@ -162,12 +223,14 @@ def make_server_app(
     config: FedMoEConfig | None = None, listener: RunListener | None = None,
     *, stop: threading.Event | None = None,
     on_run_id: Callable[[int], None] | None = None,
+    num_clients: int | None = None, engine: str | None = None,
 ) -> ServerApp:
     """A ServerApp for ``config`` (or, if None, for the run config Flower passes in).
 
     ``stop``: set it to end the run early with a report of the finished rounds;
     ``on_run_id``: called with Flower's run id when the run starts (``fedmoe simulate``
-    records it, to find what a killed run left behind).
+    records it, to find what a killed run left behind); ``num_clients``: the simulated
+    clients and ``engine``, kept in the checkpoint (a resumed simulation must match).
     """
     server_app = ServerApp()
 
@@ -176,7 +239,8 @@ def make_server_app(
         run_config = config or FedMoEConfig.from_run_config(context.run_config)
         if on_run_id is not None:
             on_run_id(context.run_id)
-        run_federation(grid, run_config, listener, run_id=context.run_id, stop=stop)
+        run_federation(grid, run_config, listener, run_id=context.run_id, stop=stop,
+                       num_clients=num_clients, engine=engine)
 
     return server_app
 

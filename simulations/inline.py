@@ -203,7 +203,8 @@ def run_inline(
                       client_app=client_app)
     start = time.perf_counter()
     try:
-        results = run_federation(grid, config, listener, run_id=run_id)
+        results = run_federation(grid, config, listener, run_id=run_id,
+                                 num_clients=num_clients, engine="inline")
     finally:
         grid.close()
     return InlineRun(results, time.perf_counter() - start, grid.time)
