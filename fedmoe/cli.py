@@ -182,7 +182,8 @@ def simulate(args: argparse.Namespace) -> int:
     except SimulationInterrupted as err:
         rounds = len(err.results["rounds"])
         print(f"fedmoe: interrupted; report of the {rounds} finished round(s): "
-              f"{err.results_path}", file=sys.stderr)
+              f"{err.results_path}; continue with fedmoe simulate --resume "
+              f"{err.results_path.parent}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("fedmoe: interrupted", file=sys.stderr)

@@ -54,7 +54,8 @@ class StoppableGrid(Grid):
 
     Flower's ``send_and_receive`` sleeps until every reply arrives or the timeout (an hour)
     passes, and nothing else can end it; this one polls the same way and raises
-    :class:`RunInterrupted` when ``stop`` is set. Everything else is the wrapped grid's.
+    :class:`RunInterrupted` when ``stop`` is set, and every 10 s logs which nodes' replies
+    it is still waiting for. Everything else is the wrapped grid's.
     """
 
     def __init__(self, grid: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
@@ -159,8 +160,8 @@ def _run_locked(
     log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s%s",
         config.num_server_rounds, config.target_epsilon, run_dir,
         f"; resuming after round {checkpoint.server_round}" if checkpoint else "")
-    if stop is not None:
-        grid = StoppableGrid(grid, stop)
+    if stop is not None or hasattr(grid, "push_messages"):  # Flower's grids: logged waits
+        grid = StoppableGrid(grid, stop or threading.Event())
     if listener:
         listener.started(config, run_dir)
     finished: set[int] = set()

@@ -62,6 +62,7 @@ from fedmoe.privacy import (
     delta_error,
     plan_client,
 )
+from fedmoe.privacy.ledger import client_sort_key
 from fedmoe.records import (
     ARRAYS,
     CLIENT,
@@ -391,8 +392,8 @@ class FedMoE(FedAvg):
         if all_nodes is None:
             return []
         self.discover(grid, all_nodes, server_round)
-        affordable = [n for n in all_nodes
-                      if n in self.clients and self.can_afford(self.clients[n], server_round)]
+        affordable = self._by_client([n for n in all_nodes if n in self.clients
+                                      and self.can_afford(self.clients[n], server_round)])
         if not affordable:
             known = set(self.clients.values())
             if known and known <= set(self.excluded):
@@ -614,7 +615,7 @@ class FedMoE(FedAvg):
         if all_nodes is None:
             return []
         self.discover(grid, all_nodes, server_round)
-        known = [n for n in all_nodes if n in self.clients]
+        known = self._by_client([n for n in all_nodes if n in self.clients])
         size = max(self.min_evaluate_nodes, int(len(all_nodes) * self.fraction_evaluate))
         nodes = self._rng.sample(known, min(size, len(known)))
         record = server_message(arrays, RoundPlan(server_round), self.config)
@@ -674,6 +675,12 @@ class FedMoE(FedAvg):
                 raise ReplyError(f"{name}={getattr(report, name)} is negative")
 
     # ---------------------------------------------------------------- helpers
+    def _by_client(self, nodes: list[int]) -> list[int]:
+        """``nodes`` in the order of their client ids: the seeded sampling then picks the
+        same clients whatever node ids the engine gave them (Flower's simulation draws
+        them at random; a resumed run gets new ones)."""
+        return sorted(nodes, key=lambda n: client_sort_key(self.clients[n]))
+
     def _record(self, server_round: int) -> RoundRecord:
         if not self.history or self.history[-1].server_round != server_round:
             self.history.append(RoundRecord(server_round,
