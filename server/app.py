@@ -172,10 +172,10 @@ def _run_locked(
             listener.round_finished(record)
 
     with LedgerBook(run_dir / LEDGER_FILE) as book:
-        def save(server_round: int, arrays: ArrayRecord, finished: bool = False) -> None:
+        def save(server_round: int, arrays: ArrayRecord, done: bool = False) -> None:
             save_checkpoint(run_dir, strategy, server_round,
                             {k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
-                            num_clients=simulation[0], engine=simulation[1], finished=finished,
+                            num_clients=simulation[0], engine=simulation[1], finished=done,
                             wall_seconds=time.time() - start)
 
         last = (checkpoint.server_round if checkpoint else 0, initial)
@@ -190,7 +190,8 @@ def _run_locked(
         if checkpoint is not None:
             restore_strategy(strategy, checkpoint.strategy)
             first_round = resume_point(checkpoint, strategy, book)
-            finished.update(r.server_round for r in strategy.history)
+            for record in strategy.history:  # the progress display counts them too
+                on_round(record)
         else:
             save(0, initial)  # a folder with a ledger always has a checkpoint to resume
         interrupted = False
@@ -207,7 +208,7 @@ def _run_locked(
                 + f"; the report covers the {len(strategy.history)} finished round(s)")
             log(WARNING, "fedmoe: %s", strategy.stop_reason)
         if not interrupted:  # --resume of this folder is refused from now on
-            save(*last, finished=True)
+            save(*last, done=True)
         results = build_results(
             config, strategy.history, time.time() - start,
             privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
