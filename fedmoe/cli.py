@@ -1,7 +1,8 @@
 """``fedmoe`` command line.
 
 - ``fedmoe simulate [--clients K] [--rounds R] [--out DIR] [--run-config "key=value ..."]``
-  runs a federation in Flower's simulation engine;
+  runs a federation in Flower's simulation engine; ``fedmoe simulate --resume DIR``
+  continues the unfinished run in DIR from its checkpoint, with its config;
 - ``fedmoe budget DIR [--json]`` prints the privacy ledger of a run folder (the server's,
   every client) or of a client's state directory (its own);
 - ``fedmoe clean`` removes what a killed ``fedmoe simulate`` left behind (its Ray
@@ -94,9 +95,17 @@ def build_config(args: argparse.Namespace) -> FedMoEConfig:
     """The run config from ``--run-config`` and the shortcut flags.
 
     ``--rounds R`` is ``num-server-rounds=R`` and ``--out DIR`` is ``run-dir='DIR'``; giving
-    both forms with different values is refused (neither silently wins).
+    both forms with different values is refused (neither silently wins). With ``--resume
+    DIR`` the config is the checkpoint's: any key given must have the checkpoint's value
+    (the keys that differ are listed), and ``--clients`` defaults to the run's.
     """
     overrides = parse_overrides(args.run_config)
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if args.out is not None and Path(args.out) != Path(resume):
+            raise ConfigError(f"--out {args.out} and --resume {resume} disagree; give --resume "
+                              "alone")
+        args.out = str(resume)
     for flag, key, value in (("--rounds", "num-server-rounds", args.rounds),
                              ("--out", "run-dir", args.out)):
         if value is None:
@@ -107,18 +116,36 @@ def build_config(args: argparse.Namespace) -> FedMoEConfig:
                 f"give one of them"
             )
         overrides[key] = value
-    return FedMoEConfig.from_run_config(overrides)
+    if resume is None:
+        return FedMoEConfig.from_run_config(overrides)
+    from server.checkpoint import config_differences, load_checkpoint
+
+    checkpoint = load_checkpoint(Path(resume))
+    given = FedMoEConfig.from_run_config({**checkpoint.config, **overrides, "resume": True})
+    differ = config_differences(checkpoint.config, given)
+    if differ:
+        raise ConfigError(f"--resume {resume}: the run config differs from the run folder's in "
+                          f"{len(differ)} key(s): {'; '.join(differ)}. A run continues with its "
+                          "own config (σ was calibrated for it); drop these keys, or start a "
+                          "new run with --out")
+    if args.clients is None:
+        args.clients = checkpoint.num_clients
+    return given
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedmoe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate a federation on this machine")
-    sim.add_argument("--clients", type=int, default=10, help="virtual clients (default: 10)")
+    sim.add_argument("--clients", type=int, default=None,
+                     help="virtual clients (default: 10, or the resumed run's)")
     sim.add_argument("--rounds", type=int, default=None, help="= num-server-rounds")
     sim.add_argument("--out", default=None, help="run folder (= run-dir); default runs/<time>")
     sim.add_argument("--run-config", action="append", default=None, metavar="'K=V ...'",
                      help="override run-config keys (Flower syntax); repeatable")
+    sim.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                     help="continue the unfinished run in DIR from its last finished round "
+                          "(same config; the keys that differ are refused)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     bud = sub.add_parser("budget", help="print the privacy spend recorded in a ledger")
     bud.add_argument("dir", type=Path, help="a run folder, or a client's state-dir")
@@ -163,18 +190,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def simulate(args: argparse.Namespace) -> int:
     """``fedmoe simulate``: 0 when done, 2 for bad input (nothing started), 130 on Ctrl-C."""
+    from fedmoe.storage import RunFolderBusy
     from simulations.runner import SimulationInterrupted, run
 
     try:
         config = build_config(args)
-        run(config, args.clients, verbose=args.verbose)
-    except (ConfigError, LedgerError) as err:
+        run(config, args.clients or 10, verbose=args.verbose)
+    except (ConfigError, LedgerError, RunFolderBusy) as err:
         print(f"fedmoe: error: {err}", file=sys.stderr)
         return 2
     except SimulationInterrupted as err:
         rounds = len(err.results["rounds"])
         print(f"fedmoe: interrupted; report of the {rounds} finished round(s): "
-              f"{err.results_path}", file=sys.stderr)
+              f"{err.results_path}; continue with fedmoe simulate --resume "
+              f"{err.results_path.parent}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("fedmoe: interrupted", file=sys.stderr)

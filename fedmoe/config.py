@@ -38,6 +38,8 @@ METHODS = ("fedmoe", "local", "fedavg", "fedper")
 #: What evaluation scores on: each client's own test split, or a validation split held
 #: out of its training data (for tuning; the test split is then never touched).
 EVALUATE_ON = ("test", "validation")
+#: How the server combines the valid train replies (:mod:`server.aggregation`).
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 
 # Upper bounds: values past them cannot fit in memory or finish in reasonable time on the
 # machines fedmoe targets (or make no sense for DP); the error says which and why.
@@ -60,6 +62,11 @@ MAX_SEED = 2**32 - 1
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
 MAX_WIDTH = 100_000  # mlp-width: at most 7.4M parameters on digits
 MAX_SYNTHETIC = 10_000_000  # generated examples (about 2.6 GB of float32 features)
+#: max-update-norm's upper bound: the mean of float32 updates bounded by it cannot overflow.
+#: Honest updates are far below the default 1,000 (lmoe on digits: 1.7–3.3, measured).
+MAX_UPDATE_NORM = 1e6
+#: reply-timeout: a day; a server that waits longer for one round has lost its clients.
+MAX_REPLY_TIMEOUT = 86_400.0
 #: The largest model (trainable parameters) fedmoe builds: 50 M float32 parameters are
 #: 200 MB of weights, and DP-SGD keeps several copies (gradients, per-sample norms or
 #: gradients, the optimizer's) on every client.
@@ -205,6 +212,24 @@ class FedMoEConfig:
         it); the histogram gives the client's prior on the logits (logit adjustment, see
         :mod:`fedmoe.models.prior`). Composed with DP-SGD it costs less than this share.
         0 = no label prior. Other models and methods ignore it.
+    aggregation : str (default: "fedavg")
+        How the server combines the valid train replies' ``shared`` and ``gate`` arrays:
+        ``fedavg`` (mean weighted by ``num-examples``), ``median`` (coordinate-wise) or
+        ``trimmed-mean`` (coordinate-wise, ``trim-fraction`` cut from each end; both
+        unweighted). Post-processing of DP updates: no privacy cost.
+    trim_fraction : float (default: 0.2)
+        ``trimmed-mean``: share of the replies cut from each end per coordinate, [0, 0.5).
+    max_update_norm : float (default: 1000.0)
+        A train reply whose update (its arrays minus the round's global arrays, L2 norm
+        over all of them) is longer than this is dropped; (0, 10⁶].
+    min_train_replies : int (default: 1)
+        Valid train replies a round needs; with fewer the global model stays as it was.
+    reply_timeout : float (default: 600.0)
+        Seconds the server waits for a round's replies (late ones are dropped) and for
+        ``min-available-clients`` nodes to connect (then the run stops saying so).
+    resume : bool (default: false)
+        Continue the run in ``run-dir`` from its checkpoint (the config must be the
+        checkpoint's); ``fedmoe simulate --resume DIR`` sets it.
 
     Non-private runs: ``target-epsilon = inf`` trains with plain SGD on the same Poisson
     batches (no clipping, no noise, no ledger charge); such runs are reported as ε=∞.
@@ -260,6 +285,12 @@ class FedMoEConfig:
     classes_per_client: int = 2
     synthetic_samples: int = 20000
     label_prior_share: float = 0.25
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    max_update_norm: float = 1000.0
+    min_train_replies: int = 1
+    reply_timeout: float = 600.0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -387,6 +418,7 @@ class FedMoEConfig:
              f"synthetic-samples must be in [100, {MAX_SYNTHETIC:,}]"),
             (0.0 <= self.label_prior_share <= 0.5,
              "label-prior-share must be in [0, 0.5] (0 = no label prior)"),
+            *self._server_checks(),
             (
                 self.method == "fedmoe" or MODEL_DATASET.get(self.model) == "digits",
                 f"method '{self.method}' trains an MLP classifier on digits or synthetic "
@@ -399,6 +431,20 @@ class FedMoEConfig:
             ),
         ]
         return [msg for ok, msg in checks if not ok]
+
+    def _server_checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) for the aggregation, reply-validation and waiting keys."""
+        return [
+            (self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}"),
+            (0.0 <= self.trim_fraction < 0.5, "trim-fraction must be in [0, 0.5)"),
+            (0.0 < self.max_update_norm <= MAX_UPDATE_NORM,
+             f"max-update-norm must be in (0, {MAX_UPDATE_NORM:g}]"),
+            (1 <= self.min_train_replies <= MAX_CLIENTS,
+             f"min-train-replies must be in [1, {MAX_CLIENTS:,}] (at most the clients "
+             "sampled in a round)"),
+            (0.0 < self.reply_timeout <= MAX_REPLY_TIMEOUT,
+             f"reply-timeout must be in (0, {MAX_REPLY_TIMEOUT:g}] seconds"),
+        ]
 
     @property
     def private(self) -> bool:

@@ -15,11 +15,14 @@
                       per round, σ, rounds its budget allows — and its spend from the
                       server's ledger: rounds, ε spent, ε left), excluded[] (client,
                       reason: every client or node that was refused further rounds)
-    rounds[]          round, sampled, rejected, mismatches, clients[] (client, epsilon,
-                      client_epsilon where it differs, personalized_accuracy,
+    rounds[]          round, sampled, rejected (client: reason of every dropped train
+                      reply), failures (counts of dropped train replies: error, timeout,
+                      invalid), aggregated (false: fewer than min-train-replies valid
+                      replies, the global model stayed), mismatches, clients[] (client,
+                      epsilon, client_epsilon where it differs, personalized_accuracy,
                       global_accuracy, num_examples, num_test_examples, upload_bytes:
-                      bytes of its train reply's arrays), and the round's means / max ε
-                      (null: ε=∞)
+                      bytes of its train reply's arrays, update_norm: L2 norm of its
+                      update), and the round's means / max ε (null: ε=∞)
 
 Every ``epsilon`` is the server's ledger's (ε spent after that round); ``client_epsilon``
 is what the client reported, present only where it differs (relative 1e-6).
@@ -146,6 +149,7 @@ def build_results(
                 "num_examples": train.num_examples if train else latest.get(cid, {}).get("num_examples"),
                 "num_test_examples": ev.num_examples if ev else None,
                 "upload_bytes": rec.upload_bytes.get(cid),
+                "update_norm": rec.update_norms.get(cid),
                 **rec.details.get(cid, {}),
             }
             clients.append(row)
@@ -156,6 +160,8 @@ def build_results(
             "phase": rec.phase,
             "sampled": rec.sampled,
             "rejected": list(rec.rejected),
+            "failures": dict(rec.failures),
+            "aggregated": rec.aggregated,
             "mismatches": {c: {"server": s, "client": r} for c, (s, r) in rec.mismatches.items()},
             "clients": clients,
             **_summary(clients),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from flwr.supercore.run import Run
@@ -26,7 +26,15 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
 from fedmoe.roles import split_state_dict
-from server.strategy import FedMoE, RoundRecord
+from fedmoe.storage import run_folder_lock
+from server.checkpoint import (
+    Checkpoint,
+    prepare_run_folder,
+    resume_point,
+    restore_strategy,
+    save_checkpoint,
+)
+from server.strategy import WAIT_LOG_INTERVAL, FedMoE, RoundRecord
 
 
 class RunListener(Protocol):
@@ -46,7 +54,8 @@ class StoppableGrid(Grid):
 
     Flower's ``send_and_receive`` sleeps until every reply arrives or the timeout (an hour)
     passes, and nothing else can end it; this one polls the same way and raises
-    :class:`RunInterrupted` when ``stop`` is set. Everything else is the wrapped grid's.
+    :class:`RunInterrupted` when ``stop`` is set, and every 10 s logs which nodes' replies
+    it is still waiting for. Everything else is the wrapped grid's.
     """
 
     def __init__(self, grid: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
@@ -76,16 +85,29 @@ class StoppableGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        waiting = set(self.push_messages(messages))
+        sent = list(messages)
+        waiting = set(self.push_messages(sent))
+        nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # set by push
         end = None if timeout is None else time.monotonic() + timeout
+        next_log = time.monotonic() + WAIT_LOG_INTERVAL
         replies: list[Message] = []
         while waiting and (end is None or time.monotonic() < end):
             self._check()
             new = list(self.pull_messages(waiting))
             replies.extend(new)
             waiting -= {m.metadata.reply_to_message_id for m in new}
+            if waiting and time.monotonic() >= next_log:
+                left = "" if end is None else f", giving up in {end - time.monotonic():.0f}s"
+                log(INFO, "fedmoe: waiting for %s repl%s (nodes %s)%s", len(waiting),
+                    "y" if len(waiting) == 1 else "ies",
+                    ", ".join(str(nodes.get(m, "?")) for m in sorted(waiting)[:5]), left)
+                next_log = time.monotonic() + WAIT_LOG_INTERVAL
             if waiting:
                 self.stop.wait(self.poll_interval)
+        if waiting:
+            log(WARNING, "fedmoe: %s repl%s did not come within %.0fs (nodes %s)", len(waiting),
+                "y" if len(waiting) == 1 else "ies", timeout,
+                ", ".join(str(nodes.get(m, "?")) for m in sorted(waiting)[:5]))
         return replies
 
     def _check(self) -> None:
@@ -96,21 +118,50 @@ class StoppableGrid(Grid):
 def run_federation(
     grid: Grid, config: FedMoEConfig, listener: RunListener | None = None,
     run_id: int | None = None, *, stop: threading.Event | None = None,
+    num_clients: int | None = None, engine: str | None = None,
 ) -> dict[str, Any]:
     """Run FedMoE on ``grid`` until the planned rounds are done, no client can afford
     another, or ``stop`` is set; write the run folder and return the results.
 
-    When ``stop`` is set the round in progress is abandoned (its charges stay in the
-    ledgers: sent = spent) and the report covers the rounds that finished.
+    The run folder is locked for the whole run (:func:`fedmoe.storage.run_folder_lock`);
+    it must hold no earlier run, or, with ``config.resume``, the checkpoint of an
+    unfinished run of the same config, which the run continues
+    (:func:`server.checkpoint.prepare_run_folder`). A checkpoint is written after every
+    finished round. When ``stop`` is set the round in progress is abandoned (its charges
+    stay in the ledgers: sent = spent) and the report covers the rounds that finished.
+    ``num_clients`` and ``engine`` (simulations) are recorded in the checkpoint.
+
+    Raises
+    ------
+    server.checkpoint.CheckpointError
+        If the run folder holds a run and ``config.resume`` is false, or the checkpoint
+        cannot be resumed with ``config``.
+    fedmoe.storage.RunFolderBusy
+        If another process is writing the run folder.
     """
-    start = time.time()
     run_dir = resolve_run_dir(config)
-    torch.manual_seed(config.seed)
-    initial = to_arrays(split_state_dict(method_model(config)))  # shared + gate only
-    log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s",
-        config.num_server_rounds, config.target_epsilon, run_dir)
-    if stop is not None:
-        grid = StoppableGrid(grid, stop)
+    with run_folder_lock(run_dir):
+        checkpoint = prepare_run_folder(run_dir, config, num_clients=num_clients, engine=engine)
+        return _run_locked(grid, config, run_dir, checkpoint, listener, run_id, stop,
+                           (num_clients, engine))
+
+
+def _run_locked(
+    grid: Grid, config: FedMoEConfig, run_dir: Path, checkpoint: Checkpoint | None,
+    listener: RunListener | None, run_id: int | None, stop: threading.Event | None,
+    simulation: tuple[int | None, str | None],
+) -> dict[str, Any]:
+    start = time.time() - (checkpoint.wall_seconds if checkpoint else 0.0)
+    if checkpoint is None:
+        torch.manual_seed(config.seed)
+        initial = to_arrays(split_state_dict(method_model(config)))  # shared + gate only
+    else:
+        initial = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
+    log(INFO, "fedmoe: %s rounds planned, target ε=%g per client; run folder %s%s",
+        config.num_server_rounds, config.target_epsilon, run_dir,
+        f"; resuming after round {checkpoint.server_round}" if checkpoint else "")
+    if stop is not None or hasattr(grid, "push_messages"):  # Flower's grids: logged waits
+        grid = StoppableGrid(grid, stop or threading.Event())
     if listener:
         listener.started(config, run_dir)
     finished: set[int] = set()
@@ -121,11 +172,34 @@ def run_federation(
             listener.round_finished(record)
 
     with LedgerBook(run_dir / LEDGER_FILE) as book:
-        strategy = FedMoE(config, book=book, on_round=on_round)
+        def save(server_round: int, arrays: ArrayRecord, done: bool = False) -> None:
+            save_checkpoint(run_dir, strategy, server_round,
+                            {k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
+                            num_clients=simulation[0], engine=simulation[1], finished=done,
+                            wall_seconds=time.time() - start)
+
+        last = (checkpoint.server_round if checkpoint else 0, initial)
+
+        def track(server_round: int, arrays: ArrayRecord) -> None:
+            nonlocal last
+            last = (server_round, arrays)
+            save(server_round, arrays)
+
+        strategy = FedMoE(config, book=book, on_round=on_round, on_checkpoint=track)
+        first_round = 1
+        if checkpoint is not None:
+            restore_strategy(strategy, checkpoint.strategy)
+            first_round = resume_point(checkpoint, strategy, book)
+            for record in strategy.history:  # the progress display counts them too
+                on_round(record)
+        else:
+            save(0, initial)  # a folder with a ledger always has a checkpoint to resume
+        interrupted = False
         try:
             strategy.start(grid=grid, initial_arrays=initial,
-                           num_rounds=config.num_server_rounds)
+                           num_rounds=config.num_server_rounds, first_round=first_round)
         except RunInterrupted:
+            interrupted = True
             unfinished = [r.server_round for r in strategy.history
                           if r.server_round not in finished]
             strategy.history = [r for r in strategy.history if r.server_round in finished]
@@ -133,6 +207,8 @@ def run_federation(
                 "interrupted (Ctrl-C)" + (f" during round {unfinished[0]}" if unfinished else "")
                 + f"; the report covers the {len(strategy.history)} finished round(s)")
             log(WARNING, "fedmoe: %s", strategy.stop_reason)
+        if not interrupted:  # --resume of this folder is refused from now on
+            save(*last, done=True)
         results = build_results(
             config, strategy.history, time.time() - start,
             privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
@@ -149,12 +225,14 @@ def make_server_app(
     config: FedMoEConfig | None = None, listener: RunListener | None = None,
     *, stop: threading.Event | None = None,
     on_run_id: Callable[[int], None] | None = None,
+    num_clients: int | None = None, engine: str | None = None,
 ) -> ServerApp:
     """A ServerApp for ``config`` (or, if None, for the run config Flower passes in).
 
     ``stop``: set it to end the run early with a report of the finished rounds;
     ``on_run_id``: called with Flower's run id when the run starts (``fedmoe simulate``
-    records it, to find what a killed run left behind).
+    records it, to find what a killed run left behind); ``num_clients``: the simulated
+    clients and ``engine``, kept in the checkpoint (a resumed simulation must match).
     """
     server_app = ServerApp()
 
@@ -163,7 +241,8 @@ def make_server_app(
         run_config = config or FedMoEConfig.from_run_config(context.run_config)
         if on_run_id is not None:
             on_run_id(context.run_id)
-        run_federation(grid, run_config, listener, run_id=context.run_id, stop=stop)
+        run_federation(grid, run_config, listener, run_id=context.run_id, stop=stop,
+                       num_clients=num_clients, engine=engine)
 
     return server_app
 

@@ -19,6 +19,16 @@ construction and weighted averaging are Flower's; FedMoE adds
   float64 and propagate NaN — and every count a reply carries checked against what the
   client declared when it was queried (``num-examples`` weights the average: a reply
   claiming more examples than the client holds is dropped) or what it was sent (steps);
+  then the update itself (:func:`server.aggregation.check_update`: norm at most
+  ``max-update-norm``, not exactly zero, not a zeroed model). Any fault drops that reply
+  only, with its reason in the round's ``rejected`` and a count in ``failures``;
+- aggregation by ``aggregation`` (FedAvg, median or trimmed mean:
+  :func:`server.aggregation.aggregate`), only with at least ``min-train-replies`` valid
+  replies (else the global model stays as it was);
+- bounded waits: ``reply-timeout`` for every round's replies (a reply not back in time is
+  counted as a timeout) and for ``min-available-clients`` nodes to connect (the run then
+  stops saying how many came); while it waits it logs why;
+- a checkpoint hook after every finished round and a start round (``--resume``);
 - a per-round history of every client's ε and accuracies and of the bytes of its train
   reply's arrays (:attr:`history`);
 - non-private runs (``target-epsilon = inf``): σ=0 plans, no ledger charge, ε=∞ reported.
@@ -34,10 +44,9 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 from flwr.supercore import log
 
 from fedmoe.config import FedMoEConfig
@@ -53,6 +62,7 @@ from fedmoe.privacy import (
     delta_error,
     plan_client,
 )
+from fedmoe.privacy.ledger import client_sort_key
 from fedmoe.records import (
     ARRAYS,
     CLIENT,
@@ -68,9 +78,16 @@ from fedmoe.records import (
     read_details,
     server_message,
 )
+from server.aggregation import aggregate, check_update
 
 #: Relative difference between a client's reported ε and the server's that is flagged.
 MISMATCH_TOLERANCE = 1e-6
+#: Kinds of failed train replies counted per round (``RoundRecord.failures``): an error
+#: reply (the client raised or refused), no reply within ``reply-timeout``, a reply that
+#: failed validation.
+FAILURE_KINDS = ("error", "timeout", "invalid")
+#: Seconds between "still waiting" log lines.
+WAIT_LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -92,6 +109,13 @@ class RoundRecord:
     epsilon: dict[str, float] = field(default_factory=dict)
     #: client -> bytes of the arrays in its train reply (serialised, as received)
     upload_bytes: dict[str, int] = field(default_factory=dict)
+    #: client -> L2 norm of its update (its arrays minus the round's global arrays)
+    update_norms: dict[str, float] = field(default_factory=dict)
+    #: failed train replies by kind (:data:`FAILURE_KINDS`)
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_KINDS, 0))
+    #: whether the round's valid replies changed the global model (False: fewer than
+    #: min-train-replies, so it stayed as it was)
+    aggregated: bool = False
 
 
 class FedMoE(FedAvg):
@@ -105,6 +129,9 @@ class FedMoE(FedAvg):
         The server's privacy ledgers, one per client id (``<run folder>/ledger.sqlite``).
     on_round : callable, optional (default: None)
         Called with each finished :class:`RoundRecord` (progress display).
+    on_checkpoint : callable, optional (default: None)
+        Called after every finished round with the round and the global arrays after it
+        (:mod:`server.checkpoint` writes them with the strategy's state).
     """
 
     def __init__(
@@ -113,6 +140,7 @@ class FedMoE(FedAvg):
         *,
         book: LedgerBook,
         on_round: Callable[[RoundRecord], None] | None = None,
+        on_checkpoint: Callable[[int, ArrayRecord], None] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=config.fraction_train,
@@ -133,6 +161,7 @@ class FedMoE(FedAvg):
                     "cannot be mixed. Use a new run-dir or the ledger's accountant"
                 )
         self.on_round = on_round
+        self.on_checkpoint = on_checkpoint
         self.clients: dict[int, str] = {}  # node id -> client id
         self.declared: dict[str, ClientInfo] = {}  # client id -> what its query reply said
         self.plans: dict[str, ClientPlan] = {}  # client id -> its plan for this run
@@ -144,13 +173,19 @@ class FedMoE(FedAvg):
         self.history: list[RoundRecord] = []
         self.stop_reason: str | None = None
         self._rng = random.Random(config.seed)
-        #: global keys -> (shape, dtype) of this round's global arrays
+        #: global keys -> (shape, dtype) of this round's global arrays, and the arrays
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._global: dict[str, np.ndarray] = {}
+        #: node -> client of this round's train messages (to count the missing replies)
+        self._sent: dict[int, str] = {}
 
     def summary(self) -> None:
         super().summary()
         c = self.config
-        log(INFO, "\t└──> method: %s", c.method)
+        log(INFO, "\t└──> method: %s, aggregation: %s%s, max-update-norm=%g, "
+            "min-train-replies=%s, reply-timeout=%gs", c.method, c.aggregation,
+            f" (trim-fraction={c.trim_fraction:g})" if c.aggregation == "trimmed-mean" else "",
+            c.max_update_norm, c.min_train_replies, c.reply_timeout)
         if not c.private:
             log(INFO, "\t└──> NON-PRIVATE: target ε=∞, plain SGD (no clipping, no noise, no "
                 "ledger charge) for every client without an ε budget of its own")
@@ -166,24 +201,31 @@ class FedMoE(FedAvg):
         grid: Grid,
         initial_arrays: ArrayRecord,
         num_rounds: int = 3,
-        timeout: float = 3600,
+        timeout: float | None = None,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
     ) -> Result:
         """Flower's round loop (train, aggregate, evaluate), stopping cleanly when no client
         can afford another round: the last evaluation and the report still happen.
 
         Flower's own :meth:`Strategy.start` has no early exit and would keep sending empty
         rounds; centralised evaluation (``evaluate_fn``) is not used by fedmoe.
+        ``timeout`` (default: the config's ``reply-timeout``) bounds every wait for
+        replies; ``first_round`` > 1 continues a resumed run (``initial_arrays`` are then
+        the checkpoint's), and ``on_checkpoint`` is called after every finished round.
         """
         if evaluate_fn is not None:
             raise ValueError("FedMoE evaluates on the clients; evaluate_fn is not supported")
+        timeout = self.config.reply_timeout if timeout is None else timeout
         log(INFO, "Starting %s strategy for %s rounds:", type(self).__name__, num_rounds)
         self.summary()
-        result, arrays, evaluated = Result(arrays=initial_arrays), initial_arrays, False
+        result, arrays = Result(arrays=initial_arrays), initial_arrays
+        evaluated = first_round > 1  # a resumed run has evaluated its earlier rounds
         t_start = time.time()
-        for current_round in range(1, num_rounds + 1):
+        for current_round in range(first_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
             messages = list(self.configure_train(current_round, arrays, ConfigRecord(), grid))
             if not messages:
@@ -201,6 +243,8 @@ class FedMoE(FedAvg):
             evaluated = True
             if evaluate_metrics is not None:
                 result.evaluate_metrics_clientapp[current_round] = evaluate_metrics
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(current_round, arrays)
         if not evaluated:  # stopped before any training: report the initial model
             self._evaluate(0, arrays, grid, timeout)
         log(INFO, "Strategy finished in %.2fs", time.time() - t_start)
@@ -221,7 +265,7 @@ class FedMoE(FedAvg):
             return
         content = server_message(None, RoundPlan(server_round), self.config)
         queries = self._construct_messages(content, new, MessageType.QUERY)
-        for reply in grid.send_and_receive(messages=queries, timeout=600):
+        for reply in grid.send_and_receive(messages=queries, timeout=self.config.reply_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.failed_nodes[node] = reply.error.reason
@@ -233,6 +277,9 @@ class FedMoE(FedAvg):
                 self.failed_nodes[node] = f"malformed query reply: {err}"
                 log(WARNING, "node %s cannot take part: %s", node, self.failed_nodes[node])
                 continue
+            if info.client in self.plans and info.client not in self.clients.values():
+                self._rejoin(node, info)  # planned before this process (a resumed run)
+                continue
             if info.client in self.clients.values():
                 self.failed_nodes[node] = f"client id {info.client!r} is already taken"
                 log(WARNING, "node %s: client id %r is already used by another node; set a "
@@ -241,6 +288,13 @@ class FedMoE(FedAvg):
             self.clients[node] = info.client
             self.declared[info.client] = info
             self._plan(info)
+
+    def _rejoin(self, node: int, info: ClientInfo) -> None:
+        """A client planned before a resume comes back on a (new) node: it keeps its plan
+        (σ was calibrated once for the whole run) and the server ledger's spend."""
+        self.clients[node] = info.client
+        self.declared[info.client] = info
+        log(INFO, "client %s is back (node %s), with its plan of this run", info.client, node)
 
     def _plan(self, info: ClientInfo) -> None:
         """Plan a new client against the server's own ledger (seeded with its earlier spend)."""
@@ -332,10 +386,14 @@ class FedMoE(FedAvg):
         """Sample among the clients that can afford this round and charge the server's ledger."""
         self._record(server_round)
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-        _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        self._global = {k: a.numpy() for k, a in arrays.items()}
+        self._sent = {}
+        all_nodes = self.wait_for_nodes(grid)
+        if all_nodes is None:
+            return []
         self.discover(grid, all_nodes, server_round)
-        affordable = [n for n in all_nodes
-                      if n in self.clients and self.can_afford(self.clients[n], server_round)]
+        affordable = self._by_client([n for n in all_nodes if n in self.clients
+                                      and self.can_afford(self.clients[n], server_round)])
         if not affordable:
             known = set(self.clients.values())
             if known and known <= set(self.excluded):
@@ -366,6 +424,7 @@ class FedMoE(FedAvg):
                 arrays, RoundPlan.for_training(server_round, plan, with_prior=histogram),
                 self.config)
             messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
+            self._sent[node] = plan.client
         if not messages:
             self.stop_reason = f"no client could be charged for round {server_round}"
         self.history[-1].sampled = len(messages)
@@ -373,49 +432,117 @@ class FedMoE(FedAvg):
             len(nodes), len(all_nodes), len(affordable))
         return messages
 
+    def wait_for_nodes(self, grid: Grid) -> list[int] | None:
+        """The connected nodes, once at least ``min-available-clients`` are; None (and
+        :attr:`stop_reason` says why) if they do not connect within ``reply-timeout``.
+
+        Flower's ``sample_nodes`` would wait forever; this logs what it waits for every
+        :data:`WAIT_LOG_INTERVAL` seconds.
+        """
+        need, timeout = self.min_available_nodes, self.config.reply_timeout
+        end, next_log = time.monotonic() + timeout, 0.0
+        while len(nodes := list(grid.get_node_ids())) < need:
+            now = time.monotonic()
+            if now >= end:
+                self.stop_reason = (f"only {len(nodes)} of min-available-clients={need} nodes "
+                                    f"connected within reply-timeout={timeout:g}s")
+                log(WARNING, "fedmoe: %s", self.stop_reason)
+                return None
+            if now >= next_log:
+                log(INFO, "fedmoe: waiting for nodes to connect: %s of min-available-clients=%s "
+                    "connected, giving up in %.0fs", len(nodes), need, end - now)
+                next_log = now + WAIT_LOG_INTERVAL
+            time.sleep(min(1.0, max(0.0, end - now)))
+        return nodes
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, then weighted-average the ``shared`` and ``gate`` arrays."""
+        """Validate every reply (a fault drops that reply only), then, with at least
+        ``min-train-replies`` valid ones, aggregate their ``shared`` and ``gate`` arrays by
+        ``aggregation``. Never raises for a client's reply; returns ``(None, None)`` when
+        the global model stays as it was."""
         record = self._record(server_round)
-        valid: list = []
+        valid: list[tuple[dict[str, np.ndarray], int]] = []
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            answered.add(node)
             client = self.clients.get(node, f"node-{node}")
-            if msg.has_error():
-                record.rejected.append(f"{client}: {msg.error.reason}")
-                if msg.error.code in REFUSALS:  # its own ledger says no: it will again
-                    self._exclude(client, f"it refused round {server_round}: "
-                                          f"{msg.error.reason}")
-                continue
-            try:
-                report = self._check_train_reply(msg, client)
-            except ReplyError as err:
-                record.rejected.append(f"{client}: {err}")
-                continue
-            plan = self.plans.get(client)
-            if plan is None or plan.private:
-                if not math.isfinite(report.epsilon):  # ε=∞ is only a non-private answer
-                    record.rejected.append(f"{client}: reply metric 'epsilon' must be a finite "
-                                           f"number in a DP round, got {report.epsilon}")
-                    continue
-                self._check_epsilon(record, client, report.epsilon)
-            record.train[client] = report
-            record.upload_bytes[client] = sum(len(array.data)
-                                              for arrays in msg.content.array_records.values()
-                                              for array in arrays.values())
-            valid.append(msg.content)
+            checked = self._checked_reply(record, msg, client, server_round)
+            if checked is not None:
+                valid.append(checked)
+        for node, client in self._sent.items():
+            if node not in answered:
+                self._fail(record, "timeout", client, f"no reply within reply-timeout="
+                                                      f"{self.config.reply_timeout:g}s")
         for reason in record.rejected:
             log(WARNING, "aggregate_train: dropped reply from %s", reason)
-        if not valid:
+        if len(valid) < self.config.min_train_replies:
+            log(WARNING, "round %s: %s valid train repl%s, min-train-replies=%s: the global "
+                "model stays as it was", server_round, len(valid),
+                "y" if len(valid) == 1 else "ies", self.config.min_train_replies)
             return None, None
-        arrays = aggregate_arrayrecords(valid, self.weighted_by_key)
+        arrays = self._aggregate(valid)
+        if arrays is None:
+            return None, None
+        record.aggregated = True
         spent = self.ledger_epsilons(record.train)
         metrics = MetricRecord({
             "epsilon-max": max(spent.values()),
             "num-clients": len(record.train),
         })
         return arrays, metrics
+
+    def _checked_reply(
+        self, record: RoundRecord, msg: Message, client: str, server_round: int
+    ) -> tuple[dict[str, np.ndarray], int] | None:
+        """A train reply's arrays and weight if every check passes; else None, with the
+        reason recorded (:meth:`_fail`)."""
+        if msg.has_error():
+            self._fail(record, "error", client, msg.error.reason)
+            if msg.error.code in REFUSALS:  # its own ledger says no: it will again
+                self._exclude(client, f"it refused round {server_round}: {msg.error.reason}")
+            return None
+        try:
+            report = self._check_train_reply(msg, client)
+            plan = self.plans.get(client)
+            if (plan is None or plan.private) and not math.isfinite(report.epsilon):
+                raise ReplyError(f"reply metric 'epsilon' must be a finite number in a DP "
+                                 f"round, got {report.epsilon}")
+            arrays = {k: a.numpy() for k, a in msg.content.array_records[ARRAYS].items()}
+            norm = check_update(arrays, self._global, self.config.max_update_norm)
+        except ReplyError as err:
+            self._fail(record, "invalid", client, str(err))
+            return None
+        except Exception as err:  # noqa: BLE001  a foreign payload may fail anywhere
+            self._fail(record, "invalid", client, f"malformed reply ({type(err).__name__}: "
+                                                  f"{err})")
+            return None
+        if plan is None or plan.private:
+            self._check_epsilon(record, client, report.epsilon)
+        record.train[client] = report
+        record.update_norms[client] = norm
+        record.upload_bytes[client] = sum(len(array.data)
+                                          for arrays_ in msg.content.array_records.values()
+                                          for array in arrays_.values())
+        return arrays, report.num_examples
+
+    def _fail(self, record: RoundRecord, kind: str, client: str, why: str) -> None:
+        record.failures[kind] += 1
+        record.rejected.append(f"{client}: {why}")
+
+    def _aggregate(self, valid: list[tuple[dict[str, np.ndarray], int]]) -> ArrayRecord | None:
+        """The new global arrays from the valid replies; None (the model stays) should the
+        result not be finite, which bounded updates of finite values cannot cause."""
+        c = self.config
+        combined = aggregate([a for a, _ in valid], [float(w) for _, w in valid],
+                             c.aggregation, trim_fraction=c.trim_fraction)
+        if not all(np.all(np.isfinite(v)) for v in combined.values()):
+            log(WARNING, "aggregate_train: the %s of %s replies is not finite; the global "
+                "model stays as it was", c.aggregation, len(valid))
+            return None
+        return ArrayRecord({k: Array(v) for k, v in combined.items()})
 
     def ledger_epsilons(self, clients: Iterable[str] | None = None) -> dict[str, float]:
         """ε spent by the server's ledger (the last charge's stored ε, which the ledger
@@ -484,9 +611,11 @@ class FedMoE(FedAvg):
     ) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
-        _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        all_nodes = self.wait_for_nodes(grid)
+        if all_nodes is None:
+            return []
         self.discover(grid, all_nodes, server_round)
-        known = [n for n in all_nodes if n in self.clients]
+        known = self._by_client([n for n in all_nodes if n in self.clients])
         size = max(self.min_evaluate_nodes, int(len(all_nodes) * self.fraction_evaluate))
         nodes = self._rng.sample(known, min(size, len(known)))
         record = server_message(arrays, RoundPlan(server_round), self.config)
@@ -546,6 +675,12 @@ class FedMoE(FedAvg):
                 raise ReplyError(f"{name}={getattr(report, name)} is negative")
 
     # ---------------------------------------------------------------- helpers
+    def _by_client(self, nodes: list[int]) -> list[int]:
+        """``nodes`` in the order of their client ids: the seeded sampling then picks the
+        same clients whatever node ids the engine gave them (Flower's simulation draws
+        them at random; a resumed run gets new ones)."""
+        return sorted(nodes, key=lambda n: client_sort_key(self.clients[n]))
+
     def _record(self, server_round: int) -> RoundRecord:
         if not self.history or self.history[-1].server_round != server_round:
             self.history.append(RoundRecord(server_round,

@@ -12,7 +12,10 @@ federations, so :func:`run_inline` runs each one in the calling process instead:
 - :class:`InlineGrid` delivers each message to its node's ClientApp one after the other
   (a ClientApp that raises gives an error reply, as in Flower's engine) and measures the
   time spent inside the client handlers, so framework overhead is
-  ``wall / client seconds``.
+  ``wall / client seconds``. Each message gets ``timeout`` seconds of its own (the
+  strategy's ``reply-timeout``): a client still working then gives no reply, as a
+  straggler in a deployment, and until it finishes it answers later messages with an
+  error reply (it is busy).
 
 Messages are not serialised on the way (Flower's engine would); the bytes a client uploads
 are measured by the strategy from its reply's arrays either way. Use Flower's engine
@@ -22,6 +25,7 @@ against it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -95,6 +99,8 @@ class InlineGrid:
             )
             for p in range(num_clients)
         }
+        #: node -> the thread of a message it did not answer in time, while it still runs
+        self.busy: dict[int, threading.Thread] = {}
         # Flower's Message() reads the task identity an engine sets; run_simulation sets
         # a dummy one the same way.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
@@ -104,19 +110,44 @@ class InlineGrid:
 
     def send_and_receive(self, messages: Iterable[Message],
                          timeout: float | None = None) -> list[Message]:
-        """Deliver every message and return the replies (``timeout`` is not needed)."""
+        """Deliver every message, one after the other, and return the replies that came
+        back within ``timeout`` seconds of their delivery (None: wait for each)."""
         replies = []
         for msg in messages:
-            kind = msg.metadata.message_type
+            node = msg.metadata.dst_node_id
+            if node in self.busy and self.busy[node].is_alive():
+                replies.append(Message(Error(
+                    code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                    reason="the node is still busy with an earlier message it did not answer "
+                           "in time"), reply_to=msg))
+                continue
+            self.busy.pop(node, None)
+            box: list[Message] = []
             start = time.perf_counter()
-            try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as err:  # noqa: BLE001  (Flower's engine does the same)
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            self.time.add(kind, time.perf_counter() - start)
-            replies.append(reply)
+            if timeout is None:
+                self._deliver(msg, box)
+            else:  # the client works in a thread; past the timeout it is a straggler
+                worker = threading.Thread(target=self._deliver, args=(msg, box), daemon=True)
+                worker.start()
+                worker.join(timeout)
+                if worker.is_alive():
+                    self.busy[node] = worker
+            self.time.add(msg.metadata.message_type, time.perf_counter() - start)
+            replies.extend(box[:1])
         return replies
+
+    def _deliver(self, msg: Message, box: list[Message]) -> None:
+        try:
+            box.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+        except Exception as err:  # noqa: BLE001  (Flower's engine does the same)
+            box.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                     reason=f"{type(err).__name__}: {err}"), reply_to=msg))
+
+    def close(self) -> None:
+        """Wait for the stragglers still working (their replies are not used)."""
+        for worker in self.busy.values():
+            worker.join()
+        self.busy.clear()
 
 
 @dataclass(frozen=True)
@@ -142,16 +173,18 @@ def run_inline(
     state_root: Path | None = None,
     listener: Any = None,
     run_id: int = 1,
+    client_app: Any = None,
 ) -> InlineRun:
     """Run one federation of ``num_clients`` simulated clients in this process.
 
     The run folder is ``config.run_dir`` (as for any fedmoe run); clients keep their state
-    under ``state_root`` (default: ``<run folder>/clients``).
+    under ``state_root`` (default: ``<run folder>/clients``). ``client_app`` replaces
+    :data:`clients.app.app` (tests wrap it to make clients fail).
 
     Raises
     ------
     fedmoe.config.ConfigError
-        If ``min-available-clients`` exceeds ``num_clients`` (the server would wait forever).
+        If ``min-available-clients`` or ``min-train-replies`` exceeds ``num_clients``.
     """
     from fedmoe.config import ConfigError
     from fedmoe.reporting import resolve_run_dir
@@ -160,9 +193,18 @@ def run_inline(
     if config.min_available_clients > num_clients:
         raise ConfigError(f"min-available-clients={config.min_available_clients} exceeds the "
                           f"{num_clients} simulated clients; lower min-available-clients")
+    if config.min_train_replies > num_clients:
+        raise ConfigError(f"min-train-replies={config.min_train_replies} exceeds the "
+                          f"{num_clients} simulated clients: no round could change the model; "
+                          "lower min-train-replies")
     run_dir = resolve_run_dir(config)
     config = config.replace(run_dir=str(run_dir))
-    grid = InlineGrid(num_clients, state_root or run_dir / "clients", run_id=run_id)
+    grid = InlineGrid(num_clients, state_root or run_dir / "clients", run_id=run_id,
+                      client_app=client_app)
     start = time.perf_counter()
-    results = run_federation(grid, config, listener, run_id=run_id)
+    try:
+        results = run_federation(grid, config, listener, run_id=run_id,
+                                 num_clients=num_clients, engine="inline")
+    finally:
+        grid.close()
     return InlineRun(results, time.perf_counter() - start, grid.time)

@@ -28,6 +28,10 @@ from fedmoe.reporting import EPSILON_TOLERANCE
 from server.strategy import RoundRecord
 
 
+#: This engine's name in a checkpoint (a run resumes only on the engine that ran it).
+ENGINE = "flower"
+
+
 class ProgressListener:
     """Shows rounds, clients and ε as a run goes, and the per-client table at the end."""
 
@@ -159,7 +163,9 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
     """Every check that can fail before anything starts; returns ``config`` with its run
     folder resolved (``runs/<timestamp>`` when empty), the folder the run will write.
 
-    Checks the number of clients, the run folder (creatable and writable, not a file) and
+    Checks the number of clients, the run folder (creatable and writable, not a file; no
+    earlier run in it, or with ``resume`` the checkpoint of an unfinished run of the same
+    config and number of clients) and
     the data split (computed once here, in this process: every client's size is known and
     at least :data:`fedmoe.data.MIN_CLIENT_EXAMPLES`), and the DP steps a client's
     ``batch-size`` implies.
@@ -176,7 +182,8 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
     from fedmoe.data import check_split
     from fedmoe.privacy.accountant import steps_per_epoch
     from fedmoe.privacy.plan import client_sample_rate
-    from fedmoe.reporting import RESULTS, check_run_folder, resolve_run_dir
+    from fedmoe.reporting import check_run_folder, resolve_run_dir
+    from server.checkpoint import prepare_run_folder
 
     if not 1 <= num_clients <= MAX_CLIENTS:
         raise ConfigError(f"--clients must be in [1, {MAX_CLIENTS:,}], got {num_clients:,}")
@@ -184,6 +191,11 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
         raise ConfigError(
             f"min-available-clients={config.min_available_clients} exceeds --clients "
             f"{num_clients}; the server would wait forever. Lower min-available-clients."
+        )
+    if config.min_train_replies > num_clients:
+        raise ConfigError(
+            f"min-train-replies={config.min_train_replies} exceeds --clients {num_clients}; "
+            "no round could change the model. Lower min-train-replies."
         )
     if config.data == "pystdlib":
         from fedmoe.data.text import stdlib_packages
@@ -207,11 +219,7 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
             )
     run_dir = resolve_run_dir(config)
     check_run_folder(run_dir)  # an earlier run's ledger must verify (read-only)
-    if (run_dir / RESULTS).exists():
-        raise ConfigError(
-            f"--out {run_dir}: holds the results of an earlier run ({RESULTS}); fedmoe does "
-            "not overwrite a finished run. Choose a new --out (continuing a run in its own "
-            "folder is not supported yet)")
+    prepare_run_folder(run_dir, config, num_clients=num_clients, engine=ENGINE)  # or --resume
     check_run_dir(run_dir)  # last: it creates the folder
     return config.replace(run_dir=str(run_dir))
 
@@ -270,7 +278,17 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
     SimulationInterrupted
         After Ctrl-C, once the partial report is written.
     """
+    from fedmoe.storage import run_folder_lock
+    from server.checkpoint import prepare_run_folder
+
     config = preflight(config, num_clients)
+    with run_folder_lock(Path(config.run_dir)):  # held until the run folder is complete
+        # again, under the lock: another run may have ended in the meantime
+        prepare_run_folder(Path(config.run_dir), config, num_clients=num_clients, engine=ENGINE)
+        return _run(config, num_clients, verbose=verbose)
+
+
+def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, Any]:
     # Imported here: the simulation engine (Ray) is heavy and only needed to run.
     from flwr.simulation import run_simulation
 
@@ -302,11 +320,17 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     recorder = Recorder(Path(config.run_dir).resolve())
+    previous_run = _checkpoint_run_id(config)
+
+    def on_run_id(run_id: int) -> None:
+        recorder.set_run_id(run_id)
+        if previous_run is not None:  # before any client is sent a message
+            carry_client_state(previous_run, run_id, Path(config.run_dir))
     try:
         with recorder:
             run_simulation(
-                server_app=make_server_app(config, listener, stop=stop,
-                                           on_run_id=recorder.set_run_id),
+                server_app=make_server_app(config, listener, stop=stop, on_run_id=on_run_id,
+                                           num_clients=num_clients, engine=ENGINE),
                 client_app=client_app,
                 num_supernodes=num_clients,
                 backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
@@ -327,6 +351,35 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
     if stop.is_set():
         raise SimulationInterrupted(listener.results_path, listener.results)
     return listener.results
+
+
+def _checkpoint_run_id(config: FedMoEConfig) -> int | None:
+    """Flower's run id of the run a ``resume`` continues (its clients' state is named by it)."""
+    if not config.resume:
+        return None
+    from server.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(config.run_dir)).run_id
+
+
+def carry_client_state(previous: int, run_id: int, run_dir: Path) -> Path | None:
+    """Give a resumed simulation's clients the state of the run it continues.
+
+    Simulated clients keep their ledgers and local experts under a folder named by
+    Flower's run id (:func:`clients.state.run_state_root`), which is new in every process.
+    The killed run's folder is in the temp directory, or in ``<run_dir>/clients`` once
+    ``fedmoe clean`` (or this command's own cleanup) moved it there; it is moved to the
+    new run id's folder, so each client continues its own ledger and experts.
+    """
+    from clients.state import run_state_root
+
+    target = run_state_root(run_id)
+    for source in (run_dir / "clients" / f"run-{previous}", run_state_root(previous)):
+        if source.is_dir() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, target)
+            return target
+    return None
 
 
 def keep_client_state(run_id: int, run_dir: Path) -> Path | None:

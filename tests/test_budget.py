@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,8 +72,11 @@ class LedgerOnlyGrid:
         except BudgetExceededError as err:
             return Message(Error(code=BUDGET_EXCEEDED, reason=str(err)), reply_to=msg)
         report = TrainReport(num_examples=self.sizes[i], epsilon=eps, steps=plan.steps)
-        content = RecordDict({ARRAYS: msg.content.array_records[ARRAYS],
-                              METRICS: report.to_record()})
+        # a trained reply: DP noise always moves the global arrays (an untouched copy is
+        # dropped as a zero update)
+        moved = ArrayRecord({k: Array(v.numpy() + np.float32(1e-3))
+                             for k, v in msg.content.array_records[ARRAYS].items()})
+        content = RecordDict({ARRAYS: moved, METRICS: report.to_record()})
         return Message(content, reply_to=msg)
 
 

@@ -1,0 +1,250 @@
+"""Checkpoint and resume: a run folder is a unit that loses nothing.
+
+A server that dies after round 2 of 4 and is resumed ends with the ledgers (server's and
+clients') of an uninterrupted run and a results.json of 4 rounds; a round charged but not
+finished stays charged and is not run again; an existing run folder is refused unless
+resumed with the same config; a second writer is locked out; a checkpoint of another
+format or version is one clear error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmoe.cli import main as cli_main
+from fedmoe.config import ConfigError, FedMoEConfig
+from fedmoe.privacy import LEDGER_FILE, LedgerBook
+from fedmoe.storage import RunFolderBusy
+from server import checkpoint as ckpt
+from server.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
+from server.strategy import FedMoE
+from simulations.inline import run_inline
+
+ROOT = Path(__file__).resolve().parents[1]
+# 3 clients, 2 sampled a round (the sampling RNG must come back), 4 rounds, the label prior
+CONFIG = FedMoEConfig(num_server_rounds=4, fraction_train=0.67, target_epsilon=4.0)
+
+
+class Crash(Exception):
+    """Stands in for the server process dying."""
+
+
+def _crash_at(monkeypatch, server_round, *, after_charge=False):
+    """Make the server 'die' when it configures ``server_round`` (before or after the
+    round is charged)."""
+    original = FedMoE.configure_train
+
+    def configure_train(self, rnd, arrays, config, grid):
+        if rnd == server_round and not after_charge:
+            raise Crash(rnd)
+        messages = list(original(self, rnd, arrays, config, grid))
+        if rnd == server_round:
+            raise Crash(rnd)
+        return messages
+
+    monkeypatch.setattr(FedMoE, "configure_train", configure_train)
+
+
+def ledgers(folder: Path) -> dict[str, list[tuple]]:
+    """client -> its ledger's entries (round, σ, q, steps) and ε, read-only."""
+    with LedgerBook(folder / LEDGER_FILE, read_only=True) as book:
+        return {c: [(e.server_round, e.noise_multiplier, e.sample_rate, e.steps)
+                    for e in book.get(c).entries] + [round(book.get(c).spent(), 12)]
+                for c in book.clients()}
+
+
+def client_ledgers(run_dir: Path) -> dict[str, dict]:
+    return {p.name: ledgers(p) for p in sorted((run_dir / "clients").iterdir())}
+
+
+@pytest.mark.slow
+def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    clean = run_inline(CONFIG.replace(run_dir=str(tmp_path / "clean")), 3).results
+    run_dir = tmp_path / "crashed"
+    config = CONFIG.replace(run_dir=str(run_dir))
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 3)
+        with pytest.raises(Crash):
+            run_inline(config, 3)
+    assert load_checkpoint(run_dir).server_round == 2 and not (run_dir / "results.json").exists()
+    resumed = run_inline(config.replace(resume=True), 3).results
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
+    assert [r["sampled"] for r in resumed["rounds"]] == [2, 2, 2, 2]
+    assert ledgers(run_dir) == ledgers(tmp_path / "clean")
+    assert client_ledgers(run_dir) == client_ledgers(tmp_path / "clean")
+    for entries in ledgers(run_dir).values():  # no round charged twice (a client's first
+        rounds = [e[0] for e in entries[:-1]]  # round also carries its label histogram)
+        assert rounds.count(rounds[0]) == 2
+        assert all(rounds.count(r) == 1 for r in set(rounds) - {rounds[0]})
+    # the rounds before the crash are reported as they were, with the same clients
+    for a, b in zip(clean["rounds"], resumed["rounds"], strict=True):
+        assert [c["client"] for c in a["clients"]] == [c["client"] for c in b["clients"]]
+    assert load_checkpoint(run_dir).finished
+    with pytest.raises(CheckpointError, match="that run is finished"):
+        run_inline(config.replace(resume=True), 3)
+
+
+def test_a_round_charged_when_the_server_died_stays_spent_and_is_not_rerun(tmp_path,
+                                                                          monkeypatch):
+    run_dir = tmp_path / "run"
+    config = CONFIG.replace(run_dir=str(run_dir), num_server_rounds=3, fraction_train=1.0)
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 2, after_charge=True)
+        with pytest.raises(Crash):
+            run_inline(config, 3)
+    charged = ledgers(run_dir)
+    assert all(2 in [e[0] for e in entries[:-1]] for entries in charged.values())
+    results = run_inline(config.replace(resume=True), 3).results
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    lost = results["rounds"][1]
+    assert lost["clients"] == [] and len(lost["rejected"]) == 3
+    assert all("its charge stands (sent = spent)" in why for why in lost["rejected"])
+    after = ledgers(run_dir)
+    for client, entries in after.items():
+        rounds = [e[0] for e in entries[:-1]]
+        assert rounds.count(2) == 1 and rounds.count(3) == 1  # round 2 kept, never re-charged
+        assert entries[:-1][:len(charged[client]) - 1] == charged[client][:-1]
+
+
+def test_an_existing_run_folder_is_refused_unless_resumed_with_the_same_config(tmp_path,
+                                                                            monkeypatch):
+    run_dir = tmp_path / "run"
+    config = CONFIG.replace(run_dir=str(run_dir))
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 2)
+        with pytest.raises(Crash):
+            run_inline(config, 3)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="holds an unfinished run .*--resume"):
+        run_inline(config, 3)
+    other = config.replace(resume=True, target_epsilon=3.0, model="moe")
+    with pytest.raises(CheckpointError, match=r"differs .* in 2 key\(s\): model .*; "
+                                              r"target-epsilon \(run folder: 4.0, now: 3.0\)"):
+        run_inline(other, 3)
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before  # nothing was touched by the refusals
+    # the CLI: exit 2, with the keys
+    code = cli_main(["simulate", "--resume", str(run_dir), "--run-config",
+                     "target-epsilon=3.0"])
+    assert code == 2
+    code = cli_main(["simulate", "--out", str(run_dir), "--clients", "3"])
+    assert code == 2
+    code = cli_main(["simulate", "--resume", str(run_dir), "--clients", "4"])
+    assert code == 2
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("format", "checkpoint format 99, this fedmoe reads format 1"),
+    ("version", "written by fedmoe 0.0.0-other"),
+    ("config", "its run config is not valid for this fedmoe"),
+    ("truncate", "not a readable fedmoe checkpoint"),
+])
+def test_a_checkpoint_of_another_version_or_damaged_is_one_clear_error(tmp_path, monkeypatch,
+                                                                      damage, match, capsys):
+    run_dir = tmp_path / "run"
+    config = CONFIG.replace(run_dir=str(run_dir), num_server_rounds=2)
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 1)
+        with pytest.raises(Crash):
+            run_inline(config, 3)
+    path = run_dir / CHECKPOINT
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        with np.load(path) as data:
+            arrays = dict(data)
+        meta = json.loads(bytes(arrays["meta"]).decode())
+        if damage == "format":
+            meta["format"] = 99
+        elif damage == "version":
+            meta["fedmoe"] = "0.0.0-other"
+        else:
+            meta["config"]["no-such-key"] = 1
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=match):
+        run_inline(config.replace(resume=True), 3)
+    assert cli_main(["simulate", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fedmoe: error:" in err
+
+
+def test_a_second_writer_is_locked_out(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from fedmoe.storage import run_folder_lock\n"
+         f"with run_folder_lock({str(run_dir)!r}):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(60)\n"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"another fedmoe process \\(pid {holder.pid}\\)"):
+            run_inline(CONFIG.replace(run_dir=str(run_dir)), 3)
+        assert cli_main(["simulate", "--out", str(run_dir), "--clients", "3"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".fedmoe.lock"]
+    # the holder died (SIGKILL): the lock went with it, nothing to clean up
+    run_inline(CONFIG.replace(run_dir=str(run_dir), num_server_rounds=1), 3)
+
+
+# ------------------------------------------------------------------ the real command line
+#: Runs ``fedmoe simulate`` and SIGKILLs its own process when the server is about to
+#: configure round KILL_AT (after round KILL_AT - 1 finished and was checkpointed).
+KILLER = """
+import os, signal, sys
+from server.strategy import FedMoE
+original = FedMoE.configure_train
+def configure_train(self, server_round, *args, **kwargs):
+    if server_round == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, server_round, *args, **kwargs)
+FedMoE.configure_train = configure_train
+from fedmoe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+ARGS = ["--clients", "3", "--run-config",
+        "num-server-rounds=4 fraction-train=0.67 target-epsilon=4.0"]
+
+
+def _simulate(*args, killer=False):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AT": "3"}
+    command = ["-c", KILLER] if killer else ["-m", "fedmoe.cli"]
+    return subprocess.run([sys.executable, *command, "simulate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _client_ledgers(out: Path) -> dict[str, dict]:
+    [run] = (out / "clients").iterdir()  # the clients' state of the (last) run id
+    return {p.name: ledgers(p) for p in sorted(run.iterdir())}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("system_temp_dir")
+def test_sigkill_after_round_2_of_4_then_resume_equals_an_uninterrupted_run(tmp_path):
+    clean, out = tmp_path / "clean", tmp_path / "killed"
+    done = _simulate("--out", str(clean), *ARGS)
+    assert done.returncode == 0, done.stderr
+    killed = _simulate("--out", str(out), *ARGS, killer=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert load_checkpoint(out).server_round == 2 and not (out / "results.json").exists()
+    resumed = _simulate("--resume", str(out))  # config and --clients from the checkpoint
+    assert resumed.returncode == 0, resumed.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4]
+    assert results["privacy"]["stopped"] is None
+    assert ledgers(out) == ledgers(clean)  # the server's: same rounds, σ, q, steps, ε
+    assert _client_ledgers(out) == _client_ledgers(clean)  # each client's own
+    for entries in ledgers(out).values():
+        rounds = [e[0] for e in entries[:-1]]
+        assert all(rounds.count(r) == 1 for r in set(rounds) - {rounds[0]})
