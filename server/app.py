@@ -21,6 +21,7 @@ from flwr.supercore import log
 from flwr.supercore.run import Run
 
 from fedmoe.config import FedMoEConfig
+from fedmoe.data import with_data_shape
 from fedmoe.methods import method_model
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
@@ -104,6 +105,7 @@ def run_federation(
     ledgers: sent = spent) and the report covers the rounds that finished.
     """
     start = time.time()
+    config = with_data_shape(config)  # a data file's features and classes shape the model
     run_dir = resolve_run_dir(config)
     torch.manual_seed(config.seed)
     initial = to_arrays(split_state_dict(method_model(config)))  # shared + gate only
