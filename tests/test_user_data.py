@@ -8,15 +8,18 @@ import csv
 import numpy as np
 import pytest
 import torch
-from flwr.app import MessageType
+from flwr.app import ConfigRecord, MessageType
 
 from clients.app import app
 from fedmoe.config import ConfigError, FedMoEConfig, NodeSettings
 from fedmoe.data import check_split, load_client_data, load_node_data, with_data_shape
 from fedmoe.data.files import DataFileError, infer_spec, load_file
-from fedmoe.privacy import LEDGER_FILE
-from fedmoe.records import DATA_UNUSABLE, DELTA_TOO_LARGE, LEDGER_UNUSABLE
-from tests.helpers import context, message, train_plan
+from fedmoe.models import model_for
+from fedmoe.privacy import LEDGER_FILE, LedgerBook
+from fedmoe.records import DATA_UNUSABLE, DELTA_TOO_LARGE, LEDGER_UNUSABLE, to_arrays
+from fedmoe.roles import split_state_dict
+from server.strategy import FedMoE
+from tests.helpers import LocalGrid, context, message, train_plan
 
 
 def blobs(n: int = 60, features: int = 5, classes: int = 3, seed: int = 0):
@@ -304,3 +307,33 @@ def test_simulate_preflight_exits_2_on_a_bad_file(tmp_path, capsys):
     assert main(["simulate", "--clients", "3", "--out", str(out), "--run-config",
                  "dataset='node' num-features=5 num-classes=3"]) == 2
     assert "for deployments" in capsys.readouterr().err
+
+
+def test_server_plans_a_pinned_node_at_its_delta_and_leaves_out_a_bad_file(tmp_path):
+    """Through the real strategy: a node pinned to δ=1e-3 is planned and charged at it (the
+    run's δ rule would give 1e-4 for n=64); a run that asks another target-delta leaves it
+    out with the reason; a node with a malformed file is left out at the query."""
+    x, y = blobs(n=80)
+    good = write_csv(tmp_path / "good.csv", x, y)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("f0,label\n" + "".join(f"{i},1\n" for i in range(30)))
+    nodes = {0: {"data_path": str(good), "client_id": "a", "state_dir": str(tmp_path / "a"),
+                 "delta": 1e-3, "accountant": "rdp"},
+             1: {"data_path": str(bad), "client_id": "b", "state_dir": str(tmp_path / "b")}}
+    with LedgerBook(tmp_path / "server.sqlite") as book:
+        grid = LocalGrid(2, node_configs=nodes)
+        strategy = FedMoE(NODE_CONFIG, book=book)
+        strategy.discover(grid, grid.get_node_ids(), 1)
+        assert strategy.plans["a"].delta == 1e-3 and "b" not in strategy.plans
+        assert "at least 2 classes" in strategy.all_excluded()["node-11"]
+        arrays = to_arrays(split_state_dict(model_for(NODE_CONFIG)))
+        replies = grid.send_and_receive(
+            list(strategy.configure_train(1, arrays, ConfigRecord(), grid)))
+        assert [r.has_error() for r in replies] == [False]
+    with LedgerBook(tmp_path / "a" / LEDGER_FILE, read_only=True) as client_book:
+        assert client_book.get("a").delta == 1e-3
+    with LedgerBook(tmp_path / "server2.sqlite") as book:
+        strategy = FedMoE(NODE_CONFIG.replace(target_delta=1e-4), book=book)
+        strategy.discover(LocalGrid(2, node_configs=nodes), [10], 1)
+        assert "δ=0.001" in strategy.excluded["a"] and "target-delta=0.0001" in \
+            strategy.excluded["a"]
