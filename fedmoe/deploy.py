@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def init_deployment(root: str | Path, *, hosts: list[str] | None = None, nodes: 
         The connection's name (``flwr run . <name>``).
     force : bool (default: False)
         Replace existing key material (a new CA: every node must get the new ``ca.crt``
-        and re-register its new key).
+        and re-register its new key); node folders beyond ``nodes`` are removed.
 
     Raises
     ------
@@ -114,6 +115,8 @@ def init_deployment(root: str | Path, *, hosts: list[str] | None = None, nodes: 
     _check_arguments(hosts, nodes, port, name)
     layout = Deployment(Path(root).expanduser().resolve(), nodes)
     _check_folder(layout, force)
+    for stale in _other_nodes(layout):  # --force: keys of the replaced set, beyond --nodes
+        shutil.rmtree(layout.root / "supernodes" / stale)
     ca_key, ca_cert = _make_ca()
     server_key, server_cert = _make_server(ca_key, ca_cert, hosts)
     _write(layout.root / CA_KEY, _pem_key(ca_key), private=True)
@@ -159,9 +162,7 @@ def _check_folder(layout: Deployment, force: bool) -> None:
     if root.is_dir():
         try:
             present = [p for p in layout.files() if p.exists()]
-            extra = sorted(p.name for p in (root / "supernodes").glob("node-*")
-                           if p.is_dir() and not any(p == layout.node_key(i).parent
-                                                     for i in range(layout.nodes)))
+            extra = _other_nodes(layout)
             os.listdir(root)
         except PermissionError as err:
             raise DeployError(f"{root}: cannot be read ({err.strerror}); fix its permissions "
@@ -185,6 +186,13 @@ def _check_folder(layout: Deployment, force: bool) -> None:
     except OSError as err:
         raise DeployError(f"{root}: cannot be written ({err.strerror}); fix its permissions "
                           "or choose another DIR") from None
+
+
+def _other_nodes(layout: Deployment) -> list[str]:
+    """Node folders in ``supernodes/`` beyond ``layout.nodes`` (an earlier, larger set)."""
+    keep = {layout.node_key(i).parent.name for i in range(layout.nodes)}
+    return sorted(p.name for p in (layout.root / "supernodes").glob("node-*")
+                  if p.is_dir() and p.name not in keep)
 
 
 def _is_ip(host: str) -> bool:

@@ -77,6 +77,11 @@ def test_never_overwrites_without_force(tmp_path):
         init_deployment(tmp_path / "d", nodes=1)
     again = init_deployment(tmp_path / "d", nodes=2, force=True)
     assert again.ca_cert.read_bytes() != before[layout.ca_cert]
+    assert again.node_key(1).read_bytes() != before[layout.node_key(1)]
+    init_deployment(tmp_path / "d", nodes=1, force=True)  # the old node-1 goes with its set
+    assert not layout.node_key(1).parent.exists()
+    with pytest.raises(DeployError, match="complete set"):
+        init_deployment(tmp_path / "d", nodes=1)
 
 
 def test_partial_file_or_unusable_folder_is_refused(tmp_path, monkeypatch, capsys):
