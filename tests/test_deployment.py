@@ -13,9 +13,11 @@ so one federation serves every check):
    node refuses with a reason naming its file, the run goes on with the others; every good
    node's ledger and local experts are in its state dir and the server's results match each
    client's own ledger;
-3. node 0 is killed (SIGKILL) between rounds — after run 1, before run 2 — and restarted with
-   the same key and state dir: its local experts are byte-identical, and run 2's round is
-   charged on top of its ledger (a lifetime budget), no round charged twice.
+3. node 0 is killed (SIGKILL, with its SuperExec) between rounds — as soon as it has sent
+   its last reply of run 1, while the others finish — and restarted with the same key and
+   state dir (again until the SuperLink re-activates it: after a crash Flower holds the node
+   online for two missed heartbeats, 60 s): its local experts are byte-identical and its
+   ledger unchanged; run 2's round is charged on top of it (a lifetime budget), once.
 
 Every process is started by the test and stopped by pid (with its descendants).
 """
