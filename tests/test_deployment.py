@@ -164,8 +164,27 @@ class Federation:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        # Flower starts each SuperExec in a session of its own and names its parent only in
+        # `--parent-pid`: a SuperExec whose SuperNode died (a refused restart) is found so
+        ours = {str(p.pid) for p in self.procs.values()}
+        orphans = {pid for pid, (_, args) in _processes().items()
+                   if any(a == "--parent-pid" and b in ours
+                          for a, b in zip(args.split(), args.split()[1:]))}
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         _, survivors = _stop([str(self.root)])
-        return survivors
+        deadline = time.monotonic() + 15
+        while orphans & _live_pids() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        for pid in orphans & _live_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return survivors | (orphans & _live_pids())
 
 
 def _flwr(fed: Federation, args: list[str], home: Path, cwd: Path | None = None,
