@@ -25,8 +25,8 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.state import ClientStore, open_store
-from fedmoe.config import FedMoEConfig, NodeSettings
-from fedmoe.data import ClientData, load_client_data
+from fedmoe.config import ConfigError, FedMoEConfig, NodeSettings
+from fedmoe.data import ClientData, load_client_data, load_node_data
 from fedmoe.data.text import unigram_perplexity
 from fedmoe.methods import method_model
 from fedmoe.models.layers import decide_experts
@@ -39,6 +39,7 @@ from fedmoe.records import (
     BAD_MESSAGE,
     BUDGET_EXCEEDED,
     CLIENT,
+    DATA_UNUSABLE,
     DELTA_TOO_LARGE,
     DETAILS,
     LEDGER_UNUSABLE,
@@ -58,19 +59,29 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node, store, (_, plan, config), data = _open(msg, context)
+    try:
+        node, store, (_, plan, config), data = _open(msg, context)
+    except ConfigError as err:
+        return _refuse(msg, DATA_UNUSABLE, str(err))
     try:
         ledger = store.ledger(node.client,
                               private=math.isfinite(node.budget(config.target_epsilon)))
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
+    if ledger and node.pin_error(ledger.delta, ledger.accountant):
+        return _refuse(msg, LEDGER_UNUSABLE, f"{store.root}: its ledger was created at "
+                       f"δ={ledger.delta:g}, accountant {ledger.accountant!r}, but the node "
+                       f"config pins δ={node.delta:g}, accountant {node.accountant!r}; a "
+                       "ledger keeps the δ and accountant it was created with: pin those")
     num_train, num_test = _split_sizes(config, node, data, plan.server_round)
-    info = ClientInfo(
+    if node.delta and node.delta >= 1.0 / num_train:
+        return _refuse(msg, DELTA_TOO_LARGE, delta_error(node.delta, num_train, node.client))
+    info = ClientInfo(  # a pinned δ/accountant is what the server must plan this client at
         client=node.client,
         num_train=num_train,
         epsilon_budget=node.epsilon_budget,
-        ledger_delta=ledger.delta if ledger else 0.0,
-        ledger_accountant=ledger.accountant if ledger else "",
+        ledger_delta=ledger.delta if ledger else node.delta,
+        ledger_accountant=ledger.accountant if ledger else node.accountant,
         history=tuple(ledger.history) if ledger else (),
         num_test=num_test,
     )
@@ -79,7 +90,10 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node, store, (global_state, plan, config), data = _open(msg, context)
+    try:
+        node, store, (global_state, plan, config), data = _open(msg, context)
+    except ConfigError as err:  # before any charge
+        return _refuse(msg, DATA_UNUSABLE, str(err))
     if not plan.is_training:
         return _refuse(msg, BAD_MESSAGE, "a train message must carry the round's DP parameters")
     budget = node.budget(config.target_epsilon)
@@ -97,6 +111,8 @@ def train(msg: Message, context: Context) -> Message:
         if plan.delta >= 1.0 / len(data.train):  # checked before the ledger is touched
             return _refuse(msg, DELTA_TOO_LARGE, delta_error(plan.delta, len(data.train),
                                                              node.client))
+        if pinned := node.pin_error(plan.delta, plan.accountant):
+            return _refuse(msg, LEDGER_UNUSABLE, pinned)
         try:
             with store.book() as book:
                 book.open(node.client, budget=budget, delta=plan.delta,
@@ -137,7 +153,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    node, store, (global_state, plan, config), data = _open(msg, context)
+    try:
+        node, store, (global_state, plan, config), data = _open(msg, context)
+    except ConfigError as err:
+        return _refuse(msg, DATA_UNUSABLE, str(err))
     try:
         ledger = store.ledger(node.client,
                               private=math.isfinite(node.budget(config.target_epsilon)))
@@ -168,12 +187,23 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def _open(
     msg: Message, context: Context
 ) -> tuple[NodeSettings, ClientStore, tuple[dict, RoundPlan, FedMoEConfig], ClientData]:
-    """What every handler starts from: node settings, state store, the message, own data."""
+    """What every handler starts from: node settings, state store, the message, own data
+    (the node's own ``data-path``, else its share of the run's data set).
+
+    Raises
+    ------
+    ConfigError
+        If the node config or the node's data cannot be used
+        (:class:`~fedmoe.data.files.DataFileError` names the file and the fix).
+    """
     node = NodeSettings.from_node_config(context.node_config)
     message = read_server_message(msg.content)
     plan, config = message[1], message[2]
-    data = load_client_data(config, node.partition_id, node.num_partitions,
-                            config.phase(plan.server_round))
+    if node.data_path:
+        data = load_node_data(config, node.data_path, node.label_column)
+    else:
+        data = load_client_data(config, node.partition_id, node.num_partitions,
+                                config.phase(plan.server_round))
     return node, open_store(context, node), message, data
 
 

@@ -175,10 +175,27 @@ def main(argv: list[str] | None = None) -> int:
     aud.add_argument("--broken", choices=("no-noise", "no-clipping"), default=None,
                      help="AUDIT ONLY: train with a deliberately broken pipeline (σ=0, or "
                           "no per-sample clipping) to see the audit catch it")
+    dep = sub.add_parser("deploy", help="set up a real deployment (docs/deployment.md)")
+    dep_sub = dep.add_subparsers(dest="deploy_command", required=True)
+    ini = dep_sub.add_parser("init", help="create a CA, the SuperLink's TLS certificate, one "
+                             "authentication key pair per SuperNode and a flwr connection")
+    ini.add_argument("dir", type=Path, help="deployment folder (created if missing)")
+    ini.add_argument("--hosts", nargs="+", default=None, metavar="NAME_OR_IP",
+                     help="names/IPs the SuperLink is reached at (certificate SANs; the first "
+                          "is the connection's address); default: localhost 127.0.0.1")
+    ini.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs (default: 3)")
+    ini.add_argument("--port", type=int, default=8000,
+                     help="the SuperLink's port, for the connection entry (default: 8000)")
+    ini.add_argument("--name", default="fedmoe", help="connection name (default: fedmoe)")
+    ini.add_argument("--force", action="store_true",
+                     help="replace existing key material (a new CA for every node)")
     args = parser.parse_args(argv)
 
     if args.command == "audit":
         return audit(args)
+    if args.command == "deploy":
+        return deploy_init(args)
+
     if args.command == "experiment":
         return experiment(args.grid, args.out, jobs=args.jobs)
     if args.command == "budget":
@@ -208,6 +225,26 @@ def simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fedmoe: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def deploy_init(args: argparse.Namespace) -> int:
+    """``fedmoe deploy init``: 0 when the key material is written, 2 for bad input."""
+    from fedmoe.deploy import init_deployment
+
+    try:
+        layout = init_deployment(args.dir, hosts=args.hosts, nodes=args.nodes, port=args.port,
+                                 name=args.name, force=args.force)
+    except ConfigError as err:
+        print(f"fedmoe: error: {err}", file=sys.stderr)
+        return 2
+    print(f"deployment key material in {layout.root}:\n"
+          f"  CA certificate      {layout.ca_cert}  (give it to every SuperNode)\n"
+          f"  SuperLink TLS       {layout.server_cert}, {layout.server_key}\n"
+          f"  SuperNode keys      {layout.node_key(0).parent.parent}/node-<i>/node.key, "
+          f"node.pub ({layout.nodes} nodes)\n"
+          f"  flwr connection     {layout.connection}  (append to $FLWR_HOME/config.toml)\n"
+          "next steps: docs/deployment.md")
     return 0
 
 

@@ -28,7 +28,13 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "bookkeeping")
 FASTEST = {"moe": ("dense", "bookkeeping"), "lmoe": ("dense", "bookkeeping"),
            "hmoe": ("dense", "bookkeeping"),
            "mtmoe": ("dense", "bookkeeping"), "tmoe": ("sparse", "bookkeeping")}
-DATASETS = ("auto", "digits", "pystdlib", "synthetic")
+DATASETS = ("auto", "digits", "pystdlib", "synthetic", "node")
+#: Kinds of users' own data files, ``dataset = "KIND:PATH"`` (:mod:`fedmoe.data.files`).
+FILE_KINDS = ("csv", "npz", "images", "hf")
+#: Input features and classes of the embedded classification sets (digits, synthetic).
+EMBEDDED_SHAPE = (64, 10)
+MAX_FEATURES = 10_000_000
+MAX_CLASSES = 100_000
 #: The data set each model trains on (``dataset = "auto"``).
 MODEL_DATASET = {"moe": "digits", "lmoe": "digits", "hmoe": "digits", "mtmoe": "digits",
                  "tmoe": "pystdlib"}
@@ -175,7 +181,19 @@ class FedMoEConfig:
     max_windows : int (default: 400)
         ``pystdlib``: at most this many text windows per client.
     dataset : str (default: "auto")
-        ``digits`` or ``pystdlib``; ``auto`` picks the model's own (``tmoe``: pystdlib).
+        ``digits``, ``synthetic`` or ``pystdlib``; ``auto`` picks the model's own (``tmoe``:
+        pystdlib). Users' own data: ``csv:PATH``, ``npz:PATH``, ``images:DIR`` or ``hf:DIR``
+        (:mod:`fedmoe.data.files`), split over the simulated clients like digits; or
+        ``node``: every SuperNode reads its own file (``data-path`` in its node config), so
+        ``num-features`` and ``num-classes`` must be given. Classification models only
+        (``lmoe``, ``moe``, ``hmoe`` and the MLP methods).
+    num_features, num_classes : int (default: 0, 0)
+        The model's inputs and classes; 0 = the data set's own (digits and synthetic: 64
+        and 10; a data file: read from it). Required with ``dataset = "node"``, where the
+        server holds no data; each client checks that its file fits them.
+    label_column : str (default: "label")
+        The label column of a CSV file or saved Hugging Face dataset (a node's
+        ``label-column`` node-config key overrides it for its own file).
     partitioner : str (default: "dirichlet")
         ``iid`` or ``dirichlet`` (flwr-datasets partitioners).
     dirichlet_alpha : float (default: 0.5)
@@ -273,6 +291,9 @@ class FedMoEConfig:
     partial_labels: bool = True
     max_windows: int = 400
     dataset: str = "auto"
+    num_features: int = 0
+    num_classes: int = 0
+    label_column: str = "label"
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
@@ -369,14 +390,31 @@ class FedMoEConfig:
             (2 <= self.seq_len <= MAX_SEQ_LEN, f"seq-len must be in [2, {MAX_SEQ_LEN:,}]"),
             (2 <= self.max_windows <= MAX_WINDOWS,
              f"max-windows must be in [2, {MAX_WINDOWS:,}]"),
-            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}"),
+            (self.dataset in DATASETS or self.is_file_data,
+             f"dataset must be one of {DATASETS}, or a data file KIND:PATH with KIND one of "
+             f"{FILE_KINDS} (e.g. 'csv:/data/clinic.csv')"),
             (
                 self.dataset in ("auto", MODEL_DATASET.get(self.model))
-                or (self.dataset == "synthetic" and MODEL_DATASET.get(self.model) == "digits"),
+                or self.dataset == "synthetic" and MODEL_DATASET.get(self.model) == "digits"
+                or (self.dataset == "node" or self.is_file_data)
+                and MODEL_DATASET.get(self.model) == "digits" and self.model != "mtmoe",
                 f"model '{self.model}' trains on dataset "
                 f"'{MODEL_DATASET.get(self.model)}' (or 'auto'"
-                f"{', or synthetic' if MODEL_DATASET.get(self.model) == 'digits' else ''})",
+                f"{', synthetic, node or a data file' if self.model in ('moe', 'lmoe', 'hmoe') else ''})",
             ),
+            (0 <= self.num_features <= MAX_FEATURES,
+             f"num-features must be in [0, {MAX_FEATURES:,}] (0 = the data set's own)"),
+            (self.num_classes == 0 or 2 <= self.num_classes <= MAX_CLASSES,
+             f"num-classes must be 0 (the data set's own) or in [2, {MAX_CLASSES:,}]"),
+            (self.dataset != "node" or (self.num_features > 0 and self.num_classes > 0),
+             "dataset 'node' (each SuperNode reads its own data-path) needs num-features and "
+             "num-classes: the server holds no data to read them from"),
+            (self.data not in ("digits", "synthetic")
+             or self.num_features in (0, EMBEDDED_SHAPE[0])
+             and self.num_classes in (0, EMBEDDED_SHAPE[1]),
+             f"{self.data} has {EMBEDDED_SHAPE[0]} features and {EMBEDDED_SHAPE[1]} classes: "
+             "leave num-features and num-classes at 0"),
+            (bool(self.label_column.strip()), "label-column must name a column, e.g. 'label'"),
             (self.partitioner in PARTITIONERS, f"partitioner must be one of {PARTITIONERS}"),
             (0.0 < self.dirichlet_alpha <= MAX_ALPHA,
              f"dirichlet-alpha must be in (0, {MAX_ALPHA:g}] (larger is closer to IID; "
@@ -475,9 +513,15 @@ class FedMoEConfig:
         return []
 
     @property
+    def is_file_data(self) -> bool:
+        """Whether ``dataset`` names a user's data file (``KIND:PATH``)."""
+        kind, sep, path = self.dataset.partition(":")
+        return bool(sep) and kind in FILE_KINDS and bool(path.strip())
+
+    @property
     def data(self) -> str:
         """The data set this run trains on (``dataset``, or the model's own for ``auto``)."""
-        return MODEL_DATASET[self.model] if self.dataset == "auto" else self.dataset
+        return MODEL_DATASET.get(self.model, "digits") if self.dataset == "auto" else self.dataset
 
     @property
     def expert_dispatch(self) -> str:
@@ -544,14 +588,34 @@ class NodeSettings:
         sets a persistent one so its ledger outlives runs.
     epsilon_budget : float (default: 0.0)
         The client's own ε budget; 0 means "accept the run's ``target-epsilon``".
-        The client enforces ``min`` of the two.
+        The client enforces ``min`` of the two. With a persistent ``state-dir`` it is a
+        lifetime budget: every run's rounds are charged to the same ledger.
+    data_path : str (default: "")
+        The node's own data file (``KIND:PATH`` or a path whose kind is told from its name:
+        ``.csv``, ``.npz``, a saved Hugging Face dataset folder, an image folder); see
+        :mod:`fedmoe.data.files`. Empty means the run's ``dataset`` (simulation). With a
+        data path, ``partition-id`` and ``num-partitions`` may be left out.
+    label_column : str (default: "")
+        The label column of the node's CSV or saved dataset; empty = the run's
+        ``label-column`` (default ``label``).
+    delta : float (default: 0.0)
+        The δ this node's ledger is pinned to: the client opens its ledger at this δ and
+        refuses a server that plans another. 0 = take the server's δ when the ledger is
+        created (simulation); a deployment should pin it.
+    accountant : str (default: "")
+        The accountant (``rdp`` or ``prv``) this node's ledger is pinned to, likewise;
+        empty = take the server's when the ledger is created.
     """
 
-    partition_id: int
-    num_partitions: int
+    partition_id: int = 0
+    num_partitions: int = 1
     client_id: str = ""
     state_dir: str = ""
     epsilon_budget: float = 0.0
+    data_path: str = ""
+    label_column: str = ""
+    delta: float = 0.0
+    accountant: str = ""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -563,15 +627,39 @@ class NodeSettings:
         if not 0 <= self.epsilon_budget <= MAX_EPSILON:  # NaN fails this too
             raise ConfigError(f"node config: epsilon-budget must be finite, in [0, "
                               f"{MAX_EPSILON:g}] (0 = use the run's)")
+        if self.data_path and not self.client_id:
+            raise ConfigError("node config: a node with its own data-path needs a client-id, "
+                              "the stable name the server's ledger knows it by; add "
+                              "client-id='hospital-a' to --node-config")
+        if not 0.0 <= self.delta < 1.0:  # NaN fails this too
+            raise ConfigError(f"node config: delta must be in [0, 1), below 1/n of the node's "
+                              f"train set (0 = the server's); got {self.delta!r}")
+        if self.accountant not in ("", *ACCOUNTANTS):
+            raise ConfigError(f"node config: accountant must be one of {ACCOUNTANTS} (or "
+                              f"empty: the server's); got {self.accountant!r}")
+
+    def pin_error(self, delta: float, accountant: str) -> str:
+        """Why a round planned at (δ, accountant) breaks this node's pinned ones; "" if not."""
+        wrong = []
+        if self.delta and delta != self.delta:
+            wrong.append(f"δ={delta:g} but this node's ledger is pinned to δ={self.delta:g}")
+        if self.accountant and accountant != self.accountant:
+            wrong.append(f"accountant {accountant!r} but this node's ledger is pinned to "
+                         f"{self.accountant!r}")
+        if not wrong:
+            return ""
+        return ("the server asks for " + " and ".join(wrong) + " (delta/accountant in its "
+                "--node-config); the server must plan this client at its pinned values")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
         by_key = {_key(f.name): f.name for f in fields(cls)}
         missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
-        if missing:
+        if missing and not node_config.get("data-path"):
             raise ConfigError(
                 f"node config lacks {missing}; start the SuperNode with "
-                "--node-config 'partition-id=0 num-partitions=10'"
+                "--node-config 'partition-id=0 num-partitions=10' (simulated partitions), or "
+                "give the node its own data: --node-config \"data-path='/data/mine.csv'\""
             )
         # SuperNodes may carry other, unrelated keys: take ours, ignore the rest.
         return cls(**{by_key[k]: v for k, v in node_config.items() if k in by_key})

@@ -56,7 +56,8 @@ class MLPClassifier(nn.Module):
 
 
 def _mlp(config: FedMoEConfig) -> MLPClassifier:
-    return MLPClassifier(MLP_IN, config.mlp_width, MLP_CLASSES)
+    return MLPClassifier(config.num_features or MLP_IN, config.mlp_width,
+                         config.num_classes or MLP_CLASSES)
 
 
 def _all(role: Role) -> Callable[[nn.Module], None]:

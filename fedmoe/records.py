@@ -37,10 +37,12 @@ DETAILS = "details"
 #: Error codes of a client's error reply refusing a round: its budget cannot pay for it; its
 #: ledger cannot be used (unreadable, inconsistent, or at another δ/accountant); the
 #: message is malformed; the round's δ is not below 1/n for its train set (it would
-#: protect nobody).
+#: protect nobody); the node's own data or node config cannot be used (checked before any
+#: charge: the reason names the file and the fix).
 BUDGET_EXCEEDED, LEDGER_UNUSABLE, BAD_MESSAGE, DELTA_TOO_LARGE = 4001, 4002, 4003, 4004
+DATA_UNUSABLE = 4005
 #: Refusals that will repeat: the server gives that client no more rounds.
-REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE, DELTA_TOO_LARGE)
+REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE, DELTA_TOO_LARGE, DATA_UNUSABLE)
 #: Metric used by Flower's FedAvg to weight replies.
 WEIGHT_KEY = "num-examples"
 

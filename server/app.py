@@ -21,6 +21,7 @@ from flwr.supercore import log
 from flwr.supercore.run import Run
 
 from fedmoe.config import FedMoEConfig
+from fedmoe.data import with_data_shape
 from fedmoe.methods import method_model
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
@@ -139,6 +140,7 @@ def run_federation(
     fedmoe.storage.RunFolderBusy
         If another process is writing the run folder.
     """
+    config = with_data_shape(config)  # a data file's features and classes shape the model
     run_dir = resolve_run_dir(config)
     with run_folder_lock(run_dir):
         checkpoint = prepare_run_folder(run_dir, config, num_clients=num_clients, engine=engine)

@@ -179,7 +179,7 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
         their ledger (the CLI exits with code 2).
     """
     from fedmoe.config import MAX_CLIENTS, MAX_DP_STEPS
-    from fedmoe.data import check_split
+    from fedmoe.data import check_split, with_data_shape
     from fedmoe.privacy.accountant import steps_per_epoch
     from fedmoe.privacy.plan import client_sample_rate
     from fedmoe.reporting import check_run_folder, resolve_run_dir
@@ -205,6 +205,11 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
                 f"--clients {num_clients}: the text corpus has one client per standard-library "
                 f"package and this Python has {len(stdlib_packages())}; use fewer clients"
             )
+    if config.data == "node":
+        raise ConfigError("dataset 'node' makes every SuperNode read its own data-path: it is "
+                          "for deployments; to try a data file here use dataset='csv:PATH' "
+                          "(or npz:, images:, hf:)")
+    config = with_data_shape(config)  # a data file: read (and checked) once, here
     sizes = check_split(config, num_clients)
     if config.batch_size and sizes:
         smallest = min(train for train, _ in sizes)

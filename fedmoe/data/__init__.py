@@ -14,6 +14,11 @@ Nothing is downloaded:
   ``make_classification``: ``synthetic-samples`` examples, 64 features, 10 classes; the
   same set for every seed), split over clients like digits.
 
+Users' own data (:mod:`fedmoe.data.files`): ``dataset = "csv:PATH"`` (or ``npz:``,
+``images:``, ``hf:``) is split over simulated clients like digits; in a deployment each
+SuperNode reads its own file (``data-path`` in its node config, :func:`load_node_data`)
+and splits it into its own train and test sets.
+
 A client splits its share into its own train and test sets; with ``evaluate-on =
 "validation"`` it holds out part of its train set as a validation set that takes the test
 set's place (:func:`validation_split`).
@@ -31,7 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedmoe.config import ConfigError, FedMoEConfig
+from fedmoe.config import EMBEDDED_SHAPE, ConfigError, FedMoEConfig
+from fedmoe.data.files import DataFileError, check_shape, infer_spec, load_file
 
 if TYPE_CHECKING:  # Hugging Face `datasets` is slow to import; load it only to partition.
     from datasets import Dataset
@@ -48,10 +54,22 @@ class ClientData:
 SYNTHETIC_FEATURES, SYNTHETIC_CLASSES = 64, 10
 
 
-def load_embedded(name: str, synthetic_samples: int = 20000) -> Dataset:
-    """An embedded data set as a Hugging Face ``Dataset`` with ``x`` (features) and ``label``."""
+def load_embedded(name: str, synthetic_samples: int = 20000,
+                  label_column: str = "label") -> Dataset:
+    """An embedded data set, or a user's data file ``KIND:PATH``
+    (:func:`fedmoe.data.files.load_file`), as a Hugging Face ``Dataset`` with ``x``
+    (features) and ``label``.
+
+    Raises
+    ------
+    DataFileError
+        For a data file that cannot be used (naming the file and the fix).
+    """
     from datasets import Dataset
 
+    if ":" in name:
+        arrays = load_file(name, label_column)
+        return Dataset.from_dict({"x": arrays.x, "label": arrays.y})
     if name == "synthetic":
         x, y = synthetic_classification(synthetic_samples)
         return Dataset.from_dict({"x": x, "label": y})
@@ -81,9 +99,9 @@ def synthetic_classification(samples: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=2)
-def _source(name: str, synthetic_samples: int = 20000) -> Dataset:
+def _source(name: str, synthetic_samples: int = 20000, label_column: str = "label") -> Dataset:
     """:func:`load_embedded`, loaded once per process (every client message reads it)."""
-    return load_embedded(name, synthetic_samples)
+    return load_embedded(name, synthetic_samples, label_column)
 
 
 #: The fewest examples a client may hold (train + test): below it a client has too little
@@ -100,7 +118,7 @@ class DataSplitError(ConfigError):
 @lru_cache(maxsize=8)
 def partition_indices(
     dataset: str, kind: str, num_partitions: int, alpha: float, seed: int,
-    classes_per_client: int = 2, synthetic_samples: int = 20000,
+    classes_per_client: int = 2, synthetic_samples: int = 20000, label_column: str = "label",
 ) -> tuple[np.ndarray, ...]:
     """Row indices of every client's share of ``dataset``: a pure function of its arguments.
 
@@ -126,7 +144,7 @@ def partition_indices(
         PathologicalPartitioner,
     )
 
-    data = _source(dataset, synthetic_samples)
+    data = _source(dataset, synthetic_samples, label_column)
     size = len(data)
     if num_partitions * MIN_CLIENT_EXAMPLES > size:
         raise DataSplitError(
@@ -197,7 +215,7 @@ def check_split(config: FedMoEConfig, num_partitions: int) -> list[tuple[int, in
     DataSplitError
         If the split is impossible or leaves a client without a train or a test example.
     """
-    if config.data == "pystdlib":
+    if config.data in ("pystdlib", "node"):
         return []
     parts = _partition(config, num_partitions)
     sizes = [split_sizes(len(p), config.test_fraction) for p in parts]
@@ -216,7 +234,62 @@ def _partition(config: FedMoEConfig, num_partitions: int) -> tuple[np.ndarray, .
     """The run's split (:func:`partition_indices` with the config's data keys)."""
     return partition_indices(config.data, config.partitioner, num_partitions,
                              config.dirichlet_alpha, config.seed, config.classes_per_client,
-                             config.synthetic_samples)
+                             config.synthetic_samples, config.label_column)
+
+
+def with_data_shape(config: FedMoEConfig) -> FedMoEConfig:
+    """``config`` with ``num-features``/``num-classes`` filled in from its data file (a
+    ``KIND:PATH`` dataset; other data sets are returned as they are), checked against any
+    value the user gave.
+
+    Raises
+    ------
+    DataFileError
+        If the file cannot be used or does not fit the given shape.
+    """
+    if not config.is_file_data:
+        return config
+    arrays = load_file(config.dataset, config.label_column)
+    features = config.num_features or arrays.num_features
+    classes = config.num_classes or max(arrays.num_classes, 2)
+    check_shape(config.dataset.partition(":")[2], arrays, features, classes)
+    return config.replace(num_features=features, num_classes=classes)
+
+
+def model_shape(config: FedMoEConfig) -> tuple[int, int]:
+    """(input features, classes) of a classification run's model."""
+    return (config.num_features or EMBEDDED_SHAPE[0], config.num_classes or EMBEDDED_SHAPE[1])
+
+
+def load_node_data(config: FedMoEConfig, data_path: str, label_column: str = "",
+                   *, seed_offset: int = 0) -> ClientData:
+    """A SuperNode's own data file (``data-path`` in its node config; ``KIND:PATH``, or a
+    path whose kind is inferred, :func:`fedmoe.data.files.infer_spec`), checked against the
+    run's model and split into its own train and test sets (``test-fraction``, seeded by the
+    run's seed; with ``evaluate-on = "validation"`` as :func:`load_client_data`).
+
+    Raises
+    ------
+    DataFileError
+        If the file cannot be used or does not fit the model (naming the file and the fix).
+    """
+    if config.data in ("pystdlib",) or config.model == "mtmoe":
+        raise DataFileError(f"data-path {data_path}: this run's model '{config.model}' does "
+                            "not train on users' data files; use lmoe, moe or hmoe")
+    spec = infer_spec(data_path)
+    arrays = load_file(spec, label_column or config.label_column)
+    check_shape(spec.partition(":")[2], arrays, *model_shape(config))
+    n = len(arrays.y)
+    _, num_test = split_sizes(n, config.test_fraction)
+    num_test = min(n - 1, max(1, num_test))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + seed_offset))
+    x, y = torch.from_numpy(arrays.x), torch.from_numpy(arrays.y)
+    test, train = order[:num_test], order[num_test:]
+    data = ClientData(TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]))
+    if config.evaluate_on == "validation":
+        return validation_split(data.train, config.validation_fraction,
+                                seed=config.seed * 100_003 + seed_offset)
+    return data
 
 
 def load_client_data(
@@ -258,6 +331,10 @@ def _client_data(
     """Cached per process: a client's handlers load its share on every message (an
     in-process simulation of thousands of messages would otherwise spend most of its time
     here). The tensors are only read, never changed in place."""
+    if config.data == "node":
+        raise DataFileError("this run reads every SuperNode's own data (dataset = 'node'), "
+                            "and this node has none: start it with --node-config "
+                            "\"data-path='/path/to/data.csv'\"")
     if config.data == "pystdlib":
         from fedmoe.data import text
 
@@ -288,7 +365,7 @@ def digit_tasks(
 
 def _digits(config: FedMoEConfig, partition_id: int, num_partitions: int) -> ClientData:
     rows = _partition(config, num_partitions)[partition_id]
-    part = _source(config.data, config.synthetic_samples).select(rows)
+    part = _source(config.data, config.synthetic_samples, config.label_column).select(rows)
     split = part.train_test_split(test_size=config.test_fraction, seed=config.seed)
     return ClientData(_tensors(split["train"]), _tensors(split["test"]))
 

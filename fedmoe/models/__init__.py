@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from fedmoe.config import FedMoEConfig
+from fedmoe.config import EMBEDDED_SHAPE, FedMoEConfig
 from fedmoe.models.experts import Expert
 from fedmoe.models.hmoe import HierarchicalMoEClassifier, HMoEConfig
 from fedmoe.models.layers import (
@@ -86,6 +86,9 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
         "balance_coef": config.balance_coef,
         "z_loss_coef": config.z_loss_coef,
     }
+    if config.model in ("moe", "lmoe", "hmoe"):  # the data's shape; 0 = digits' 64 and 10
+        common |= {"in_features": config.num_features or EMBEDDED_SHAPE[0],
+                   "num_classes": config.num_classes or EMBEDDED_SHAPE[1]}
     if config.model == "moe":
         return common | {"num_shared_experts": config.num_shared_experts}
     if config.expert_hidden_dim:  # 0 = the model config's own default
