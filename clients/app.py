@@ -11,9 +11,15 @@ Flower glue only: the work is done by :mod:`fedmoe`. Three handlers:
   the model from the global arrays and the stored local experts, run exactly the planned
   DP-SGD steps, store the local experts, and reply with ``shared``+``gate`` arrays only
   (the method decides which tensors those are, :mod:`fedmoe.methods`: none at all for
-  ``local``). A non-private run (``target-epsilon = inf``, σ=0) trains with plain SGD and
+  ``local``), encoded by the run's ``upload-codec`` after training, i.e. after DP noise
+  (:func:`fedmoe.records.encode_upload`; the error-feedback residual is kept in the
+  client's state dir). A non-private run (``target-epsilon = inf``, σ=0) trains with plain SGD and
   charges nothing, unless the client has an ε budget of its own: then it refuses;
 - **evaluate**: personalised and global-only accuracy on the client's own test split.
+
+A message whose global tensors come encoded (``download-codec``) is decoded against what
+the client kept from the previous one (:func:`fedmoe.records.receive_global`); one it
+cannot decode is refused (``BAD_MESSAGE``) before anything else happens.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.state import ClientStore, open_store
+from fedmoe.compression import Codec, CodecError
 from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data
 from fedmoe.data.text import unigram_perplexity
@@ -45,8 +52,9 @@ from fedmoe.records import (
     EvalReport,
     RoundPlan,
     TrainReport,
+    encode_upload,
     read_server_message,
-    to_arrays,
+    receive_global,
 )
 from fedmoe.roles import Role, merge_state_dict, split_state_dict
 from fedmoe.training import evaluate, train_dp_round, train_plain_round
@@ -56,7 +64,10 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node, store, (_, plan, config), data = _open(msg, context)
+    try:
+        node, store, (_, plan, config), data = _open(msg, context)
+    except CodecError as err:
+        return _refuse(msg, BAD_MESSAGE, str(err))
     try:
         ledger = store.ledger(node.client,
                               private=math.isfinite(node.budget(config.target_epsilon)))
@@ -77,7 +88,10 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node, store, (global_state, plan, config), data = _open(msg, context)
+    try:
+        node, store, (global_state, plan, config), data = _open(msg, context)
+    except CodecError as err:
+        return _refuse(msg, BAD_MESSAGE, str(err))
     if not plan.is_training:
         return _refuse(msg, BAD_MESSAGE, "a train message must carry the round's DP parameters")
     budget = node.budget(config.target_epsilon)
@@ -126,14 +140,22 @@ def train(msg: Message, context: Context) -> Message:
                                    local_pull=config.local_pull)
     store.save_local(split_state_dict(model, {Role.LOCAL}))
 
+    # the round's DP-SGD has finished: only its (noised) result reaches the codec
+    arrays, residual = encode_upload(split_state_dict(model), global_state,
+                                     Codec.upload(config), store.load_residual(),
+                                     error_feedback=config.error_feedback)
+    store.save_residual(residual)
     report = TrainReport(num_examples=len(data.train), epsilon=epsilon, steps=result.steps)
-    content = RecordDict({ARRAYS: to_arrays(split_state_dict(model)), METRICS: report.to_record()})
+    content = RecordDict({ARRAYS: arrays, METRICS: report.to_record()})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    node, store, (global_state, plan, config), data = _open(msg, context)
+    try:
+        node, store, (global_state, plan, config), data = _open(msg, context)
+    except CodecError as err:
+        return _refuse(msg, BAD_MESSAGE, str(err))
     try:
         ledger = store.ledger(node.client,
                               private=math.isfinite(node.budget(config.target_epsilon)))
@@ -164,13 +186,24 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def _open(
     msg: Message, context: Context
 ) -> tuple[NodeSettings, ClientStore, tuple[dict, RoundPlan, FedMoEConfig], ClientData]:
-    """What every handler starts from: node settings, state store, the message, own data."""
+    """What every handler starts from: node settings, state store, the message (its global
+    tensors decoded), own data.
+
+    Raises
+    ------
+    fedmoe.compression.CodecError
+        If the message's encoded global tensors cannot be decoded.
+    """
     node = NodeSettings.from_node_config(context.node_config)
-    message = read_server_message(msg.content)
-    plan, config = message[1], message[2]
+    _, plan, config = read_server_message(msg.content, decode=False)
+    store = open_store(context, node)
+    held = store.load_reference() if config.download_codec != "none" else None
+    global_state, now = receive_global(msg.content, Codec.download(config), held)
+    if now is not None and now is not held:
+        store.save_reference(now)
     data = load_client_data(config, node.partition_id, node.num_partitions,
                             config.phase(plan.server_round))
-    return node, open_store(context, node), message, data
+    return node, store, (global_state, plan, config), data
 
 
 def _split_sizes(config: FedMoEConfig, node: NodeSettings, data: ClientData,

@@ -43,8 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Codec names, as the ``upload-codec`` / ``download-codec`` run-config keys take them.
-CODECS = ("none", "q8", "q4", "topk", "sign")
+from fedmoe.config import CODECS, FedMoEConfig  # the names ``upload-codec`` / ``download-codec`` take
 #: Quantisation levels on each side of zero, per bit width.
 _LEVELS = {"q8": 127, "q4": 7}
 _SCALE = np.dtype("<f4")
@@ -83,6 +82,16 @@ class Codec:
             raise CodecError(f"unknown codec {self.name!r}; use one of {CODECS}")
         if not 0.0 < self.topk_fraction <= 1.0:
             raise CodecError(f"topk fraction must be in (0, 1], got {self.topk_fraction}")
+
+    @classmethod
+    def upload(cls, config: FedMoEConfig) -> Codec:
+        """The run's client → server codec."""
+        return cls(config.upload_codec, config.codec_topk_fraction)
+
+    @classmethod
+    def download(cls, config: FedMoEConfig) -> Codec:
+        """The run's server → client codec."""
+        return cls(config.download_codec, config.codec_topk_fraction)
 
     @property
     def lossless(self) -> bool:

@@ -17,8 +17,10 @@
                       reason: every client or node that was refused further rounds)
     rounds[]          round, sampled, rejected, mismatches, clients[] (client, epsilon,
                       client_epsilon where it differs, personalized_accuracy,
-                      global_accuracy, num_examples, num_test_examples, upload_bytes:
-                      bytes of its train reply's arrays), and the round's means / max ε
+                      global_accuracy, num_examples, num_test_examples, upload_bytes /
+                      download_bytes: serialised bytes of the model update in its train
+                      reply / in the train and evaluate messages sent to it that round,
+                      :func:`fedmoe.records.update_bytes`), and the round's means / max ε
                       (null: ε=∞)
 
 Every ``epsilon`` is the server's ledger's (ε spent after that round); ``client_epsilon``
@@ -146,6 +148,7 @@ def build_results(
                 "num_examples": train.num_examples if train else latest.get(cid, {}).get("num_examples"),
                 "num_test_examples": ev.num_examples if ev else None,
                 "upload_bytes": rec.upload_bytes.get(cid),
+                "download_bytes": rec.download_bytes.get(cid),
                 **rec.details.get(cid, {}),
             }
             clients.append(row)

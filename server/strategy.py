@@ -19,8 +19,12 @@ construction and weighted averaging are Flower's; FedMoE adds
   float64 and propagate NaN — and every count a reply carries checked against what the
   client declared when it was queried (``num-examples`` weights the average: a reply
   claiming more examples than the client holds is dropped) or what it was sent (steps);
-- a per-round history of every client's ε and accuracies and of the bytes of its train
-  reply's arrays (:attr:`history`);
+- update codecs (``upload-codec``, ``download-codec``, :mod:`fedmoe.compression`): an
+  encoded train reply is decoded into full tensors before that validation (a malformed
+  one is dropped with the reason), and the global tensors go out encoded relative to
+  what each client holds (:class:`~fedmoe.records.Downlink`);
+- a per-round history of every client's ε and accuracies and of the serialised bytes of
+  the model update it uploaded and downloaded (:attr:`history`);
 - non-private runs (``target-epsilon = inf``): σ=0 plans, no ledger charge, ε=∞ reported.
 """
 
@@ -34,12 +38,13 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 from flwr.supercore import log
 
+from fedmoe.compression import Codec
 from fedmoe.config import FedMoEConfig
 from fedmoe.methods import has_label_prior
 from fedmoe.privacy import (
@@ -56,17 +61,21 @@ from fedmoe.privacy import (
 from fedmoe.records import (
     ARRAYS,
     CLIENT,
+    DOWNLINK,
     DETAILS,
     METRICS,
     REFUSALS,
     WEIGHT_KEY,
     ClientInfo,
+    Downlink,
     EvalReport,
     ReplyError,
     RoundPlan,
     TrainReport,
+    decode_upload,
     read_details,
     server_message,
+    update_bytes,
 )
 
 #: Relative difference between a client's reported ε and the server's that is flagged.
@@ -90,8 +99,12 @@ class RoundRecord:
     #: client -> ε spent after this round by the server's ledger (every client of the run
     #: with a ledger): the figure every report shows
     epsilon: dict[str, float] = field(default_factory=dict)
-    #: client -> bytes of the arrays in its train reply (serialised, as received)
+    #: client -> serialised bytes of the update in its train reply, as received
+    #: (:func:`~fedmoe.records.update_bytes`)
     upload_bytes: dict[str, int] = field(default_factory=dict)
+    #: client -> serialised bytes of the global tensors sent to it this round (train and
+    #: evaluate messages)
+    download_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class FedMoE(FedAvg):
@@ -146,6 +159,9 @@ class FedMoE(FedAvg):
         self._rng = random.Random(config.seed)
         #: global keys -> (shape, dtype) of this round's global arrays
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._upload = Codec.upload(config)
+        self._global: ArrayRecord = ArrayRecord()  # this round's global arrays
+        self.downlink = Downlink(Codec.download(config))
 
     def summary(self) -> None:
         super().summary()
@@ -332,6 +348,7 @@ class FedMoE(FedAvg):
         """Sample among the clients that can afford this round and charge the server's ledger."""
         self._record(server_round)
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        self._global = arrays
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
         self.discover(grid, all_nodes, server_round)
         affordable = [n for n in all_nodes
@@ -362,9 +379,9 @@ class FedMoE(FedAvg):
                     continue
             if histogram:
                 self._histograms.add(plan.client)
-            content = server_message(
+            content = self._message(
                 arrays, RoundPlan.for_training(server_round, plan, with_prior=histogram),
-                self.config)
+                plan.client)
             messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
         if not messages:
             self.stop_reason = f"no client could be charged for round {server_round}"
@@ -383,12 +400,16 @@ class FedMoE(FedAvg):
             node = msg.metadata.src_node_id
             client = self.clients.get(node, f"node-{node}")
             if msg.has_error():
+                self.downlink.lost(client)
                 record.rejected.append(f"{client}: {msg.error.reason}")
                 if msg.error.code in REFUSALS:  # its own ledger says no: it will again
                     self._exclude(client, f"it refused round {server_round}: "
                                           f"{msg.error.reason}")
                 continue
+            self.downlink.delivered(client)
+            uploaded = update_bytes(msg.content)  # as received, before decoding
             try:
+                self._decode_upload(msg)
                 report = self._check_train_reply(msg, client)
             except ReplyError as err:
                 record.rejected.append(f"{client}: {err}")
@@ -401,9 +422,7 @@ class FedMoE(FedAvg):
                     continue
                 self._check_epsilon(record, client, report.epsilon)
             record.train[client] = report
-            record.upload_bytes[client] = sum(len(array.data)
-                                              for arrays in msg.content.array_records.values()
-                                              for array in arrays.values())
+            record.upload_bytes[client] = uploaded
             valid.append(msg.content)
         for reason in record.rejected:
             log(WARNING, "aggregate_train: dropped reply from %s", reason)
@@ -437,6 +456,31 @@ class FedMoE(FedAvg):
             record.mismatches[client] = (ours, reported)
             log(WARNING, "privacy mismatch: client %s reports ε=%.6f, the server's ledger "
                 "says ε=%.6f for the same rounds", client, reported, ours)
+
+    def _decode_upload(self, msg: Message) -> None:
+        """Replace an encoded update in ``msg`` by the full tensors it stands for.
+
+        Raises
+        ------
+        ReplyError
+            If the reply's update is malformed.
+        """
+        content = msg.content
+        if ARRAYS in content.array_records and not self._upload.lossless:
+            content[ARRAYS] = decode_upload(
+                content.array_records[ARRAYS], self._upload,
+                {k: a.numpy() for k, a in self._global.items()})
+
+    def _message(self, arrays: ArrayRecord, plan: RoundPlan, client: str) -> RecordDict:
+        """A train/evaluate message's content for ``client``, the global tensors encoded by
+        the download codec; counts its bytes."""
+        content = server_message(arrays, plan, self.config)
+        content[ARRAYS], link = self.downlink.content(client, arrays)
+        if link is not None:
+            content[DOWNLINK] = link
+        downloads = self._record(plan.server_round).download_bytes
+        downloads[client] = downloads.get(client, 0) + update_bytes(content)
+        return content
 
     def _check_train_reply(self, msg: Message, client: str) -> TrainReport:
         """The reply's report, if its arrays match the global model exactly (keys, shapes,
@@ -489,8 +533,9 @@ class FedMoE(FedAvg):
         known = [n for n in all_nodes if n in self.clients]
         size = max(self.min_evaluate_nodes, int(len(all_nodes) * self.fraction_evaluate))
         nodes = self._rng.sample(known, min(size, len(known)))
-        record = server_message(arrays, RoundPlan(server_round), self.config)
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+        return [message for node in nodes for message in self._construct_messages(
+            self._message(arrays, RoundPlan(server_round), self.clients[node]), [node],
+            MessageType.EVALUATE)]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -500,9 +545,11 @@ class FedMoE(FedAvg):
         for msg in replies:
             client = self.clients.get(msg.metadata.src_node_id, "?")
             if msg.has_error():
+                self.downlink.lost(client)
                 log(WARNING, "aggregate_evaluate: client %s failed: %s", client,
                     msg.error.reason)
                 continue
+            self.downlink.delivered(client)
             try:
                 report = EvalReport.from_record(msg.content.metric_records[METRICS])
                 self._check_eval_report(report, client)
