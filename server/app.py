@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -15,17 +16,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from flwr.supercore.run import Run
 
 from fedmoe.config import FedMoEConfig
+from fedmoe.export import GLOBAL_MODEL
 from fedmoe.methods import method_model
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
 from fedmoe.roles import split_state_dict
+from fedmoe.storage import write_atomic
 from server.strategy import FedMoE, RoundRecord
 
 
@@ -123,8 +126,9 @@ def run_federation(
     with LedgerBook(run_dir / LEDGER_FILE) as book:
         strategy = FedMoE(config, book=book, on_round=on_round)
         try:
-            strategy.start(grid=grid, initial_arrays=initial,
-                           num_rounds=config.num_server_rounds)
+            result = strategy.start(grid=grid, initial_arrays=initial,
+                                    num_rounds=config.num_server_rounds)
+            save_global_model(run_dir, result.arrays)
         except RunInterrupted:
             unfinished = [r.server_round for r in strategy.history
                           if r.server_round not in finished]
@@ -143,6 +147,14 @@ def run_federation(
     if listener:
         listener.finished(results, path)
     return results
+
+
+def save_global_model(run_dir: Path, arrays: ArrayRecord) -> None:
+    """Write the final global shared+gate tensors (``global_model.pt``): with a client's
+    local tensors they give its personalised model (``fedmoe export``)."""
+    buffer = io.BytesIO()
+    torch.save(arrays.to_torch_state_dict(), buffer)
+    write_atomic(run_dir / GLOBAL_MODEL, buffer.getvalue())
 
 
 def make_server_app(
