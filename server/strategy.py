@@ -162,6 +162,7 @@ class FedMoE(FedAvg):
         self._upload = Codec.upload(config)
         self._global: ArrayRecord = ArrayRecord()  # this round's global arrays
         self.downlink = Downlink(Codec.download(config))
+        self._plain_size: tuple[ArrayRecord | None, int] = (None, 0)
 
     def summary(self) -> None:
         super().summary()
@@ -478,8 +479,13 @@ class FedMoE(FedAvg):
         content[ARRAYS], link = self.downlink.content(client, arrays)
         if link is not None:
             content[DOWNLINK] = link
+            size = update_bytes(content)
+        else:  # the same plain tensors go to every client: serialise them once to count
+            if self._plain_size[0] is not arrays:
+                self._plain_size = (arrays, update_bytes(content))
+            size = self._plain_size[1]
         downloads = self._record(plan.server_round).download_bytes
-        downloads[client] = downloads.get(client, 0) + update_bytes(content)
+        downloads[client] = downloads.get(client, 0) + size
         return content
 
     def _check_train_reply(self, msg: Message, client: str) -> TrainReport:
