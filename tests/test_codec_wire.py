@@ -264,3 +264,21 @@ def test_two_round_simulation_with_each_codec_reports_its_bytes(tmp_path, name):
                 assert client["upload_bytes"] < plain / 3
     for client in saved["final"]["clients"]:
         assert 0 <= client["personalized_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("name", [c for c in CODECS if c != "none"])
+def test_encoded_update_survives_flowers_serialisation(name):
+    """What Flower's engine does to a reply on the way (protobuf out and back in)."""
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    start = split_state_dict(model_for(CONFIG))
+    trained = {k: v + 0.1 for k, v in start.items()}
+    record, _ = encode_upload(trained, start, Codec(name), None)
+    content = recorddict_from_proto(recorddict_to_proto(RecordDict({ARRAYS: record})))
+    received = content.array_records[ARRAYS]
+    assert received[UPDATE].data == record[UPDATE].data
+    glob = {k: v.numpy() for k, v in start.items()}
+    a = decode_upload(received, Codec(name), glob)
+    b = decode_upload(record, Codec(name), glob)
+    for key in glob:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
