@@ -11,9 +11,15 @@ Flower glue only: the work is done by :mod:`fedmoe`. Three handlers:
   the model from the global arrays and the stored local experts, run exactly the planned
   DP-SGD steps, store the local experts, and reply with ``shared``+``gate`` arrays only
   (the method decides which tensors those are, :mod:`fedmoe.methods`: none at all for
-  ``local``). A non-private run (``target-epsilon = inf``, σ=0) trains with plain SGD and
+  ``local``), encoded by the run's ``upload-codec`` after training, i.e. after DP noise
+  (:func:`fedmoe.records.encode_upload`; the error-feedback residual is kept in the
+  client's state dir). A non-private run (``target-epsilon = inf``, σ=0) trains with plain SGD and
   charges nothing, unless the client has an ε budget of its own: then it refuses;
 - **evaluate**: personalised and global-only accuracy on the client's own test split.
+
+A message whose global tensors come encoded (``download-codec``) is decoded against what
+the client kept from the previous one (:func:`fedmoe.records.receive_global`); one it
+cannot decode is refused (``BAD_MESSAGE``) before anything else happens.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.state import ClientStore, open_store
+from fedmoe.compression import Codec, CodecError
 from fedmoe.config import ConfigError, FedMoEConfig, NodeSettings
 from fedmoe.data import ClientData, load_client_data, load_node_data
 from fedmoe.data.text import unigram_perplexity
@@ -48,8 +55,9 @@ from fedmoe.records import (
     EvalReport,
     RoundPlan,
     TrainReport,
+    encode_upload,
     read_server_message,
-    to_arrays,
+    receive_global,
 )
 from fedmoe.roles import Role, merge_state_dict, split_state_dict
 from fedmoe.training import evaluate, train_dp_round, train_plain_round
@@ -61,6 +69,8 @@ app = ClientApp()
 def query(msg: Message, context: Context) -> Message:
     try:
         node, store, (_, plan, config), data = _open(msg, context)
+    except CodecError as err:
+        return _refuse(msg, BAD_MESSAGE, str(err))
     except ConfigError as err:
         return _refuse(msg, DATA_UNUSABLE, str(err))
     try:
@@ -92,6 +102,8 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     try:
         node, store, (global_state, plan, config), data = _open(msg, context)
+    except CodecError as err:
+        return _refuse(msg, BAD_MESSAGE, str(err))
     except ConfigError as err:  # before any charge
         return _refuse(msg, DATA_UNUSABLE, str(err))
     if not plan.is_training:
@@ -146,8 +158,13 @@ def train(msg: Message, context: Context) -> Message:
                                    local_pull=config.local_pull)
     store.save_local(split_state_dict(model, {Role.LOCAL}))
 
+    # the round's DP-SGD has finished: only its (noised) result reaches the codec
+    arrays, residual = encode_upload(split_state_dict(model), global_state,
+                                     Codec.upload(config), store.load_residual(),
+                                     error_feedback=config.error_feedback)
+    store.save_residual(residual)
     report = TrainReport(num_examples=len(data.train), epsilon=epsilon, steps=result.steps)
-    content = RecordDict({ARRAYS: to_arrays(split_state_dict(model)), METRICS: report.to_record()})
+    content = RecordDict({ARRAYS: arrays, METRICS: report.to_record()})
     return Message(content, reply_to=msg)
 
 
@@ -155,6 +172,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     try:
         node, store, (global_state, plan, config), data = _open(msg, context)
+    except CodecError as err:
+        return _refuse(msg, BAD_MESSAGE, str(err))
     except ConfigError as err:
         return _refuse(msg, DATA_UNUSABLE, str(err))
     try:
@@ -187,24 +206,31 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def _open(
     msg: Message, context: Context
 ) -> tuple[NodeSettings, ClientStore, tuple[dict, RoundPlan, FedMoEConfig], ClientData]:
-    """What every handler starts from: node settings, state store, the message, own data
-    (the node's own ``data-path``, else its share of the run's data set).
+    """What every handler starts from: node settings, state store, the message (its global
+    tensors decoded), own data (the node's own ``data-path``, else its share of the run's
+    data set).
 
     Raises
     ------
+    fedmoe.compression.CodecError
+        If the message's encoded global tensors cannot be decoded.
     ConfigError
         If the node config or the node's data cannot be used
         (:class:`~fedmoe.data.files.DataFileError` names the file and the fix).
     """
     node = NodeSettings.from_node_config(context.node_config)
-    message = read_server_message(msg.content)
-    plan, config = message[1], message[2]
+    _, plan, config = read_server_message(msg.content, decode=False)
+    store = open_store(context, node)
+    held = store.load_reference() if config.download_codec != "none" else None
+    global_state, now = receive_global(msg.content, Codec.download(config), held)
+    if now is not None and now is not held:
+        store.save_reference(now)
     if node.data_path:
         data = load_node_data(config, node.data_path, node.label_column)
     else:
         data = load_client_data(config, node.partition_id, node.num_partitions,
                                 config.phase(plan.server_round))
-    return node, open_store(context, node), message, data
+    return node, store, (global_state, plan, config), data
 
 
 def _split_sizes(config: FedMoEConfig, node: NodeSettings, data: ClientData,

@@ -3,7 +3,12 @@
 Both live in the client's state directory, on its own disk:
 
 - ``ledger.sqlite``: the client's :class:`~fedmoe.privacy.LedgerBook` (one ledger, its own);
-- ``local_experts.pt``: the local-expert tensors, written atomically.
+- ``local_experts.pt``: the local-expert tensors, written atomically;
+- ``upload_residual.pt`` (lossy ``upload-codec`` with error feedback): what the codec
+  dropped from the client's last update, added to its next one; kept on disk so that a
+  restarted client loses nothing of it;
+- ``download_reference.pt`` (lossy ``download-codec``): the global tensors it holds and the
+  number of the message they came from; the next message is encoded relative to them.
 
 A deployment sets the directory with ``--node-config "state-dir=/var/lib/fedmoe"`` so the
 ledger outlives runs and the budget is a lifetime budget. Without it (simulation) each run
@@ -18,6 +23,7 @@ import io
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context
 
@@ -26,6 +32,8 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook, LedgerError, PrivacyLedger
 from fedmoe.storage import write_atomic
 
 LOCAL_FILE = "local_experts.pt"
+RESIDUAL_FILE = "upload_residual.pt"
+REFERENCE_FILE = "download_reference.pt"
 
 
 class ClientStore:
@@ -80,9 +88,43 @@ class ClientStore:
         return torch.load(self._local, weights_only=True)
 
     def save_local(self, state: dict[str, torch.Tensor]) -> None:
-        buffer = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
-        write_atomic(self._local, buffer.getvalue())
+        _save(self._local, {k: v.detach().cpu() for k, v in state.items()})
+
+    def load_residual(self) -> dict[str, np.ndarray] | None:
+        """The upload codec's error-feedback residual (None before the first one)."""
+        path = self.root / RESIDUAL_FILE
+        if not path.exists():
+            return None
+        return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+
+    def save_residual(self, residual: dict[str, np.ndarray] | None) -> None:
+        """Keep ``residual`` for the next round (None: remove the stored one)."""
+        path = self.root / RESIDUAL_FILE
+        if residual is None:
+            path.unlink(missing_ok=True)
+            return
+        _save(path, {k: torch.from_numpy(np.array(v)) for k, v in residual.items()})
+
+    def load_reference(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """``(message number, global tensors)`` the download codec builds on, or None."""
+        path = self.root / REFERENCE_FILE
+        if not path.exists():
+            return None
+        stored = torch.load(path, weights_only=True)
+        return int(stored["seq"]), {k: v.numpy() for k, v in stored["tensors"].items()}
+
+    def save_reference(self, held: tuple[int, dict[str, np.ndarray]]) -> None:
+        seq, tensors = held
+        _save(self.root / REFERENCE_FILE,
+              {"seq": int(seq), "tensors": {k: torch.from_numpy(np.array(v))
+                                            for k, v in tensors.items()}})
+
+
+def _save(path: Path, obj: object) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def run_state_root(run_id: int) -> Path:

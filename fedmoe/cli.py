@@ -8,6 +8,11 @@
 - ``fedmoe clean`` removes what a killed ``fedmoe simulate`` left behind (its Ray
   processes, its clients' state in the temp dir), found by its recorded ids only.
 
+- ``fedmoe export RUN_DIR --client ID --out FILE [--int8] [--prune F] [--distill H]`` writes
+  a client's personalised model for inference, optionally compressed
+  (:mod:`fedmoe.export`), and prints its size, latency and accuracy against the
+  uncompressed model.
+
 Exit codes: 0 done, 2 bad input (reported before anything starts), 130 Ctrl-C.
 - ``fedmoe experiment GRID.toml --out DIR [--jobs N]`` runs a grid of federations
   (methods × ε × partitioners × seeds × any key; :mod:`simulations.experiment`), resumably,
@@ -189,13 +194,29 @@ def main(argv: list[str] | None = None) -> int:
     ini.add_argument("--name", default="fedmoe", help="connection name (default: fedmoe)")
     ini.add_argument("--force", action="store_true",
                      help="replace existing key material (a new CA for every node)")
+    ex = sub.add_parser("export", help="write a client's personalised model for inference, "
+                                       "optionally compressed, with its size/latency/accuracy")
+    ex.add_argument("run_dir", type=Path, help="a finished run folder")
+    ex.add_argument("--client", required=True, help="client id, e.g. partition-0")
+    ex.add_argument("--out", type=Path, required=True, help="the export file to write")
+    ex.add_argument("--int8", action="store_true",
+                    help="int8 post-training dynamic quantisation of every Linear layer")
+    ex.add_argument("--prune", type=float, default=0.0, metavar="F",
+                    help="magnitude-prune this share of the Linear weights, in [0, 1)")
+    ex.add_argument("--distill", type=int, default=0, metavar="H",
+                    help="distil into a dense student with H hidden units, trained on the "
+                         "client's own data WITHOUT DP: the file must stay with the client")
+    ex.add_argument("--num-partitions", type=int, default=None,
+                    help="clients in the run (default: client folders in the run folder)")
+    ex.add_argument("--json", action="store_true", help="print the measurements as JSON")
     args = parser.parse_args(argv)
 
     if args.command == "audit":
         return audit(args)
     if args.command == "deploy":
         return deploy_init(args)
-
+    if args.command == "export":
+        return export(args)
     if args.command == "experiment":
         return experiment(args.grid, args.out, jobs=args.jobs)
     if args.command == "budget":
@@ -286,6 +307,35 @@ def audit(args: argparse.Namespace) -> int:
     from simulations.audit import command
 
     return command(args, build_config)
+
+
+def export(args: argparse.Namespace) -> int:
+    """``fedmoe export``: 0 done, 2 for a run folder, client or option that cannot work."""
+    from dataclasses import asdict
+
+    from fedmoe.export import ExportError, export_client
+
+    try:
+        results = export_client(args.run_dir, args.client, args.out,
+                                num_partitions=args.num_partitions, int8=args.int8,
+                                prune=args.prune, distill_hidden=args.distill)
+    except ExportError as err:
+        print(f"fedmoe: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(m) for m in results], indent=2))
+        return 0
+    base = results[0]
+    print(f"{args.out}: {results[-1].name} model of {args.client}")
+    for m in results:
+        print(f"  {m.name:<24} {m.param_bytes:>9,} B of tensors ({base.param_bytes / m.param_bytes:.2f}× "
+              f"smaller), {m.nonzero:,}/{m.parameters:,} non-zero, {m.latency_us:8.1f} µs/example "
+              f"(speed-up {base.latency_us / m.latency_us:.2f}×), accuracy {m.accuracy:.3f} "
+              f"(agrees with the uncompressed model on {m.agreement:.1%})")
+    if args.distill:
+        print("  note: the student was trained on this client's data without DP; the file is "
+              "not covered by the privacy guarantee and must stay with the client")
+    return 0
 
 
 def budget(folder: Path, *, as_json: bool = False) -> int:

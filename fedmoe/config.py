@@ -46,6 +46,8 @@ METHODS = ("fedmoe", "local", "fedavg", "fedper")
 EVALUATE_ON = ("test", "validation")
 #: How the server combines the valid train replies (:mod:`server.aggregation`).
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+#: Update codecs (:mod:`fedmoe.compression`, which imports this name from here).
+CODECS = ("none", "q8", "q4", "topk", "sign")
 
 # Upper bounds: values past them cannot fit in memory or finish in reasonable time on the
 # machines fedmoe targets (or make no sense for DP); the error says which and why.
@@ -248,6 +250,17 @@ class FedMoEConfig:
     resume : bool (default: false)
         Continue the run in ``run-dir`` from its checkpoint (the config must be the
         checkpoint's); ``fedmoe simulate --resume DIR`` sets it.
+    upload_codec, download_codec : str (default: "none")
+        How the update travels client → server and server → client
+        (:mod:`fedmoe.compression`): ``none``, ``q8``/``q4`` (8-/4-bit stochastic
+        quantisation, per-tensor scale), ``topk`` (the ``codec-topk-fraction`` largest
+        entries of each tensor) or ``sign`` (1 bit per entry, per-tensor scale). Applied
+        after DP noise: no privacy cost.
+    codec_topk_fraction : float (default: 0.01)
+        ``topk``: share of each tensor's entries kept, (0, 1].
+    error_feedback : bool (default: True)
+        Upload: keep what the codec dropped (the residual, in the client's state dir) and
+        add it to the next update.
 
     Non-private runs: ``target-epsilon = inf`` trains with plain SGD on the same Poisson
     batches (no clipping, no noise, no ledger charge); such runs are reported as ε=∞.
@@ -312,6 +325,10 @@ class FedMoEConfig:
     min_train_replies: int = 1
     reply_timeout: float = 600.0
     resume: bool = False
+    upload_codec: str = "none"
+    download_codec: str = "none"
+    codec_topk_fraction: float = 0.01
+    error_feedback: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -457,6 +474,10 @@ class FedMoEConfig:
             (0.0 <= self.label_prior_share <= 0.5,
              "label-prior-share must be in [0, 0.5] (0 = no label prior)"),
             *self._server_checks(),
+            (self.upload_codec in CODECS, f"upload-codec must be one of {CODECS}"),
+            (self.download_codec in CODECS, f"download-codec must be one of {CODECS}"),
+            (0.0 < self.codec_topk_fraction <= 1.0,
+             "codec-topk-fraction must be in (0, 1] (share of each tensor's entries kept)"),
             (
                 self.method == "fedmoe" or MODEL_DATASET.get(self.model) == "digits",
                 f"method '{self.method}' trains an MLP classifier on digits or synthetic "

@@ -12,6 +12,15 @@ Replies: a query reply holds ``client`` (:class:`ClientInfo`); a train reply hol
 (:class:`TrainReport`); an evaluate reply holds ``metrics`` (:class:`EvalReport`).
 Everything in a reply besides the train arrays is released in the clear; the record and
 metric names are the documented wire format.
+
+With a lossy ``upload-codec`` (:mod:`fedmoe.compression`) a train reply's ``arrays`` hold one
+array, ``update``: the encoded difference between the trained tensors and the global ones
+the client started from (raw bytes, ``stype`` ``fedmoe.codec.<name>``);
+:func:`decode_upload` turns it back into full tensors on the server. With a lossy
+``download-codec`` a train/evaluate message's ``arrays`` hold either the plain global
+tensors (the client holds nothing of this run yet) or one encoded ``update`` relative to
+what the client already holds, and a ``downlink`` ConfigRecord says which
+(:class:`Downlink` on the server, :func:`receive_global` on the client).
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.serde import array_record_to_proto, config_record_to_proto
 
+from fedmoe.compression import Codec, CodecError, compress, shapes_of
 from fedmoe.config import ACCOUNTANTS, FedMoEConfig
 from fedmoe.privacy.accountant import Segment
 from fedmoe.privacy.label_prior import prior_segment
@@ -45,6 +57,10 @@ DATA_UNUSABLE = 4005
 REFUSALS = (BUDGET_EXCEEDED, LEDGER_UNUSABLE, DELTA_TOO_LARGE, DATA_UNUSABLE)
 #: Metric used by Flower's FedAvg to weight replies.
 WEIGHT_KEY = "num-examples"
+#: Record of a message whose global tensors travel encoded (:class:`Downlink`).
+DOWNLINK = "downlink"
+#: The one array of an encoded update, and its ``stype`` prefix.
+UPDATE, CODEC_STYPE = "update", "fedmoe.codec."
 
 
 class ReplyError(ValueError):
@@ -57,6 +73,194 @@ def to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 def from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return record.to_torch_state_dict()
+
+
+# ----------------------------------------------------------------------- update codecs
+def update_bytes(content: RecordDict) -> int:
+    """Serialised size (Flower's protobuf encoding, bytes) of the model update a message
+    carries: its ``arrays`` record and, if any, its ``downlink`` record. The rest of a
+    message (round plan, run config, metrics) is not counted."""
+    size = 0
+    if ARRAYS in content.array_records:
+        size += array_record_to_proto(content.array_records[ARRAYS]).ByteSize()
+    if DOWNLINK in content.config_records:
+        size += config_record_to_proto(content.config_records[DOWNLINK]).ByteSize()
+    return size
+
+
+def _encoded(codec: Codec, data: bytes) -> ArrayRecord:
+    return ArrayRecord({UPDATE: Array(dtype="uint8", shape=(len(data),),
+                                      stype=CODEC_STYPE + codec.name, data=data)})
+
+
+def _payload(record: ArrayRecord, codec: Codec) -> bytes:
+    """The bytes of an encoded update record.
+
+    Raises
+    ------
+    CodecError
+        If the record is not one ``update`` array of this codec.
+    """
+    if list(record.keys()) != [UPDATE]:
+        raise CodecError(f"an encoded update must be one array '{UPDATE}', got keys "
+                         f"{sorted(record.keys())[:3]}")
+    array = record[UPDATE]
+    if array.stype != CODEC_STYPE + codec.name or array.dtype != "uint8":
+        raise CodecError(f"the update is encoded as {array.stype!r} ({array.dtype}); this run "
+                         f"expects {CODEC_STYPE + codec.name!r} (uint8)")
+    return array.data
+
+
+def _numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def apply_update(base: Mapping[str, np.ndarray],
+                 update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``base + update`` tensor by tensor, in ``base``'s dtype: the one expression server and
+    client both use, so both arrive at bit-identical tensors."""
+    return {k: (np.asarray(base[k]) + update[k]).astype(np.asarray(base[k]).dtype)
+            for k in base}
+
+
+def encode_upload(
+    trained: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
+    codec: Codec,
+    residual: Mapping[str, np.ndarray] | None,
+    *,
+    error_feedback: bool = True,
+) -> tuple[ArrayRecord, dict[str, np.ndarray] | None]:
+    """A train reply's ``arrays``: the trained ``shared``+``gate`` tensors (``none``), or the
+    encoded update ``trained − start`` with error feedback (:func:`fedmoe.compression.compress`).
+
+    ``trained`` must be the model after the round's last DP-SGD step (already noised) and
+    ``start`` the global tensors the client received: the codec sees nothing else.
+
+    Returns
+    -------
+    (ArrayRecord, residual)
+        The record, and the residual to keep for the next round (None: none to keep).
+    """
+    if codec.lossless or not trained:
+        return to_arrays(trained), None
+    after, before = _numpy(trained), _numpy(start)
+    delta = {k: after[k] - before[k] if np.issubdtype(after[k].dtype, np.floating)
+             else after[k] for k in after}
+    data, _, new_residual = compress(codec, delta, residual, error_feedback=error_feedback)
+    return _encoded(codec, data), new_residual
+
+
+def decode_upload(record: ArrayRecord, codec: Codec,
+                  global_arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The full tensors a train reply stands for: ``global + decode(update)`` (lossy codec),
+    or ``record`` itself (``none``, or a reply without arrays when nothing is shared).
+
+    Raises
+    ------
+    ReplyError
+        If the encoded update is malformed (:meth:`fedmoe.compression.Codec.decode`).
+    """
+    if codec.lossless or (not global_arrays and not record):
+        return record
+    try:
+        update = codec.decode(_payload(record, codec), shapes_of(global_arrays))
+    except CodecError as err:
+        raise ReplyError(f"malformed encoded update: {err}") from err
+    full = _reconstruct(global_arrays, update)  # integer buffers travel as values
+    return ArrayRecord({k: Array(v) for k, v in full.items()})
+
+
+class Downlink:
+    """Server side of the ``download-codec``: what each client holds of this run's model.
+
+    A client's first message carries the plain global tensors; later ones carry
+    ``encode(global − held)``, where ``held`` is exactly what the client reconstructed
+    from the previous message (the server decodes its own bytes the same way), so the
+    codec's error is corrected by the next message instead of piling up. A message is
+    numbered (``seq``) and names the one it builds on (``base``, 0 = plain tensors); a
+    client that does not hold ``base`` refuses the message, and the server sends that
+    client plain tensors next time. What a client holds counts only once it has replied.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
+        self._pending: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
+        self._seq = 0
+
+    def content(self, client: str, arrays: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord | None]:
+        """The ``arrays`` and ``downlink`` records of a message to ``client``."""
+        if self.codec.lossless:
+            return arrays, None
+        if client in self._pending:  # it never confirmed the last one: start afresh
+            self.lost(client)
+        self._seq += 1
+        glob = {k: a.numpy() for k, a in arrays.items()}
+        held = self._held.get(client)
+        if held is None or shapes_of(held[1]) != shapes_of(glob):
+            record, base, now = arrays, 0, glob
+        else:
+            base, before = held
+            data, decoded = self.codec.roundtrip(
+                {k: v - before[k] if np.issubdtype(v.dtype, np.floating) else v
+                 for k, v in glob.items()})
+            record, now = _encoded(self.codec, data), _reconstruct(before, decoded)
+        self._pending[client] = (self._seq, now)
+        return record, ConfigRecord({"codec": self.codec.name, "seq": self._seq, "base": base})
+
+    def delivered(self, client: str) -> None:
+        """``client`` replied: it holds what it was last sent."""
+        if client in self._pending:
+            self._held[client] = self._pending.pop(client)
+
+    def lost(self, client: str) -> None:
+        """``client`` did not confirm its message: assume it holds nothing."""
+        self._held.pop(client, None)
+        self._pending.pop(client, None)
+
+
+def _reconstruct(before: Mapping[str, np.ndarray],
+                 decoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    floats = {k for k, v in decoded.items() if np.issubdtype(v.dtype, np.floating)}
+    return {**apply_update({k: before[k] for k in floats}, {k: decoded[k] for k in floats}),
+            **{k: decoded[k] for k in decoded if k not in floats}}
+
+
+def receive_global(
+    content: RecordDict, codec: Codec, held: tuple[int, dict[str, np.ndarray]] | None,
+) -> tuple[dict[str, torch.Tensor], tuple[int, dict[str, np.ndarray]] | None]:
+    """Client side of the ``download-codec``: the global tensors of a message, and what to
+    keep for the next one (``(seq, tensors)``; ``held`` unchanged for a plain message
+    without a ``downlink`` record). ``codec`` is the run's ``download-codec``.
+
+    Raises
+    ------
+    CodecError
+        If the message builds on a ``base`` this client does not hold, or its encoded
+        update is malformed.
+    """
+    arrays = content.array_records.get(ARRAYS)
+    if arrays is None:
+        return {}, held
+    if DOWNLINK not in content.config_records:
+        return from_arrays(arrays), held
+    link = content.config_records[DOWNLINK]
+    try:
+        name, seq, base = str(link["codec"]), int(link["seq"]), int(link["base"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CodecError(f"malformed '{DOWNLINK}' record: {err!r}") from err
+    if name != codec.name or seq <= base or base < 0:
+        raise CodecError(f"'{DOWNLINK}' record (codec {name!r}, message {seq} on {base}) does "
+                         f"not fit this run's download-codec {codec.name!r}")
+    if base == 0:
+        now = {k: a.numpy() for k, a in arrays.items()}
+    elif held is None or held[0] != base:
+        raise CodecError(f"the global model is sent relative to message {base}, but this "
+                         f"client holds {'nothing' if held is None else f'message {held[0]}'}")
+    else:
+        now = _reconstruct(held[1], codec.decode(_payload(arrays, codec), shapes_of(held[1])))
+    return {k: torch.from_numpy(np.array(v)) for k, v in now.items()}, (seq, now)
 
 
 @dataclass(frozen=True)
@@ -151,11 +355,19 @@ def server_message(arrays: ArrayRecord | None, plan: RoundPlan, config: FedMoECo
     return content
 
 
-def read_server_message(content: RecordDict) -> tuple[dict[str, torch.Tensor], RoundPlan, FedMoEConfig]:
+def read_server_message(
+    content: RecordDict, *, decode: bool = True,
+) -> tuple[dict[str, torch.Tensor], RoundPlan, FedMoEConfig]:
+    """The global tensors, round plan and run config of a server message.
+
+    ``decode=False`` leaves the tensors out (``{}``): a message whose tensors are encoded
+    (``downlink``) is read with :func:`receive_global`, which needs what the client holds."""
     config = FedMoEConfig.from_run_config(dict(content.config_records[RUN_CONFIG]))
     plan = RoundPlan.from_record(content.config_records[CONFIG])
     arrays = content.array_records.get(ARRAYS)
-    return (from_arrays(arrays) if arrays is not None else {}), plan, config
+    if not decode or arrays is None:
+        return {}, plan, config
+    return from_arrays(arrays), plan, config
 
 
 @dataclass(frozen=True)

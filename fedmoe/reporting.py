@@ -20,8 +20,10 @@
                       invalid), aggregated (false: fewer than min-train-replies valid
                       replies, the global model stayed), mismatches, clients[] (client,
                       epsilon, client_epsilon where it differs, personalized_accuracy,
-                      global_accuracy, num_examples, num_test_examples, upload_bytes:
-                      bytes of its train reply's arrays, update_norm: L2 norm of its
+                      global_accuracy, num_examples, num_test_examples, upload_bytes /
+                      download_bytes: serialised bytes of the model update in its train
+                      reply / in the train and evaluate messages sent to it that round,
+                      :func:`fedmoe.records.update_bytes`, update_norm: L2 norm of its
                       update), and the round's means / max ε (null: ε=∞)
 
 Every ``epsilon`` is the server's ledger's (ε spent after that round); ``client_epsilon``
@@ -150,6 +152,7 @@ def build_results(
                 "num_test_examples": ev.num_examples if ev else None,
                 "upload_bytes": rec.upload_bytes.get(cid),
                 "update_norm": rec.update_norms.get(cid),
+                "download_bytes": rec.download_bytes.get(cid),
                 **rec.details.get(cid, {}),
             }
             clients.append(row)

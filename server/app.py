@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,12 +23,13 @@ from flwr.supercore.run import Run
 
 from fedmoe.config import FedMoEConfig
 from fedmoe.data import with_data_shape
+from fedmoe.export import GLOBAL_MODEL
 from fedmoe.methods import method_model
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.reporting import build_results, privacy_rows, resolve_run_dir, write_run_folder
 from fedmoe.roles import split_state_dict
-from fedmoe.storage import run_folder_lock
+from fedmoe.storage import run_folder_lock, write_atomic
 from server.checkpoint import (
     Checkpoint,
     prepare_run_folder,
@@ -198,8 +200,9 @@ def _run_locked(
             save(0, initial)  # a folder with a ledger always has a checkpoint to resume
         interrupted = False
         try:
-            strategy.start(grid=grid, initial_arrays=initial,
-                           num_rounds=config.num_server_rounds, first_round=first_round)
+            result = strategy.start(grid=grid, initial_arrays=initial,
+                                    num_rounds=config.num_server_rounds, first_round=first_round)
+            save_global_model(run_dir, result.arrays)
         except RunInterrupted:
             interrupted = True
             unfinished = [r.server_round for r in strategy.history
@@ -221,6 +224,14 @@ def _run_locked(
     if listener:
         listener.finished(results, path)
     return results
+
+
+def save_global_model(run_dir: Path, arrays: ArrayRecord) -> None:
+    """Write the final global shared+gate tensors (``global_model.pt``): with a client's
+    local tensors they give its personalised model (``fedmoe export``)."""
+    buffer = io.BytesIO()
+    torch.save(arrays.to_torch_state_dict(), buffer)
+    write_atomic(run_dir / GLOBAL_MODEL, buffer.getvalue())
 
 
 def make_server_app(

@@ -29,8 +29,12 @@ construction and weighted averaging are Flower's; FedMoE adds
   counted as a timeout) and for ``min-available-clients`` nodes to connect (the run then
   stops saying how many came); while it waits it logs why;
 - a checkpoint hook after every finished round and a start round (``--resume``);
-- a per-round history of every client's ε and accuracies and of the bytes of its train
-  reply's arrays (:attr:`history`);
+- update codecs (``upload-codec``, ``download-codec``, :mod:`fedmoe.compression`): an
+  encoded train reply is decoded into full tensors before that validation (a malformed
+  one is dropped with the reason), and the global tensors go out encoded relative to
+  what each client holds (:class:`~fedmoe.records.Downlink`);
+- a per-round history of every client's ε and accuracies and of the serialised bytes of
+  the model update it uploaded and downloaded (:attr:`history`);
 - non-private runs (``target-epsilon = inf``): σ=0 plans, no ledger charge, ε=∞ reported.
 """
 
@@ -44,11 +48,20 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
+from fedmoe.compression import Codec
 from fedmoe.config import FedMoEConfig
 from fedmoe.methods import has_label_prior
 from fedmoe.privacy import (
@@ -66,17 +79,21 @@ from fedmoe.privacy.ledger import client_sort_key
 from fedmoe.records import (
     ARRAYS,
     CLIENT,
+    DOWNLINK,
     DETAILS,
     METRICS,
     REFUSALS,
     WEIGHT_KEY,
     ClientInfo,
+    Downlink,
     EvalReport,
     ReplyError,
     RoundPlan,
     TrainReport,
+    decode_upload,
     read_details,
     server_message,
+    update_bytes,
 )
 from server.aggregation import aggregate, check_update
 
@@ -107,7 +124,8 @@ class RoundRecord:
     #: client -> ε spent after this round by the server's ledger (every client of the run
     #: with a ledger): the figure every report shows
     epsilon: dict[str, float] = field(default_factory=dict)
-    #: client -> bytes of the arrays in its train reply (serialised, as received)
+    #: client -> serialised bytes of the update in its train reply, as received
+    #: (:func:`~fedmoe.records.update_bytes`)
     upload_bytes: dict[str, int] = field(default_factory=dict)
     #: client -> L2 norm of its update (its arrays minus the round's global arrays)
     update_norms: dict[str, float] = field(default_factory=dict)
@@ -116,6 +134,9 @@ class RoundRecord:
     #: whether the round's valid replies changed the global model (False: fewer than
     #: min-train-replies, so it stayed as it was)
     aggregated: bool = False
+    #: client -> serialised bytes of the global tensors sent to it this round (train and
+    #: evaluate messages)
+    download_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class FedMoE(FedAvg):
@@ -178,6 +199,9 @@ class FedMoE(FedAvg):
         self._global: dict[str, np.ndarray] = {}
         #: node -> client of this round's train messages (to count the missing replies)
         self._sent: dict[int, str] = {}
+        self._upload = Codec.upload(config)
+        self.downlink = Downlink(Codec.download(config))
+        self._plain_size: tuple[ArrayRecord | None, int] = (None, 0)
 
     def summary(self) -> None:
         super().summary()
@@ -420,9 +444,9 @@ class FedMoE(FedAvg):
                     continue
             if histogram:
                 self._histograms.add(plan.client)
-            content = server_message(
+            content = self._message(
                 arrays, RoundPlan.for_training(server_round, plan, with_prior=histogram),
-                self.config)
+                plan.client)
             messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
             self._sent[node] = plan.client
         if not messages:
@@ -500,11 +524,15 @@ class FedMoE(FedAvg):
         """A train reply's arrays and weight if every check passes; else None, with the
         reason recorded (:meth:`_fail`)."""
         if msg.has_error():
+            self.downlink.lost(client)
             self._fail(record, "error", client, msg.error.reason)
             if msg.error.code in REFUSALS:  # its own ledger says no: it will again
                 self._exclude(client, f"it refused round {server_round}: {msg.error.reason}")
             return None
+        self.downlink.delivered(client)
+        uploaded = update_bytes(msg.content)  # as received, before decoding
         try:
+            self._decode_upload(msg)
             report = self._check_train_reply(msg, client)
             plan = self.plans.get(client)
             if (plan is None or plan.private) and not math.isfinite(report.epsilon):
@@ -523,9 +551,7 @@ class FedMoE(FedAvg):
             self._check_epsilon(record, client, report.epsilon)
         record.train[client] = report
         record.update_norms[client] = norm
-        record.upload_bytes[client] = sum(len(array.data)
-                                          for arrays_ in msg.content.array_records.values()
-                                          for array in arrays_.values())
+        record.upload_bytes[client] = uploaded
         return arrays, report.num_examples
 
     def _fail(self, record: RoundRecord, kind: str, client: str, why: str) -> None:
@@ -564,6 +590,36 @@ class FedMoE(FedAvg):
             record.mismatches[client] = (ours, reported)
             log(WARNING, "privacy mismatch: client %s reports ε=%.6f, the server's ledger "
                 "says ε=%.6f for the same rounds", client, reported, ours)
+
+    def _decode_upload(self, msg: Message) -> None:
+        """Replace an encoded update in ``msg`` by the full tensors it stands for.
+
+        Raises
+        ------
+        ReplyError
+            If the reply's update is malformed.
+        """
+        content = msg.content
+        if ARRAYS in content.array_records and not self._upload.lossless:
+            content[ARRAYS] = decode_upload(
+                content.array_records[ARRAYS], self._upload,
+                self._global)
+
+    def _message(self, arrays: ArrayRecord, plan: RoundPlan, client: str) -> RecordDict:
+        """A train/evaluate message's content for ``client``, the global tensors encoded by
+        the download codec; counts its bytes."""
+        content = server_message(arrays, plan, self.config)
+        content[ARRAYS], link = self.downlink.content(client, arrays)
+        if link is not None:
+            content[DOWNLINK] = link
+            size = update_bytes(content)
+        else:  # the same plain tensors go to every client: serialise them once to count
+            if self._plain_size[0] is not arrays:
+                self._plain_size = (arrays, update_bytes(content))
+            size = self._plain_size[1]
+        downloads = self._record(plan.server_round).download_bytes
+        downloads[client] = downloads.get(client, 0) + size
+        return content
 
     def _check_train_reply(self, msg: Message, client: str) -> TrainReport:
         """The reply's report, if its arrays match the global model exactly (keys, shapes,
@@ -618,8 +674,9 @@ class FedMoE(FedAvg):
         known = self._by_client([n for n in all_nodes if n in self.clients])
         size = max(self.min_evaluate_nodes, int(len(all_nodes) * self.fraction_evaluate))
         nodes = self._rng.sample(known, min(size, len(known)))
-        record = server_message(arrays, RoundPlan(server_round), self.config)
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+        return [message for node in nodes for message in self._construct_messages(
+            self._message(arrays, RoundPlan(server_round), self.clients[node]), [node],
+            MessageType.EVALUATE)]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -629,9 +686,11 @@ class FedMoE(FedAvg):
         for msg in replies:
             client = self.clients.get(msg.metadata.src_node_id, "?")
             if msg.has_error():
+                self.downlink.lost(client)
                 log(WARNING, "aggregate_evaluate: client %s failed: %s", client,
                     msg.error.reason)
                 continue
+            self.downlink.delivered(client)
             try:
                 report = EvalReport.from_record(msg.content.metric_records[METRICS])
                 self._check_eval_report(report, client)

@@ -80,7 +80,8 @@ METRICS = (
     "global_accuracy",  # without local tensors (empty for methods where that means nothing)
     "epsilon_max",  # max over clients of ε spent (inf: non-private)
     "epsilon_per_client",  # JSON list, client order
-    "upload_bytes_per_client_round",  # mean bytes of a train reply's arrays
+    "upload_bytes_per_client_round",  # mean serialised bytes of a train reply's update
+    "download_bytes_per_client_round",  # mean serialised bytes of the global tensors sent
     "rounds",  # rounds that trained
     "wall_seconds",
     "client_seconds",  # inside the client handlers (inline engine; empty for flower)
@@ -352,6 +353,8 @@ def result_row(run: Run, results: dict[str, Any], *, wall_seconds: float,
     eps = [math.inf if c["epsilon"] is None else c["epsilon"] for c in clients]
     uploads = [c["upload_bytes"] for r in results["rounds"] for c in r["clients"]
                if c.get("upload_bytes") is not None]
+    downloads = [c["download_bytes"] for r in results["rounds"] for c in r["clients"]
+                 if c.get("download_bytes") is not None]
     trained = [r for r in results["rounds"] if r["clients"] and any(
         c.get("upload_bytes") is not None for c in r["clients"])]
     global_only = method_spec(run.config.method).global_only
@@ -367,6 +370,7 @@ def result_row(run: Run, results: dict[str, Any], *, wall_seconds: float,
         "epsilon_max": max(eps) if eps else None,
         "epsilon_per_client": json.dumps([_num(e) for e in eps]),
         "upload_bytes_per_client_round": _mean(uploads),
+        "download_bytes_per_client_round": _mean(downloads),
         "rounds": len(trained),
         "wall_seconds": round(wall_seconds, 3),
         "client_seconds": None if client_seconds is None else round(client_seconds, 3),

@@ -24,7 +24,9 @@ TABLES = (
     ("global_accuracy", "Global-only accuracy (without local tensors; – where the method "
      "has no global model)", "{:.3f}"),
     ("upload_bytes_per_client_round", "Bytes uploaded per client per round (serialised "
-     "arrays)", "{:,.0f}"),
+     "update)", "{:,.0f}"),
+    ("download_bytes_per_client_round", "Bytes downloaded per client per round (serialised "
+     "global tensors, train and evaluate messages)", "{:,.0f}"),
     ("wall_seconds", "Wall time per run (s)", "{:.1f}"),
 )
 NON_PRIVATE = "∞ (non-private)"

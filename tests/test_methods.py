@@ -94,8 +94,19 @@ def test_baselines_refuse_models_they_cannot_stand_in_for():
         FedMoEConfig(method="fedprox")
 
 
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _field(payload: int) -> int:
+    """Protobuf wire size of one length-delimited field (tag < 16): tag, length, payload."""
+    return 1 + _varint_len(payload) + payload
+
+
 def test_upload_bytes_are_the_serialised_arrays(tmp_path):
-    """The strategy's figure equals np.save's size of every array sent (independent)."""
+    """The strategy's figure equals the protobuf size of the arrays record, computed here
+    from the wire format's rules around np.save's bytes of every array (independent):
+    ArrayRecord{repeated Item{key, Array{dtype, packed shape, stype, data}}}."""
     from fedmoe.privacy import LedgerBook
     from server.strategy import FedMoE
     from tests.helpers import LocalGrid
@@ -104,12 +115,15 @@ def test_upload_bytes_are_the_serialised_arrays(tmp_path):
     with LedgerBook(tmp_path / "ledger.sqlite") as book:
         strategy = FedMoE(config, book=book)
         strategy.start(LocalGrid(2), to_arrays(split_state_dict(method_model(config))), 1)
-    sizes = []
-    for tensor in method_model(config).state_dict().values():
+    total = 0
+    for key, tensor in method_model(config).state_dict().items():
         buffer = io.BytesIO()
         np.save(buffer, tensor.numpy(), allow_pickle=False)
-        sizes.append(len(buffer.getvalue()))
-    assert set(strategy.history[0].upload_bytes.values()) == {sum(sizes)}
+        shape = sum(_varint_len(d) for d in tensor.shape)
+        array = (_field(len("float32")) + (_field(shape) if shape else 0)
+                 + _field(len("numpy.ndarray")) + _field(len(buffer.getvalue())))
+        total += _field(_field(len(key)) + _field(array))
+    assert set(strategy.history[0].upload_bytes.values()) == {total}
 
 
 # ------------------------------------------------------------------ non-private mode
