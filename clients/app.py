@@ -67,12 +67,10 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    try:
-        node, store, (_, plan, config), data = _open(msg, context)
-    except CodecError as err:
-        return _refuse(msg, BAD_MESSAGE, str(err))
-    except ConfigError as err:
-        return _refuse(msg, DATA_UNUSABLE, str(err))
+    opened = _open_or_refuse(msg, context)
+    if isinstance(opened, Message):
+        return opened
+    node, store, (_, plan, config), data = opened
     try:
         ledger = store.ledger(node.client,
                               private=math.isfinite(node.budget(config.target_epsilon)))
@@ -100,12 +98,10 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    try:
-        node, store, (global_state, plan, config), data = _open(msg, context)
-    except CodecError as err:
-        return _refuse(msg, BAD_MESSAGE, str(err))
-    except ConfigError as err:  # before any charge
-        return _refuse(msg, DATA_UNUSABLE, str(err))
+    opened = _open_or_refuse(msg, context)  # before any charge
+    if isinstance(opened, Message):
+        return opened
+    node, store, (global_state, plan, config), data = opened
     if not plan.is_training:
         return _refuse(msg, BAD_MESSAGE, "a train message must carry the round's DP parameters")
     budget = node.budget(config.target_epsilon)
@@ -170,12 +166,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    try:
-        node, store, (global_state, plan, config), data = _open(msg, context)
-    except CodecError as err:
-        return _refuse(msg, BAD_MESSAGE, str(err))
-    except ConfigError as err:
-        return _refuse(msg, DATA_UNUSABLE, str(err))
+    opened = _open_or_refuse(msg, context)
+    if isinstance(opened, Message):
+        return opened
+    node, store, (global_state, plan, config), data = opened
     try:
         ledger = store.ledger(node.client,
                               private=math.isfinite(node.budget(config.target_epsilon)))
@@ -201,6 +195,19 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         details["unigram-perplexity"] = unigram_perplexity(data.train.tensors[1],
                                                            data.test.tensors[1])
     return Message(RecordDict({METRICS: report.to_record(), DETAILS: details}), reply_to=msg)
+
+
+def _open_or_refuse(
+    msg: Message, context: Context
+) -> tuple[NodeSettings, ClientStore, tuple[dict, RoundPlan, FedMoEConfig], ClientData] | Message:
+    """:func:`_open`, or the refusal to send back: a message whose global tensors cannot be
+    decoded (BAD_MESSAGE), a node config or data file that cannot be used (DATA_UNUSABLE)."""
+    try:
+        return _open(msg, context)
+    except CodecError as err:
+        return _refuse(msg, BAD_MESSAGE, str(err))
+    except ConfigError as err:
+        return _refuse(msg, DATA_UNUSABLE, str(err))
 
 
 def _open(
