@@ -162,7 +162,7 @@ class FedMoEConfig:
         the average of its layer's shared experts (0 = off, 1 = a copy of it). It uses no
         data, so it costs no privacy; without it the DP noise on local experts, which no
         aggregation averages out, piles up round after round.
-    expert_noise_limit : float (default: 0.1)
+    expert_noise_limit : float (default: 0.05)
         Models with an expert switch (``lmoe``): a DP client trains its MoE experts and
         router only if the noise on its averaged clipped gradient per step, in units of
         the clipping bound, ν = σ / (q · n) (σ its noise multiplier, q its sample rate,
@@ -292,7 +292,7 @@ class FedMoEConfig:
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     local_pull: float = 0.3
-    expert_noise_limit: float = 0.1
+    expert_noise_limit: float = 0.05
     num_groups: int = 2
     group_top_k: int = 1
     expert_depth: int = 2
