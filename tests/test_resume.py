@@ -51,6 +51,15 @@ def _crash_at(monkeypatch, server_round, *, after_charge=False):
     monkeypatch.setattr(FedMoE, "configure_train", configure_train)
 
 
+def _run_until_crash(monkeypatch, config, server_round, *, after_charge=False):
+    """Run ``config`` on 3 inline clients until the server dies at ``server_round``
+    (:func:`_crash_at`); the patch is undone afterwards."""
+    with monkeypatch.context() as patch:
+        _crash_at(patch, server_round, after_charge=after_charge)
+        with pytest.raises(Crash):
+            run_inline(config, 3)
+
+
 def ledgers(folder: Path) -> dict[str, list[tuple]]:
     """client -> its ledger's entries (round, σ, q, steps) and ε, read-only."""
     with LedgerBook(folder / LEDGER_FILE, read_only=True) as book:
@@ -68,10 +77,7 @@ def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     clean = run_inline(CONFIG.replace(run_dir=str(tmp_path / "clean")), 3).results
     run_dir = tmp_path / "crashed"
     config = CONFIG.replace(run_dir=str(run_dir))
-    with monkeypatch.context() as patch:
-        _crash_at(patch, 3)
-        with pytest.raises(Crash):
-            run_inline(config, 3)
+    _run_until_crash(monkeypatch, config, 3)
     assert load_checkpoint(run_dir).server_round == 2 and not (run_dir / "results.json").exists()
     resumed = run_inline(config.replace(resume=True), 3).results
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
@@ -94,10 +100,7 @@ def test_a_round_charged_when_the_server_died_stays_spent_and_is_not_rerun(tmp_p
                                                                           monkeypatch):
     run_dir = tmp_path / "run"
     config = CONFIG.replace(run_dir=str(run_dir), num_server_rounds=3, fraction_train=1.0)
-    with monkeypatch.context() as patch:
-        _crash_at(patch, 2, after_charge=True)
-        with pytest.raises(Crash):
-            run_inline(config, 3)
+    _run_until_crash(monkeypatch, config, 2, after_charge=True)
     charged = ledgers(run_dir)
     assert all(2 in [e[0] for e in entries[:-1]] for entries in charged.values())
     results = run_inline(config.replace(resume=True), 3).results
@@ -116,10 +119,7 @@ def test_an_existing_run_folder_is_refused_unless_resumed_with_the_same_config(t
                                                                             monkeypatch):
     run_dir = tmp_path / "run"
     config = CONFIG.replace(run_dir=str(run_dir))
-    with monkeypatch.context() as patch:
-        _crash_at(patch, 2)
-        with pytest.raises(Crash):
-            run_inline(config, 3)
+    _run_until_crash(monkeypatch, config, 2)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     with pytest.raises(CheckpointError, match="holds an unfinished run .*--resume"):
         run_inline(config, 3)
@@ -150,10 +150,7 @@ def test_a_checkpoint_of_another_version_or_damaged_is_one_clear_error(tmp_path,
                                                                       damage, match, capsys):
     run_dir = tmp_path / "run"
     config = CONFIG.replace(run_dir=str(run_dir), num_server_rounds=2)
-    with monkeypatch.context() as patch:
-        _crash_at(patch, 1)
-        with pytest.raises(Crash):
-            run_inline(config, 3)
+    _run_until_crash(monkeypatch, config, 1)
     path = run_dir / CHECKPOINT
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:100])
