@@ -23,6 +23,13 @@ name       payload per tensor                               bound
 ``sign``   float32 scale s = ‖x‖₁/n, n sign bits            ‖x − x̂‖² = ‖x‖² − ‖x‖₁²/n ≤ (1 − 1/n)‖x‖²
 =========  ===============================================  ===========================================
 
+A tensor whose entries are all zero (a part of the model that did not train this round,
+e.g. the routed experts of a client whose expert switch is off) costs only its scale in the
+scaled codecs (``q8``, ``q4``, ``sign``): a zero scale means "all zeros" and no codes follow.
+Whether a tensor is all zero is a function of the update itself, which the plain (``none``)
+encoding shows as well, so this reveals nothing more. The length of an encoding is therefore
+fixed by the shapes *and* by which tensors are zero (:meth:`Codec.encoded_bytes`).
+
 ``q8``/``q4`` round stochastically (``⌊x/s·L + u⌋``, u ~ U[0, 1)), so they are unbiased;
 ``topk`` and ``sign`` are biased contractions, which :func:`compress` corrects with error
 feedback: the part of an update the codec dropped is kept (the *residual*) and added to the
@@ -46,6 +53,8 @@ import numpy as np
 from fedmoe.config import CODECS, FedMoEConfig  # the names ``upload-codec`` / ``download-codec`` take
 #: Quantisation levels on each side of zero, per bit width.
 _LEVELS = {"q8": 127, "q4": 7}
+#: Codecs whose tensors start with a scale (a zero scale: an all-zero tensor, no codes).
+_SCALED = ("q8", "q4", "sign")
 _SCALE = np.dtype("<f4")
 _VALUE = np.dtype("<f4")
 
@@ -98,11 +107,14 @@ class Codec:
         return self.name == "none"
 
     # ------------------------------------------------------------------ sizes
-    def tensor_bytes(self, shape: tuple[int, ...], dtype: str) -> int:
-        """Bytes one tensor of ``shape`` and ``dtype`` takes in this codec's encoding."""
+    def tensor_bytes(self, shape: tuple[int, ...], dtype: str, zero: bool = False) -> int:
+        """Bytes one tensor of ``shape`` and ``dtype`` takes in this codec's encoding;
+        ``zero``: the tensor is all zeros (only its scale is sent by a scaled codec)."""
         n = math.prod(shape)
         if not np.issubdtype(np.dtype(dtype), np.floating) or self.name == "none":
             return n * np.dtype(dtype).itemsize
+        if self.name in _SCALED and zero:
+            return _SCALE.itemsize
         if self.name == "q8":
             return _SCALE.itemsize + n
         if self.name == "q4":
@@ -112,9 +124,10 @@ class Codec:
         k = self.topk_k(n)
         return k * (_index_dtype(n).itemsize + _VALUE.itemsize)
 
-    def encoded_bytes(self, shapes: Shapes) -> int:
-        """Exact length of an encoded update of tensors ``shapes`` (name → (shape, dtype))."""
-        return sum(self.tensor_bytes(tuple(s), d) for s, d in shapes.values())
+    def encoded_bytes(self, shapes: Shapes, zero: frozenset[str] | set[str] = frozenset()) -> int:
+        """Exact length of an encoded update of tensors ``shapes`` (name → (shape, dtype))
+        whose tensors named in ``zero`` are all zeros (with none: the largest length)."""
+        return sum(self.tensor_bytes(tuple(s), d, key in zero) for key, (s, d) in shapes.items())
 
     def topk_k(self, n: int) -> int:
         """Entries ``topk`` keeps of a tensor of ``n`` (0 for an empty tensor)."""
@@ -149,6 +162,8 @@ class Codec:
                                              np.abs(flat).max() > np.finfo(np.float32).max):
             raise CodecError(f"update '{key}' holds non-finite values (or values beyond "
                              "float32); nothing can be encoded")
+        if self.name in _SCALED and not np.any(flat):
+            return np.zeros(1, dtype=_SCALE).tobytes()  # all zeros: the scale alone
         if self.name in _LEVELS:
             levels = _LEVELS[self.name]
             scale = np.float32(np.abs(flat).max()) if flat.size else np.float32(0)
@@ -184,16 +199,23 @@ class Codec:
             that is negative or not finite, a code outside the codec's range, top-k
             indices not strictly increasing or out of range, a non-finite value.
         """
-        expected = self.encoded_bytes(shapes)
-        if len(data) != expected:
-            raise CodecError(f"encoded update ({self.name}) has {len(data):,} bytes, the "
-                             f"global model's shapes need exactly {expected:,}")
         out, offset = {}, 0
         for key in sorted(shapes):
             shape, dtype = tuple(shapes[key][0]), np.dtype(shapes[key][1])
-            size = self.tensor_bytes(shape, dtype.str)
+            zero = False
+            if self.name in _SCALED and np.issubdtype(dtype, np.floating):
+                head = data[offset:offset + _SCALE.itemsize]
+                zero = len(head) == _SCALE.itemsize and not np.frombuffer(head, _SCALE)[0]
+            size = self.tensor_bytes(shape, dtype.str, zero)
+            if offset + size > len(data):
+                break  # too short: reported below with the length the layout needs
             out[key] = self._decode_tensor(key, data[offset:offset + size], shape, dtype)
             offset += size
+        if offset != len(data) or len(out) != len(shapes):
+            zeros = {k for k in shapes if k in out and not np.any(out[k])}
+            expected = self.encoded_bytes(shapes, zeros)
+            raise CodecError(f"encoded update ({self.name}) has {len(data):,} bytes, the "
+                             f"global model's shapes need exactly {expected:,}")
         return out
 
     def _decode_tensor(self, key: str, chunk: bytes, shape: tuple[int, ...],
@@ -219,6 +241,8 @@ class Codec:
         scale = float(np.frombuffer(chunk[:_SCALE.itemsize], dtype=_SCALE)[0])
         if not (math.isfinite(scale) and scale >= 0):
             raise CodecError(f"'{key}': scale must be finite and >= 0, got {scale}")
+        if scale == 0:  # an all-zero tensor: the scale alone (see the module docstring)
+            return np.zeros(shape, dtype=dtype)
         body = np.frombuffer(chunk[_SCALE.itemsize:], dtype=np.uint8)
         if self.name == "sign":
             negative = np.unpackbits(body)[:n].astype(bool)

@@ -73,19 +73,43 @@ def test_encoded_length_is_the_layout(name):
     codec = Codec(name, topk_fraction=0.05)
     data = codec.encode(UPDATE)
     floats = {k: v for k, v in UPDATE.items() if np.issubdtype(v.dtype, np.floating)}
+    nonzero = {k: v for k, v in floats.items() if k != "c.zero"}
     verbatim = UPDATE["e.count"].nbytes
     if name == "none":
         expected = sum(v.nbytes for v in UPDATE.values())
-    elif name == "q8":
-        expected = sum(4 + v.size for v in floats.values()) + verbatim
+    elif name == "q8":  # the all-zero tensor: its (zero) scale alone
+        expected = sum(4 + v.size for v in nonzero.values()) + 4 + verbatim
     elif name == "q4":
-        expected = sum(4 + (v.size + 1) // 2 for v in floats.values()) + verbatim
+        expected = sum(4 + (v.size + 1) // 2 for v in nonzero.values()) + 4 + verbatim
     elif name == "sign":
-        expected = sum(4 + (v.size + 7) // 8 for v in floats.values()) + verbatim
+        expected = sum(4 + (v.size + 7) // 8 for v in nonzero.values()) + 4 + verbatim
     else:  # all tensors here have < 256 entries: uint8 indices, float32 values
         expected = sum(max(1, math.ceil(0.05 * v.size)) * (1 + 4) for v in floats.values()) \
             + verbatim
-    assert len(data) == expected == codec.encoded_bytes(shapes_of(UPDATE))
+    assert len(data) == expected == codec.encoded_bytes(shapes_of(UPDATE), {"c.zero"})
+
+
+@pytest.mark.parametrize("name", ["q8", "q4", "sign"])
+def test_an_all_zero_tensor_costs_only_its_scale(name):
+    """A part of the model that did not train (all-zero update) is sent as a zero scale;
+    the tensors around it decode as before, wherever the zero tensor sits in the order."""
+    codec = Codec(name)
+    w = np.linspace(-1, 1, 37).astype(np.float32)
+    for zero_key in ("a", "m", "z"):
+        update = {"m0": w, "m1": -w, zero_key: np.zeros((5, 9), np.float32)}
+        dense = {**update, zero_key: np.full((5, 9), 1e-3, np.float32)}
+        data, out = codec.roundtrip(update, np.random.default_rng(0))
+        assert len(data) == len(codec.encode(dense)) - (codec.tensor_bytes((5, 9), "<f4") - 4)
+        np.testing.assert_array_equal(out[zero_key], 0.0)
+        assert out[zero_key].shape == (5, 9)
+        # the zero tensor draws no randomness: the others decode as if it were not there
+        ref = codec.roundtrip({"m0": w, "m1": -w}, np.random.default_rng(0))[1]
+        for key in ("m0", "m1"):
+            np.testing.assert_array_equal(out[key], ref[key])
+        # a zero scale followed by the dense codes it would have had is not this layout
+        with pytest.raises(CodecError, match="exactly"):
+            codec.decode(data + bytes(codec.tensor_bytes((5, 9), "<f4") - 4),
+                         shapes_of(update))
 
 
 def test_topk_index_width_grows_with_the_tensor():
