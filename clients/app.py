@@ -39,7 +39,7 @@ from fedmoe.methods import method_model
 from fedmoe.models.layers import decide_experts
 from fedmoe.models.prior import LabelPrior, label_priors
 from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error, secret_generator
-from fedmoe.privacy.label_prior import noisy_label_counts
+from fedmoe.privacy.label_prior import noisy_label_counts, shrink_counts
 from fedmoe.privacy.plan import gradient_noise_scale
 from fedmoe.records import (
     ARRAYS,
@@ -274,6 +274,8 @@ def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
     if plan.prior_noise:
         counts = noisy_label_counts(labels, len(priors[0].log_prior), plan.prior_noise,
                                     secret_generator())
+        if config.label_prior_shrinkage == "james-stein":
+            counts = shrink_counts(counts, plan.prior_noise)
         priors[0].set_counts(counts, pseudo_count=plan.prior_noise)
     elif not plan.private and config.label_prior_share > 0 and not priors[0].is_set:
         counts = torch.bincount(labels, minlength=len(priors[0].log_prior)).float()

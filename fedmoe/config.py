@@ -41,6 +41,8 @@ MODEL_DATASET = {"moe": "digits", "lmoe": "digits", "hmoe": "digits", "mtmoe": "
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 #: Ways of training and sharing a model (:mod:`fedmoe.methods`).
 METHODS = ("fedmoe", "local", "fedavg", "fedper")
+#: How a client turns its noisy label histogram into counts (``label-prior-shrinkage``).
+PRIOR_SHRINKAGES = ("james-stein", "none")
 #: What evaluation scores on: each client's own test split, or a validation split held
 #: out of its training data (for tuning; the test split is then never touched).
 EVALUATE_ON = ("test", "validation")
@@ -232,6 +234,10 @@ class FedMoEConfig:
         it); the histogram gives the client's prior on the logits (logit adjustment, see
         :mod:`fedmoe.models.prior`). Composed with DP-SGD it costs less than this share.
         0 = no label prior. Other models and methods ignore it.
+    label_prior_shrinkage : str (default: "james-stein")
+        ``james-stein``: the client shrinks its noisy histogram towards its own mean
+        (:func:`fedmoe.privacy.label_prior.shrink_counts`; post-processing) before taking the
+        prior, so noise alone does not tilt its logits; ``none``: the noisy counts as they are.
     aggregation : str (default: "fedavg")
         How the server combines the valid train replies' ``shared`` and ``gate`` arrays:
         ``fedavg`` (mean weighted by ``num-examples``), ``median`` (coordinate-wise) or
@@ -319,6 +325,7 @@ class FedMoEConfig:
     classes_per_client: int = 2
     synthetic_samples: int = 20000
     label_prior_share: float = 0.25
+    label_prior_shrinkage: str = "james-stein"
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     max_update_norm: float = 1000.0
@@ -473,6 +480,8 @@ class FedMoEConfig:
              f"synthetic-samples must be in [100, {MAX_SYNTHETIC:,}]"),
             (0.0 <= self.label_prior_share <= 0.5,
              "label-prior-share must be in [0, 0.5] (0 = no label prior)"),
+            (self.label_prior_shrinkage in PRIOR_SHRINKAGES,
+             f"label-prior-shrinkage must be one of {PRIOR_SHRINKAGES}"),
             *self._server_checks(),
             (self.upload_codec in CODECS, f"upload-codec must be one of {CODECS}"),
             (self.download_codec in CODECS, f"download-codec must be one of {CODECS}"),

@@ -74,7 +74,11 @@ def test_prior_from_counts_matches_hand_computation():
     prior = LabelPrior(4)
     prior.set_counts(torch.tensor([10.0, -3.0, 0.0, 5.0]), pseudo_count=2.0)
     smoothed = torch.tensor([12.0, 2.0, 2.0, 7.0])  # negative noisy counts clamp to 0
-    assert torch.allclose(prior.log_prior, torch.log(4 * smoothed / smoothed.sum()))
+    assert torch.allclose(prior.log_prior, torch.log(smoothed / smoothed.sum()))
+    flat = LabelPrior(4)  # a fully shrunk histogram: uniform, yet recorded as set
+    assert not flat.is_set
+    flat.set_counts(torch.full((4,), 7.5), pseudo_count=2.0)
+    assert flat.is_set and torch.allclose(flat.log_prior, torch.full((4,), math.log(0.25)))
     logits = torch.randn(3, 4)
     assert torch.allclose(prior(logits), logits + prior.log_prior)
     prior.use_local = False

@@ -5,8 +5,8 @@ the shared one re-weighted by the client's label distribution π_i:
 
     p_i(y | x) ∝ p(y | x) · π_i(y) / π(y)          (label shift; Saerens et al., 2002)
 
-:class:`LabelPrior` holds ``log(C · π_i)`` (C classes; zero = the uniform prior, no effect)
-and adds it to the logits while the model routes over its personal parts. Training uses
+:class:`LabelPrior` holds ``log π_i`` (C classes; all zero = no prior held yet) and adds
+it to the logits while the model routes over its personal parts. Training uses
 the same adjusted logits, so the *shared* parameters learn prior-free ("balanced") scores
 that every client can re-weight with its own prior: logit adjustment (Menon et al.,
 "Long-tail learning via logit adjustment", ICLR 2021), as federated learning under label
@@ -28,7 +28,11 @@ from fedmoe.roles import Role, set_role
 
 
 class LabelPrior(nn.Module):
-    """``logits (..., C) -> logits + log(C · π_i)`` while :attr:`use_local` is on.
+    """``logits (..., C) -> logits + log π_i`` while :attr:`use_local` is on.
+
+    A constant added to every logit changes neither the softmax nor the argmax, so ``log π_i``
+    and ``log(C · π_i)`` predict alike; ``log π_i`` is never all zero once set (Σπ_i = 1, C ≥
+    2), even for a uniform π_i (a fully shrunk histogram), which :attr:`is_set` relies on.
 
     The prior is a buffer, not a parameter: DP-SGD never trains or noises it; it is set
     once from a DP label histogram by :meth:`set_counts`.
@@ -62,11 +66,12 @@ class LabelPrior(nn.Module):
         if not pseudo_count > 0:
             raise ValueError(f"pseudo_count must be > 0, got {pseudo_count}")
         smoothed = counts.clamp(min=0.0) + pseudo_count
-        self.log_prior.copy_((smoothed / smoothed.sum() * len(smoothed)).log())
+        self.log_prior.copy_((smoothed / smoothed.sum()).log())
 
     @property
     def is_set(self) -> bool:
-        """Whether a prior other than the uniform one is held."""
+        """Whether a prior has been set (the buffer starts at all zeros, which ``log π_i`` of
+        a distribution over C ≥ 2 classes never is)."""
         return bool(self.log_prior.abs().sum() > 0)
 
 
