@@ -5,14 +5,16 @@ from ``fedmoe experiment simulations/grids/export.toml --out runs/export``), exp
 personalised model as int8, magnitude-pruned (50 %), and a distilled dense student of
 each ``--student`` width; print per compression the mean over clients of
 
-- the tensor bytes ratio (float32 / compressed) and the non-zero share,
+- the tensor bytes (``Measurement.param_bytes``: every byte needed to rebuild the
+  tensors) against the float32 model's, their ratio (and the worst client's), and the
+  non-zero share,
 - the latency speed-up per example (one example at a time, one thread),
 - the accuracy on the client's own test split and its change from the uncompressed model
   (points, mean ± std over clients), and the prediction agreement.
 
 Usage::
 
-    python -m simulations.bench_export runs/export/runs [--student 16 32]
+    python -m simulations.bench_export runs/export/runs [--student 16 32] [--variants int8]
 """
 
 from __future__ import annotations
@@ -36,12 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", type=int, nargs="+", default=[16, 32],
                         help="student hidden widths (default: 16 32)")
     parser.add_argument("--prune", type=float, default=0.5)
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="only these exports (names as in the table, e.g. int8)")
     args = parser.parse_args(argv)
     runs = sorted(p.parent for p in args.runs.rglob(GLOBAL_MODEL))
     variants = {"int8": {"int8": True}, f"pruned-{args.prune:g}": {"prune": args.prune},
                 **{f"student-{h}": {"distill_hidden": h} for h in args.student},
                 **{f"student-{h}+int8": {"distill_hidden": h, "int8": True}
                    for h in args.student[:1]}}
+    if args.variants:
+        unknown = sorted(set(args.variants) - variants.keys())
+        if unknown:
+            parser.error(f"unknown --variants {', '.join(unknown)}; choose from "
+                         f"{', '.join(variants)}")
+        variants = {name: variants[name] for name in args.variants}
     rows: dict[str, list[tuple]] = {name: [] for name in variants}
     base_acc = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,20 +63,22 @@ def main(argv: list[str] | None = None) -> int:
                                        ours.nonzero / ours.parameters,
                                        base.latency_us / ours.latency_us,
                                        ours.accuracy, 100 * (ours.accuracy - base.accuracy),
-                                       ours.agreement, base.latency_us))
+                                       ours.agreement, base.latency_us,
+                                       ours.param_bytes, base.param_bytes))
                 base_acc.append(base.accuracy)
     print(f"{len(runs)} run(s), {len(base_acc)} clients; uncompressed personalised accuracy "
           f"{statistics.mean(base_acc):.3f}")
-    print("| export | tensor bytes ÷ | non-zero | speed-up per example | accuracy | "
-          "Δ accuracy (points) | agreement |")
-    print("|---|---|---|---|---|---|---|")
+    print("| export | tensor bytes | float32 ÷ it (worst client) | non-zero | "
+          "speed-up per example | accuracy | Δ accuracy (points) | agreement |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, values in rows.items():
         cols = list(zip(*values, strict=True))
         m = [statistics.mean(c) for c in cols]
         sd = statistics.stdev(cols[4]) if len(values) > 1 else 0.0
-        print(f"| {name} | {m[0]:.2f}× | {m[1]:.0%} | {m[2]:.1f}× | {m[3]:.3f} | "
-              f"{m[4]:+.1f} ± {sd:.1f} | {m[5]:.1%} |")
-    print(f"(uncompressed latency: median {statistics.median(v[6] for v in rows['int8']):.0f} "
+        print(f"| {name} | {m[7]:,.0f} of {m[8]:,.0f} | {m[0]:.2f}× ({min(cols[0]):.2f}×) | "
+              f"{m[1]:.0%} | {m[2]:.1f}× | {m[3]:.3f} | {m[4]:+.1f} ± {sd:.1f} | {m[5]:.1%} |")
+    first = next(iter(rows.values()))
+    print(f"(uncompressed latency: median {statistics.median(v[6] for v in first):.0f} "
           "µs per example)")
     return 0
 
