@@ -277,6 +277,11 @@ def store_tensors(model: nn.Module, *, int8: bool) -> dict[str, Any]:
         ``dtypes`` (T entries, the structure), ``codes`` (int8, (N,): the T tensors'
         codes, flattened and concatenated), ``scales`` (float32, (T,)), ``zero_points``
         (int8, (T,)).
+
+    Raises
+    ------
+    ExportError
+        If a tensor to quantise holds NaN or ±inf (it has no finite range).
     """
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
     from torch.ao.quantization.observer import MinMaxObserver
@@ -293,6 +298,9 @@ def store_tensors(model: nn.Module, *, int8: bool) -> dict[str, Any]:
             exact[name] = t.clone()
             continue
         x = t.float().flatten()  # (n,)
+        if not torch.isfinite(x).all():
+            raise ExportError(f"tensor {name} holds NaN or inf values: it cannot be quantised "
+                              "(export it without --int8 to inspect it)")
         observer = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_affine)
         observer(x)
         scale, zero_point = (v.item() for v in observer.calculate_qparams())

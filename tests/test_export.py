@@ -122,6 +122,14 @@ def test_int8_storage_round_trips_within_half_a_step():
         == pytest.approx(float(-model.negative.min()) / 255, rel=1e-6)
 
 
+def test_a_non_finite_tensor_is_refused_not_quantised():
+    model = _Kinds()
+    with torch.no_grad():
+        model.signed[2, 3] = float("inf")
+    with pytest.raises(ExportError, match="signed holds NaN or inf"):
+        store_tensors(model, int8=True)
+
+
 def test_stored_bytes_are_the_tensor_bytes_written():
     model = _Kinds()
     floats = sum(t.numel() for t in [*model.parameters(), *model.buffers()]
