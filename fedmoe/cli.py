@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--client", required=True, help="client id, e.g. partition-0")
     ex.add_argument("--out", type=Path, required=True, help="the export file to write")
     ex.add_argument("--int8", action="store_true",
-                    help="int8 post-training dynamic quantisation of every Linear layer")
+                    help="store every floating tensor as int8 (per-tensor scale and zero "
+                         "point; each entry within half a step), dequantised at load")
     ex.add_argument("--prune", type=float, default=0.0, metavar="F",
                     help="magnitude-prune this share of the Linear weights, in [0, 1)")
     ex.add_argument("--distill", type=int, default=0, metavar="H",

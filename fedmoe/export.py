@@ -10,9 +10,13 @@ scored. Compression, applied in this order when several are asked for:
   class probabilities (Hinton et al. 2015), on the client's machine;
 - ``prune``: magnitude pruning (``torch.nn.utils.prune``, global L1 over every ``Linear``
   weight), made permanent;
-- ``int8``: post-training dynamic quantisation (``torch.ao.quantization.quantize_dynamic``):
-  ``Linear`` weights stored as int8 with a per-tensor scale, activations quantised per
-  batch at run time.
+- ``int8``: post-training quantisation for storage (:func:`store_tensors`): every
+  floating tensor of the model (weights, biases, the label prior) is written as int8 codes
+  with a per-tensor affine scale and zero point (``torch.ao.quantization``'s
+  ``MinMaxObserver`` and its quantise/dequantise ops), and dequantised to float32 at load.
+  Error bound: each entry moves by at most half its tensor's step,
+  ``|x̂ − x| ≤ s/2`` with ``s = (max(x, 0) − min(x, 0)) / 255``; zero stays exactly zero
+  (pruned weights stay pruned).
 
 Privacy (``docs/architecture.md``): the personalised model and anything computed from it
 alone (int8, pruning) are post-processing of DP-SGD's output and the DP label histogram,
@@ -22,7 +26,10 @@ fedmoe, so it carries **no** DP guarantee; it is meant for the data holder's own
 and must stay with the client, like the data (the file says so, ``dp_protected``).
 
 The file is ``torch.save`` of a dict (a pickle: load only files you made, with
-:func:`load_export`).
+:func:`load_export`): the model's structure with no tensor data (a copy on the ``meta``
+device) and its tensors as :func:`store_tensors` writes them — float32 as they are, or
+int8 codes and their scales and zero points — so the tensor bytes in the file are exactly
+:func:`stored_bytes`.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ from fedmoe.roles import Role, merge_state_dict
 
 #: Written by the server next to ``results.json``: the final global shared+gate tensors.
 GLOBAL_MODEL = "global_model.pt"
-FORMAT = "fedmoe-export-1"
+FORMAT = "fedmoe-export-2"
+FORMAT_1 = "fedmoe-export-1"  # the whole module pickled; still loaded
 MAX_STUDENT_WIDTH = 100_000
 LOCAL_FILE = "local_experts.pt"  # clients.state.LOCAL_FILE (clients/ imports fedmoe, not back)
 
@@ -83,10 +91,12 @@ class Student(nn.Module):
 
 @dataclass(frozen=True)
 class Measurement:
-    """One model on the client's test split: ``size_bytes`` (its serialised state dict),
-    ``param_bytes`` (its tensors' storage: 4 bytes a float32 entry, 1 an int8 weight plus
-    its scale and zero point), ``latency_us`` (median microseconds per example, one example
-    at a time, on the calling thread settings: :func:`export_client` uses one thread),
+    """One model on the client's test split: ``size_bytes`` (its stored tensors
+    serialised with ``torch.save``, envelope included), ``param_bytes`` (the bytes needed
+    to rebuild its tensors, :func:`stored_bytes`: 4 a float32 entry; int8: 1 a code plus a
+    float32 scale and an int8 zero point per tensor), ``latency_us`` (median microseconds
+    per example, one example at a time, on the calling thread settings:
+    :func:`export_client` uses one thread),
     ``accuracy`` and ``agreement`` (share of test examples whose predicted class equals
     the uncompressed personalised model's)."""
 
@@ -158,17 +168,6 @@ def personalised_model(run_dir: Path, client: str,
 
 
 # --------------------------------------------------------------------- compression
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantisation of every ``Linear`` (a quantised copy; ``model`` is kept)."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():  # torch 2.13 announces the quantised dtypes' deprecation
-        warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(_copy(model), {nn.Linear}, dtype=torch.qint8)
-
-
 def prune_magnitude(model: nn.Module, amount: float) -> nn.Module:
     """A copy with the ``amount`` share of all ``Linear`` weights of smallest magnitude set
     to zero (global L1 pruning), made permanent.
@@ -238,50 +237,181 @@ def _copy(model: nn.Module) -> nn.Module:
     return torch.load(buffer, weights_only=False)
 
 
+# -------------------------------------------------------------------- tensor storage
+INT8_MIN, INT8_MAX = -128, 127
+#: Bytes of one int8 tensor's quantisation parameters: a float32 scale, an int8 zero point.
+QPARAM_BYTES = 4 + 1
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by dotted name (persistent or not, tied
+    ones under each of their names): everything :func:`_assemble` must put back."""
+    return {name: t.detach() for name, t in [*model.named_parameters(remove_duplicate=False),
+                                             *model.named_buffers(remove_duplicate=False)]}
+
+
+def _worth_int8(t: torch.Tensor) -> bool:
+    """A floating tensor whose codes plus qparams take fewer bytes than the tensor (a
+    float32 scalar, e.g. the expert switch, is kept exact: 4 bytes < 1 + 5)."""
+    return t.is_floating_point() and t.numel() + QPARAM_BYTES < t.numel() * t.element_size()
+
+
+def store_tensors(model: nn.Module, *, int8: bool) -> dict[str, Any]:
+    """The tensors of ``model`` as an export stores them.
+
+    Without ``int8`` every tensor is kept as it is (``"exact"``). With ``int8`` every
+    floating tensor worth it (:func:`_worth_int8`: all but scalars) is quantised per tensor
+    with an affine int8 scheme: ``torch.ao.quantization.MinMaxObserver`` (qint8,
+    per-tensor affine) gives the scale ``s = (max(x, 0) − min(x, 0)) / 255`` (float32) and
+    the zero point ``z`` ∈ [−128, 127]; the code of an entry is
+    ``q = clamp(round(x / s) + z, −128, 127)``, read back as ``x̂ = (q − z) · s``.
+
+    Error bound: ``|x̂ − x| ≤ s/2`` for every entry (up to float32 rounding), so at most
+    ``(max x − min x) / 510`` when the range spans 0; an entry equal to 0 comes back as
+    exactly 0.
+
+    Returns
+    -------
+    dict
+        ``"exact"``: {name: tensor} kept as they are; ``"int8"``: ``names``, ``shapes``,
+        ``dtypes`` (T entries, the structure), ``codes`` (int8, (N,): the T tensors'
+        codes, flattened and concatenated), ``scales`` (float32, (T,)), ``zero_points``
+        (int8, (T,)).
+
+    Raises
+    ------
+    ExportError
+        If a tensor to quantise holds NaN or ±inf (it has no finite range).
+    """
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+    from torch.ao.quantization.observer import MinMaxObserver
+
+    exact: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    dtypes: list[torch.dtype] = []
+    codes: list[torch.Tensor] = []
+    scales: list[float] = []
+    zero_points: list[int] = []
+    for name, t in _tensors(model).items():
+        if not (int8 and _worth_int8(t)):
+            exact[name] = t.clone()
+            continue
+        x = t.float().flatten()  # (n,)
+        if not torch.isfinite(x).all():
+            raise ExportError(f"tensor {name} holds NaN or inf values: it cannot be quantised "
+                              "(export it without --int8 to inspect it)")
+        observer = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_affine)
+        observer(x)
+        scale, zero_point = (v.item() for v in observer.calculate_qparams())
+        codes.append(torch.ops.quantized_decomposed.quantize_per_tensor(
+            x, scale, zero_point, INT8_MIN, INT8_MAX, torch.int8))
+        names.append(name)
+        shapes.append(tuple(t.shape))
+        dtypes.append(t.dtype)
+        scales.append(scale)
+        zero_points.append(zero_point)
+    quantised = {"names": names, "shapes": shapes, "dtypes": dtypes,
+                 "codes": torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int8),
+                 "scales": torch.tensor(scales, dtype=torch.float32),
+                 "zero_points": torch.tensor(zero_points, dtype=torch.int8)}
+    return {"exact": exact, "int8": quantised}
+
+
+def load_tensors(stored: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors :func:`store_tensors` stored, by name: exact ones as they are, int8 ones
+    dequantised, ``(q − z) · s``, to their original dtype and shape."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    tensors = dict(stored["exact"])
+    q = stored["int8"]
+    offset = 0
+    for i, (name, shape, dtype) in enumerate(zip(q["names"], q["shapes"], q["dtypes"],
+                                                 strict=True)):
+        n = math.prod(shape)
+        values = torch.ops.quantized_decomposed.dequantize_per_tensor(
+            q["codes"][offset:offset + n], q["scales"][i].item(), int(q["zero_points"][i]),
+            INT8_MIN, INT8_MAX, torch.int8)
+        tensors[name] = values.reshape(shape).to(dtype)
+        offset += n
+    return tensors
+
+
+def stored_bytes(stored: dict[str, Any]) -> int:
+    """Every byte needed to rebuild the tensors from ``stored``: exact tensors at their
+    element size (4 a float32 entry), int8 ones 1 a code plus :data:`QPARAM_BYTES` each.
+    These are exactly the tensor data ``torch.save`` writes for ``stored`` (tested)."""
+    q = stored["int8"]
+    return (sum(t.numel() * t.element_size() for t in stored["exact"].values())
+            + sum(q[k].numel() * q[k].element_size() for k in ("codes", "scales", "zero_points")))
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every parameter and buffer on the ``meta`` device: its
+    structure, no tensor data."""
+    return _copy(model).to("meta")
+
+
+def _assemble(skeleton: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Put ``tensors`` (by name, from :func:`load_tensors`) into ``skeleton``, in place.
+
+    Raises
+    ------
+    ExportError
+        If a name is not the skeleton's, or a tensor of the skeleton is left without data.
+    """
+    try:
+        for name, value in tensors.items():
+            owner, _, leaf = name.rpartition(".")
+            module = skeleton.get_submodule(owner)
+            current = getattr(module, leaf)
+            setattr(module, leaf, nn.Parameter(value, current.requires_grad)
+                    if isinstance(current, nn.Parameter) else value)
+    except AttributeError as err:
+        raise ExportError(f"the export's tensors do not fit its model: {err}") from err
+    missing = [name for name, t in _tensors(skeleton).items() if t.is_meta]
+    if missing:
+        raise ExportError(f"the export holds no data for {', '.join(missing[:5])}")
+    return skeleton
+
+
+def restored(model: nn.Module, stored: dict[str, Any]) -> nn.Module:
+    """The model a loader of ``stored`` runs: a copy of ``model``'s structure holding the
+    tensors read back from ``stored`` (for int8: the dequantised ones)."""
+    return _assemble(_skeleton(model), load_tensors(stored))
+
+
 # ---------------------------------------------------------------------- measuring
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s serialised state dict (``torch.save``; int8 weights count 1 byte)."""
+def param_bytes(model: nn.Module) -> int:
+    """Storage of ``model``'s tensors as they are: element size × count (4 bytes a
+    float32 entry), every parameter and buffer."""
+    return stored_bytes(store_tensors(model, int8=False))
+
+
+def _serialised_bytes(obj: Any) -> int:
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(obj, buffer)
     return buffer.getbuffer().nbytes
 
 
-def param_bytes(model: nn.Module) -> int:
-    """Storage of ``model``'s tensors: element size × count (a dynamic-quantised ``Linear``:
-    its int8 weight, float32 bias, and a float64 scale and int64 zero point)."""
-    size = 0
-    for module in model.modules():
-        if callable(getattr(module, "weight", None)):  # dynamic-quantised Linear: packed
-            weight, bias = module.weight(), module.bias()
-            size += weight.numel() * weight.element_size() + 16
-            size += 0 if bias is None else bias.numel() * bias.element_size()
-            continue
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            size += t.numel() * t.element_size()
-    return size
-
-
 def _counts(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters) of ``model``, int8-packed weights included."""
-    total = nonzero = 0
-    for module in model.modules():
-        if callable(getattr(module, "weight", None)):  # dynamic-quantised Linear: packed
-            tensors = [module.weight().dequantize(), module.bias()]
-        else:
-            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        for t in tensors:
-            if t is not None and t.is_floating_point():
-                total += t.numel()
-                nonzero += int(torch.count_nonzero(t))
-    return total, nonzero
+    """(floating entries, non-zero floating entries) of ``model``'s tensors."""
+    floating = [t for t in _tensors(model).values() if t.is_floating_point()]
+    return (sum(t.numel() for t in floating),
+            sum(int(torch.count_nonzero(t)) for t in floating))
 
 
 @torch.no_grad()
 def measure(name: str, model: nn.Module, test: TensorDataset,
-            reference: torch.Tensor | None = None, *, repeats: int = 3) -> Measurement:
+            reference: torch.Tensor | None = None, *, stored: dict[str, Any] | None = None,
+            repeats: int = 3) -> Measurement:
     """Size, latency per example and accuracy of ``model`` on ``test``; ``reference``: the
-    uncompressed model's predicted classes (agreement). Latency: the median over examples
-    of the best of ``repeats`` timings of a one-example forward pass, on one thread."""
+    uncompressed model's predicted classes (agreement); ``stored``: the tensors as written
+    (:func:`store_tensors`; default: ``model``'s as they are) — ``model`` should be what a
+    loader rebuilds from them (:func:`restored`). Latency: the median over examples of the
+    best of ``repeats`` timings of a one-example forward pass, on one thread."""
+    if stored is None:
+        stored = store_tensors(model, int8=False)
     x, y = test.tensors[0].float(), test.tensors[1]
     predicted = model(x).argmax(-1)
     times = []
@@ -295,7 +425,7 @@ def measure(name: str, model: nn.Module, test: TensorDataset,
         times.append(best)
     total, nonzero = _counts(model)
     agreement = (int((predicted == reference).sum()) / len(y)) if reference is not None else 1.0
-    return Measurement(name, state_bytes(model), param_bytes(model), total, nonzero,
+    return Measurement(name, _serialised_bytes(stored), stored_bytes(stored), total, nonzero,
                        float(torch.tensor(times).median()) * 1e6,
                        int((predicted == y).sum()) / len(y), agreement)
 
@@ -379,30 +509,35 @@ def _export(run_dir: Path, client: str, out: Path, node: NodeSettings, *, int8: 
         model = prune_magnitude(model, prune)
         names.append(f"pruned-{prune:g}")
     if int8:
-        model = quantize_int8(model)
         names.append("int8")
-    if names:
-        results.append(measure("+".join(names), model, data.test, predicted))
+    stored = store_tensors(model, int8=int8)
+    if names:  # measured as a loader rebuilds it from what is written
+        results.append(measure("+".join(names), restored(model, stored), data.test,
+                               predicted, stored=stored))
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "client": client, "run-config": config.to_run_config(),
                 "compression": names, "dp_protected": not distill_hidden,
-                "model": model, "measurements": [asdict(m) for m in results]}, buffer)
+                "model": _skeleton(model), "tensors": stored,
+                "measurements": [asdict(m) for m in results]}, buffer)
     write_atomic(out, buffer.getvalue())
     return results
 
 
 def load_export(path: Path) -> dict[str, Any]:
-    """An export file's dict; ``["model"]`` maps features (B, D) to logits (B, C).
+    """An export file's dict; ``["model"]`` maps features (B, D) to logits (B, C): the
+    stored structure filled with the stored tensors (int8 ones dequantised, float32).
 
     Raises
     ------
     ExportError
-        If the file is not a fedmoe export.
+        If the file is not a fedmoe export, or its tensors do not fit its model.
     """
     try:
         payload = torch.load(path, weights_only=False)
     except Exception as err:  # noqa: BLE001  (a corrupt or foreign file)
         raise ExportError(f"{path} is not a readable fedmoe export: {err}") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, FORMAT_1):
         raise ExportError(f"{path} is not a fedmoe export ({FORMAT})")
+    if payload["format"] == FORMAT:
+        payload["model"] = _assemble(payload["model"], load_tensors(payload["tensors"]))
     return payload
