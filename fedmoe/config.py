@@ -234,10 +234,12 @@ class FedMoEConfig:
         it); the histogram gives the client's prior on the logits (logit adjustment, see
         :mod:`fedmoe.models.prior`). Composed with DP-SGD it costs less than this share.
         0 = no label prior. Other models and methods ignore it.
-    label_prior_shrinkage : str (default: "james-stein")
-        ``james-stein``: the client shrinks its noisy histogram towards its own mean
-        (:func:`fedmoe.privacy.label_prior.shrink_counts`; post-processing) before taking the
-        prior, so noise alone does not tilt its logits; ``none``: the noisy counts as they are.
+    label_prior_shrinkage : str (default: "none")
+        ``none``: the noisy counts as they are; ``james-stein``: the client shrinks its noisy
+        histogram towards its own mean (:func:`fedmoe.privacy.label_prior.shrink_counts`;
+        post-processing) before taking the prior, so noise alone does not tilt its logits.
+        On validation splits it helps without label skew and costs under strong skew
+        (docs/results.md, section 3.3), so it is off by default.
     aggregation : str (default: "fedavg")
         How the server combines the valid train replies' ``shared`` and ``gate`` arrays:
         ``fedavg`` (mean weighted by ``num-examples``), ``median`` (coordinate-wise) or
@@ -325,7 +327,7 @@ class FedMoEConfig:
     classes_per_client: int = 2
     synthetic_samples: int = 20000
     label_prior_share: float = 0.25
-    label_prior_shrinkage: str = "james-stein"
+    label_prior_shrinkage: str = "none"
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     max_update_norm: float = 1000.0
