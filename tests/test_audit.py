@@ -193,17 +193,30 @@ def test_the_real_pipeline_stays_within_its_claim(model, eps):
     assert result.bound.epsilon <= result.claimed_epsilon <= eps
 
 
+#: The most ε that 1,000 canaries can show at δ = 1e-6 (the bound's ceiling is 5.04): a
+#: claim of ε = 8 is above it, so "bound <= claim" can fail only at a claim this low. The
+#: mode matrices below therefore audit at ε = 1, where a leak would show; ε = 8 is audited
+#: once per model in the default mode (test_the_real_pipeline_stays_within_its_claim).
+AUDITABLE_EPSILON = 1.0
+
+
+def test_one_thousand_canaries_cannot_show_epsilon_8():
+    """Why the mode matrices audit at ε = 1 only (see AUDITABLE_EPSILON)."""
+    truth = np.random.default_rng(0).random(1000) < 0.5
+    ceiling = bound_from_scores(truth.astype(float), truth, 1e-6).ceiling
+    assert AUDITABLE_EPSILON < ceiling < 8.0
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("eps", [1.0, 8.0])
 @pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 @pytest.mark.parametrize("model", MODELS)
-def test_the_real_pipeline_stays_within_its_claim_in_every_mode(model, dispatch, clipping,
-                                                                  eps):
-    config = small(model, eps, rounds=1, dispatch=dispatch, grad_sample_mode=clipping)
+def test_the_real_pipeline_stays_within_its_claim_in_every_mode(model, dispatch, clipping):
+    config = small(model, AUDITABLE_EPSILON, rounds=1, dispatch=dispatch,
+                   grad_sample_mode=clipping)
     result = audit_white_box(config, canaries=1000, generator=seeded(1))
     assert (result.dispatch, result.clipping) == (dispatch, clipping)
-    assert result.bound.epsilon <= result.claimed_epsilon
+    assert result.bound.epsilon <= result.claimed_epsilon <= AUDITABLE_EPSILON
 
 
 @pytest.mark.slow
@@ -230,15 +243,14 @@ def test_server_view_audit(breakage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("eps", [1.0, 8.0])
 @pytest.mark.parametrize("model", MODELS)
-def test_server_view_audit_every_model(model, eps):
-    real = audit_server_view(small(model, eps), canaries=1000, generator=seeded(2))
+def test_server_view_audit_every_model(model):
+    real = audit_server_view(small(model, AUDITABLE_EPSILON), canaries=1000,
+                             generator=seeded(2))
     assert real.bound.epsilon <= real.claimed_epsilon
-    if eps == 1.0:
-        broken = audit_server_view(small(model, eps), canaries=1000, breakage="no-clipping",
-                                   generator=seeded(2))
-        assert broken.bound.epsilon > 3 * broken.claimed_epsilon
+    broken = audit_server_view(small(model, AUDITABLE_EPSILON), canaries=1000,
+                               breakage="no-clipping", generator=seeded(2))
+    assert broken.bound.epsilon > 3 * broken.claimed_epsilon
 
 
 def test_audit_refuses_what_it_cannot_audit():

@@ -193,10 +193,28 @@ def test_cli_refuses_before_anything_starts(tmp_path, capsys, argv, message, abs
     _check_refusal(code, capsys.readouterr().err, out, message, absent)
 
 
+#: One case per stage of the command line that can refuse (each message of every case is
+#: checked in-process above; a subprocess costs seconds, so only the stages are repeated
+#: there): reading --run-config, the config's own checks, the data-set preflight (cheap
+#: and Dirichlet), and the shortcut flags against --run-config.
+STAGES = {"parse": 1, "config": 3, "preflight": 11, "preflight-dirichlet": 9, "flags": 2}
+
+
+def test_every_stage_that_refuses_has_a_command_line_case():
+    """The subprocess cases keep covering each stage: parse errors, config checks (numeric
+    bounds, model size), preflight of the data set, and flag/--run-config conflicts."""
+    picked = {name: CASES[i] for name, i in STAGES.items()}
+    assert "cannot read" in picked["parse"][1]
+    assert "parameters" in picked["config"][1]
+    assert "clients fit" in picked["preflight"][1]
+    assert "Dirichlet split" in picked["preflight-dirichlet"][1]
+    assert "disagree" in picked["flags"][1]
+
+
 @pytest.mark.parametrize("argv,message,absent", [
-    CASES[1], CASES[3], CASES[11],
-    *[pytest.param(*case, marks=pytest.mark.slow) for i, case in enumerate(CASES)
-      if i not in (1, 3, 11)],
+    CASES[STAGES["parse"]], CASES[STAGES["config"]], CASES[STAGES["preflight"]],
+    pytest.param(*CASES[STAGES["preflight-dirichlet"]], marks=pytest.mark.slow),
+    pytest.param(*CASES[STAGES["flags"]], marks=pytest.mark.slow),
 ])
 def test_real_command_line_refuses_before_anything_starts(tmp_path, argv, message, absent):
     out = tmp_path / "run"

@@ -9,7 +9,7 @@ so one federation serves every check):
 
 1. a SuperNode whose key was never registered is refused (Flower's code 2004), and one
    without the CA certificate fails the TLS handshake;
-2. run 1 (2 rounds) with 3 good nodes and one whose data file is malformed: the malformed
+2. run 1 (1 round) with 3 good nodes and one whose data file is malformed: the malformed
    node refuses with a reason naming its file, the run goes on with the others; every good
    node's ledger and local experts are in its state dir and the server's results match each
    client's own ledger;
@@ -290,13 +290,15 @@ def test_deployment_tls_node_auth_own_data_and_restart(tmp_path):
         no_ca = fed.supernode(0, _node_config(0, data[0], tmp_path / "s8"), ca=False,
                               name="no-ca")
 
-        # 2. run 1: two rounds, four nodes online, one of them with a malformed file.
+        # 2. run 1: one round, four nodes online, one of them with a malformed file.
         # Node 0 is killed once it has sent its last reply of the run (between rounds:
-        # run 1's last, run 2's first), while the others finish.
+        # run 1's last, run 2's first), while the others finish. One round is enough:
+        # every message is a fresh ClientApp process, so a second round would repeat what
+        # run 2 checks (state and ledger carried over from disk), at ~60 s a round.
         crash: dict[str, object] = {}
 
         def kill_node_0_after_its_last_reply() -> bool:
-            if fed.log("node-0").count("Sent successfully") < 5:  # query, 2 × (train, eval)
+            if fed.log("node-0").count("Sent successfully") < 3:  # query, train, eval
                 return False
             fed.kill("node-0")
             crash["experts"] = (states[0] / "local_experts.pt").read_bytes()
@@ -304,15 +306,19 @@ def test_deployment_tls_node_auth_own_data_and_restart(tmp_path):
             return True
 
         results = _run(fed, app, cli_home, "dataset='node' num-features=64 num-classes=10 "
-                       "num-server-rounds=2 min-available-clients=4 sample-rate=0.2 "
+                       "num-server-rounds=1 min-available-clients=4 sample-rate=0.2 "
                        f"run-dir='{tmp_path / 'run-1'}'", kill_node_0_after_its_last_reply)
-        assert crash, "node 0 did not send 5 replies in run 1:\n" + fed.log("node-0")[-3000:]
+        assert crash, "node 0 did not send 3 replies in run 1:\n" + fed.log("node-0")[-3000:]
         assert unregistered.wait(timeout=120) != 0
         assert "2004" in fed.log("rogue") and "Failed to activate SuperNode" in fed.log("rogue")
         assert no_ca.wait(timeout=120) != 0
         assert "CERTIFICATE_VERIFY_FAILED" in fed.log("no-ca")
 
-        assert [r["round"] for r in results["rounds"]] == [1, 2]
+        assert [r["round"] for r in results["rounds"]] == [1]
+        assert sorted(c["client"] for c in results["rounds"][0]["clients"]) == [
+            f"org-{i}" for i in GOOD]  # trained and evaluated
+        assert all(c["personalized_accuracy"] is not None
+                   for c in results["rounds"][0]["clients"])
         refused = [e["reason"] for e in results["excluded"]]
         assert len(refused) == 1 and str(data[BAD]) in refused[0] and "NaN" in refused[0]
         logs = _flwr(fed, ["log", str(results["run_id"]), "fedmoe", "--show"], cli_home)
@@ -325,7 +331,7 @@ def test_deployment_tls_node_auth_own_data_and_restart(tmp_path):
             row = rows[f"org-{i}"]
             assert (ledger.delta, ledger.accountant) == (1e-4, "rdp") == (row["delta"],
                                                                           row["accountant"])
-            assert [e.server_round for e in ledger.entries][-2:] == [1, 2]
+            assert {e.server_round for e in ledger.entries} == {1}
             assert ledger.spent() == pytest.approx(row["epsilon"], rel=1e-9)
         assert not (states[BAD] / LEDGER_FILE).exists()  # refused before any charge
 
@@ -346,7 +352,7 @@ def test_deployment_tls_node_auth_own_data_and_restart(tmp_path):
         # lifetime budget: run 2's round is charged on top of run 1's, once
         assert after.entries[:len(before.entries)] == before.entries
         assert len(after.entries) == len(before.entries) + 1
-        assert rows2["org-0"]["prior_rounds"] >= 2
+        assert rows2["org-0"]["prior_rounds"] >= 1
         assert after.spent() == pytest.approx(rows2["org-0"]["epsilon"], rel=1e-9)
         assert after.spent() > before.spent()
         assert (states[0] / "local_experts.pt").read_bytes() != experts  # trained on them

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedmoe.cli import main as cli_main
 from fedmoe.config import ConfigError, FedMoEConfig
@@ -72,9 +73,20 @@ def client_ledgers(run_dir: Path) -> dict[str, dict]:
     return {p.name: ledgers(p) for p in sorted((run_dir / "clients").iterdir())}
 
 
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted run of CONFIG on 3 inline clients (its folder and results): the
+    reference both resume tests compare with. Ledgers do not depend on the engine (σ, q,
+    steps and the seeded sampling are planned by the server), so the command-line test's
+    Ray run is held to it as well."""
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    return run_dir, run_inline(CONFIG.replace(run_dir=str(run_dir)), 3).results
+
+
 @pytest.mark.slow
-def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    clean = run_inline(CONFIG.replace(run_dir=str(tmp_path / "clean")), 3).results
+def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path, monkeypatch, clean):
+    clean_dir, clean = clean
     run_dir = tmp_path / "crashed"
     config = CONFIG.replace(run_dir=str(run_dir))
     _run_until_crash(monkeypatch, config, 3)
@@ -82,8 +94,8 @@ def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     resumed = run_inline(config.replace(resume=True), 3).results
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
     assert [r["sampled"] for r in resumed["rounds"]] == [2, 2, 2, 2]
-    assert ledgers(run_dir) == ledgers(tmp_path / "clean")
-    assert client_ledgers(run_dir) == client_ledgers(tmp_path / "clean")
+    assert ledgers(run_dir) == ledgers(clean_dir)
+    assert client_ledgers(run_dir) == client_ledgers(clean_dir)
     for entries in ledgers(run_dir).values():  # no round charged twice (a client's first
         rounds = [e[0] for e in entries[:-1]]  # round also carries its label histogram)
         assert rounds.count(rounds[0]) == 2
@@ -228,10 +240,11 @@ def _client_ledgers(out: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("system_temp_dir")
-def test_sigkill_after_round_2_of_4_then_resume_equals_an_uninterrupted_run(tmp_path):
-    clean, out = tmp_path / "clean", tmp_path / "killed"
-    done = _simulate("--out", str(clean), *ARGS)
-    assert done.returncode == 0, done.stderr
+def test_sigkill_after_round_2_of_4_then_resume_equals_an_uninterrupted_run(tmp_path, clean):
+    """The uninterrupted reference is the inline run of the same config (``clean``): a
+    third Ray run would only repeat what the engine-independent ledgers already fix."""
+    clean_dir, clean_results = clean
+    out = tmp_path / "killed"
     killed = _simulate("--out", str(out), *ARGS, killer=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert load_checkpoint(out).server_round == 2 and not (out / "results.json").exists()
@@ -240,8 +253,15 @@ def test_sigkill_after_round_2_of_4_then_resume_equals_an_uninterrupted_run(tmp_
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4]
     assert results["privacy"]["stopped"] is None
-    assert ledgers(out) == ledgers(clean)  # the server's: same rounds, σ, q, steps, ε
-    assert _client_ledgers(out) == _client_ledgers(clean)  # each client's own
+    # the same run config as the reference (ARGS spell CONFIG), bar folder and resume flag
+    own = ("run-dir", "resume")
+    assert {k: v for k, v in results["config"].items() if k not in own} == {
+        k: v for k, v in clean_results["config"].items() if k not in own}
+    assert ledgers(out) == ledgers(clean_dir)  # the server's: same rounds, σ, q, steps, ε
+    assert _client_ledgers(out) == client_ledgers(clean_dir)  # each client's own
+    # the same clients sampled each round as the uninterrupted run
+    assert [sorted(c["client"] for c in r["clients"]) for r in results["rounds"]] == [
+        sorted(c["client"] for c in r["clients"]) for r in clean_results["rounds"]]
     for entries in ledgers(out).values():
         rounds = [e[0] for e in entries[:-1]]
         assert all(rounds.count(r) == 1 for r in set(rounds) - {rounds[0]})
