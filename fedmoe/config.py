@@ -51,6 +51,16 @@ AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 #: Update codecs (:mod:`fedmoe.compression`, which imports this name from here).
 CODECS = ("none", "q8", "q4", "topk", "sign")
 
+#: Keys whose value 0 means "the model's own": key -> (the value of every other model,
+#: {model: its own value}). ``tmoe`` (a Transformer on 64-byte windows, ~76k parameters at
+#: its defaults) takes a smaller step and one block (how these were chosen:
+#: docs/results.md, section 8); the digits models keep 0.5 and 2 (which they ignore).
+#: Resolved when the config is built, so a run's recorded config holds the values it used.
+OWN_DEFAULTS: dict[str, tuple[float, dict[str, float]]] = {
+    "learning_rate": (0.5, {"tmoe": 0.25}),
+    "num_layers": (2, {"tmoe": 1}),
+}
+
 # Upper bounds: values past them cannot fit in memory or finish in reasonable time on the
 # machines fedmoe targets (or make no sense for DP); the error says which and why.
 MAX_ROUNDS = 10_000
@@ -120,7 +130,9 @@ class FedMoEConfig:
     batch_size : int (default: 0)
         Expected batch size instead of a sample rate: client i samples at
         ``q_i = min(1, batch-size / n_i)``. 0 means "use ``sample-rate``".
-    learning_rate : float (default: 0.5)
+    learning_rate : float (default: 0)
+        SGD step size; 0 = the model's own (:data:`OWN_DEFAULTS`: 0.5, ``tmoe`` 0.25),
+        resolved when the config is built.
     max_grad_norm : float (default: 1.0)
         Per-sample clipping bound C.
     grad_sample_mode : str (default: "auto")
@@ -175,8 +187,9 @@ class FedMoEConfig:
         the default was chosen: docs/results.md.
     num_groups, group_top_k, expert_depth : int (default: 2, 1, 2)
         ``hmoe``: groups of shared experts, groups picked per token, layers per expert.
-    num_layers, num_heads, num_always_on_experts, seq_len : int (default: 2, 4, 1, 64)
-        ``tmoe``: blocks, attention heads, unrouted shared experts per block, window length.
+    num_layers, num_heads, num_always_on_experts, seq_len : int (default: 0, 4, 1, 64)
+        ``tmoe``: blocks (0 = the model's own, 1; resolved when the config is built),
+        attention heads, unrouted shared experts per block, window length.
     pretrain_rounds : int (default: 10)
         ``tmoe``: rounds 1..N are next-token pretraining, the rest fine-tune a classifier
         (indentation level of the next line).
@@ -282,7 +295,7 @@ class FedMoEConfig:
     local_epochs: int = 1
     sample_rate: float = 0.1
     batch_size: int = 0
-    learning_rate: float = 0.5
+    learning_rate: float = 0.0
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "auto"
     target_epsilon: float = 8.0
@@ -304,7 +317,7 @@ class FedMoEConfig:
     num_groups: int = 2
     group_top_k: int = 1
     expert_depth: int = 2
-    num_layers: int = 2
+    num_layers: int = 0
     num_heads: int = 4
     num_always_on_experts: int = 1
     seq_len: int = 64
@@ -341,6 +354,7 @@ class FedMoEConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        self._resolve_own_defaults()
         errors = _finite_errors(self)
         if not errors:
             errors = [_given(self, msg) for ok, msg in self._range_checks() if not ok]
@@ -351,6 +365,17 @@ class FedMoEConfig:
             errors = self._model_errors()
         if errors:
             raise ConfigError("invalid run config: " + "; ".join(errors))
+
+    def _resolve_own_defaults(self) -> None:
+        """Replace each :data:`OWN_DEFAULTS` key given as 0 by the model's own value, and
+        remember which (so that :meth:`replace` with another model takes that model's)."""
+        own = []
+        for name, (value, per_model) in OWN_DEFAULTS.items():
+            if getattr(self, name) == 0:
+                resolved = per_model.get(self.model, value)
+                object.__setattr__(self, name, type(getattr(self, name))(resolved))
+                own.append(name)
+        object.__setattr__(self, "_own", tuple(own))
 
     def _range_checks(self) -> list[tuple[bool, str]]:
         """(ok, message) for every key's range; every numeric key has an upper bound."""
@@ -368,7 +393,7 @@ class FedMoEConfig:
             (0 <= self.batch_size <= MAX_BATCH_SIZE,
              f"batch-size must be in [0, {MAX_BATCH_SIZE:,}] (0 = use sample-rate)"),
             (0.0 < self.learning_rate <= MAX_LEARNING_RATE,
-             f"learning-rate must be in (0, {MAX_LEARNING_RATE:g}]"),
+             f"learning-rate must be in (0, {MAX_LEARNING_RATE:g}] (0 = the model's own)"),
             (0.0 < self.max_grad_norm <= MAX_GRAD_NORM,
              f"max-grad-norm must be in (0, {MAX_GRAD_NORM:g}]"),
             (
@@ -402,7 +427,9 @@ class FedMoEConfig:
             (self.hidden_dim >= 1, "hidden-dim must be >= 1 (its upper bound is the model's "
              "parameter count)"),
             *[(low <= getattr(self, name) <= MAX_COUNT,
-               f"{_key(name)} must be in [{low}, {MAX_COUNT}]") for name, low in COUNT_KEYS],
+               f"{_key(name)} must be in [{low}, {MAX_COUNT}]"
+               + (" (0 = the model's own)" if name in OWN_DEFAULTS else ""))
+              for name, low in COUNT_KEYS],
             (0.0 <= self.balance_coef <= MAX_LOSS_COEF,
              f"balance-coef must be in [0, {MAX_LOSS_COEF:g}]"),
             (0.0 <= self.z_loss_coef <= MAX_LOSS_COEF,
@@ -532,7 +559,8 @@ class FedMoEConfig:
             return [f"model '{self.model}': " + str(err).replace("_", "-")]
         count = parameter_count(self)
         if count > MAX_PARAMETERS:
-            defaults = {_key(f.name): f.default for f in fields(self)}
+            defaults = {_key(f.name): f.default for f in fields(self)} | {
+                _key(k): per_model.get(self.model, v) for k, (v, per_model) in OWN_DEFAULTS.items()}
             shape = ", ".join(f"{k}={getattr(self, k.replace('-', '_')):,}" for k in SHAPE_KEYS
                               if getattr(self, k.replace("-", "_")) != defaults[k])
             return [
@@ -599,7 +627,10 @@ class FedMoEConfig:
         return {_key(k): v for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **changes: Any) -> FedMoEConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; keys that took the model's own value (:data:`OWN_DEFAULTS`)
+        and are not changed take the new model's own value."""
+        own = {name: 0 for name in getattr(self, "_own", ()) if name not in changes}
+        return dataclasses.replace(self, **own, **changes)
 
 
 @dataclass(frozen=True)

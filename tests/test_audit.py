@@ -148,7 +148,7 @@ def small(model: str, eps: float, rounds: int = 2, **kw) -> FedMoEConfig:
     """A small, fast run: ``rounds`` of 10 steps; δ = 1e-6 (the one-run bound needs
     m·δ ≪ 1)."""
     shape = {"hidden_dim": 16, "seq_len": 16, "max_windows": 60, "num_layers": 1,
-             "num_heads": 2}
+             "num_heads": 2, "sample_rate": 0.1, "learning_rate": 0.5}  # tmoe's own: q = 1
     if model != "moe":
         shape["expert_hidden_dim"] = 8
     return FedMoEConfig(model=model, num_server_rounds=rounds, target_epsilon=eps,

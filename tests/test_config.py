@@ -1,18 +1,46 @@
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from fedmoe.cli import main as cli_main
-from fedmoe.config import ConfigError, FedMoEConfig, NodeSettings
+from fedmoe.config import OWN_DEFAULTS, ConfigError, FedMoEConfig, NodeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_defaults_are_the_dataclass_defaults():
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert table == FedMoEConfig().to_run_config()
+    assert table == {f.name.replace("_", "-"): f.default for f in dataclasses.fields(FedMoEConfig)}
     assert list(table) == FedMoEConfig.keys()
+    # what a run records: the model's own values resolved (0 means "the model's own")
+    assert FedMoEConfig.from_run_config(table) == FedMoEConfig()
+    assert FedMoEConfig().to_run_config() == {**table, **{k.replace("_", "-"): v for k, (v, _)
+                                                          in OWN_DEFAULTS.items()}}
+
+
+@pytest.mark.parametrize("model", ["lmoe", "moe", "hmoe", "mtmoe", "tmoe"])
+def test_zero_takes_the_models_own_settings(model):
+    own = (0.25, 1) if model == "tmoe" else (0.5, 2)
+    config = FedMoEConfig(model=model)
+    assert (config.learning_rate, config.num_layers) == own
+    assert isinstance(config.num_layers, int) and isinstance(config.learning_rate, float)
+    given = FedMoEConfig(model=model, learning_rate=0.2, num_layers=3)
+    assert (given.learning_rate, given.num_layers) == (0.2, 3)
+    # another model through replace(): what was the model's own becomes the new model's own,
+    # what was given stays
+    other = "tmoe" if model != "tmoe" else "moe"
+    moved = FedMoEConfig(model=model, learning_rate=0.2).replace(model=other)
+    assert moved.learning_rate == 0.2
+    assert moved.num_layers == FedMoEConfig(model=other).num_layers
+    assert FedMoEConfig.from_run_config(config.to_run_config()) == config
+
+
+@pytest.mark.parametrize("key", ["learning-rate", "num-layers"])
+def test_negative_own_settings_are_refused(key):
+    with pytest.raises(ConfigError, match=f"{key} must be in"):
+        FedMoEConfig.from_run_config({key: -1})
 
 
 def test_round_trip_and_int_to_float():

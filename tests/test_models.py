@@ -67,6 +67,7 @@ def tmoe_case(phase, gate="linear", dispatch="dense"):
                         seq_len=8, vocab_size=32, num_classes=4, gate=gate, dispatch=dispatch,
                         **AUX)
     model.set_phase(phase)
+    model.requires_grad_(True)  # every tensor, the idle head too (set_phase freezes it)
     x = torch.randint(0, 32, (5, 8))
     y = torch.randint(0, 32, (5, 8)) if phase == "pretrain" else torch.randint(0, 4, (5,))
     return (model, (x, y), lambda m: _starve(m.blocks[0].moe.gate, 3),

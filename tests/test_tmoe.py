@@ -26,6 +26,7 @@ def tiny(phase="pretrain", **overrides):
               "top_k": 2, "balance_coef": 0.05, "z_loss_coef": 0.01, **overrides}
     model = TransformerMoE(TMoEConfig(**config)).double()
     model.set_phase(phase)
+    model.requires_grad_(True)  # the idle head too: its per-sample gradient must be exact 0
     return model
 
 
@@ -244,12 +245,15 @@ def test_roles(gate):
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_dp_sgd_steps_end_to_end(phase):
+    """Clipped gradient + noise reach every tensor the phase trains; the idle head, frozen,
+    stays exactly as it was."""
     model = TransformerMoE(TMoEConfig(vocab_size=VOCAB, seq_len=SEQ, num_classes=CLASSES,
                                       hidden_dim=16, num_heads=2, num_layers=2,
                                       expert_hidden_dim=8))
     model.set_phase(phase)
     x, y = batch(phase, n=16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
     private = make_private(model, TensorDataset(x, y), sample_rate=0.5, noise_multiplier=1.0,
                            max_grad_norm=1.0, learning_rate=0.1,
                            generator=torch.Generator().manual_seed(0))
@@ -270,4 +274,20 @@ def test_dp_sgd_steps_end_to_end(phase):
     assert steps > 0
     for n, p in model.named_parameters():
         assert torch.isfinite(p).all(), n
-        assert not torch.equal(p, before[n]), n  # clipped gradient + noise reach every tensor
+        assert torch.equal(p, before[n]) == (n not in trains), n
+
+
+def test_set_phase_freezes_the_idle_head():
+    model = tiny()
+    names = {n for n, _ in model.named_parameters()}
+
+    def trained():
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    for _ in range(2):  # and back
+        model.set_phase("pretrain")
+        assert trained() == names - {"cls_head.weight", "cls_head.bias"}
+        model.set_phase("finetune")
+        assert trained() == names - {"lm_head.weight", "lm_head.bias"}
+    assert {n for n, p in TransformerMoE(TMoEConfig()).named_parameters()
+            if not p.requires_grad} == {"cls_head.weight", "cls_head.bias"}  # as built

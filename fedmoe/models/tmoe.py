@@ -29,8 +29,8 @@ class TMoEConfig:
     num_classes: int = 4  # downstream classification classes
     hidden_dim: int = 64  # d_model
     num_heads: int = 4
-    num_layers: int = 2
-    expert_hidden_dim: int = 128
+    num_layers: int = 1
+    expert_hidden_dim: int = 32
     num_always_on_experts: int = 1  # shared experts every token goes through (unrouted)
     num_shared_experts: int = 2  # routed, shared (aggregated by the server)
     num_local_experts: int = 2  # routed, local (never leave the client)
@@ -127,11 +127,11 @@ class TransformerMoE(nn.Module):
     losses are per sample, over that sample's own tokens: nothing couples the samples of a
     batch, as DP-SGD's per-sample sensitivity bound requires.
 
-    Both heads always exist and both always take part in the forward pass: the head of the
-    other phase is applied to the last position and added times zero. Its per-sample
-    gradient is then present and exactly zero, so every parameter has a ``grad_sample``
-    (Opacus' optimizer refuses a trainable parameter without one) and the state dict is
-    the same in both phases. DP noise still reaches the idle head's parameters.
+    Both heads always exist (the state dict is the same in both phases). :meth:`set_phase`
+    freezes the head of the other phase, so DP noise never reaches it; it still takes part
+    in the forward pass, applied to the last position and added times zero, so that a
+    caller who unfreezes it gets an exact-zero per-sample gradient rather than none (Opacus'
+    optimizer refuses a trainable parameter without one).
 
     Roles: everything is ``shared`` (embeddings, attention, layer norms, always-on and
     shared routed experts, both heads) except what :class:`~fedmoe.models.layers.TopKMoE`
@@ -148,7 +148,6 @@ class TransformerMoE(nn.Module):
         super().__init__()
         set_role(self, Role.SHARED)  # the MoE layers tag their routers and local experts
         self.config = config
-        self.phase = "pretrain"
         d = config.hidden_dim
         self.tok_emb = nn.Embedding(config.vocab_size, d)
         self.pos_emb = nn.Embedding(config.seq_len, d)
@@ -158,12 +157,32 @@ class TransformerMoE(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, config.vocab_size)
         self.cls_head = nn.Linear(d, config.num_classes)
+        self.set_phase("pretrain")
 
     def set_phase(self, phase: str) -> None:
-        """``pretrain`` (language modelling) or ``finetune`` (classification)."""
+        """``pretrain`` (language modelling) or ``finetune`` (classification), and freeze
+        what the phase does not train.
+
+        The head of the other phase is frozen (``requires_grad = False``): DP-SGD neither
+        clips nor noises it, so it keeps the values it had (the classification head
+        starts fine-tuning from its initialisation, not from a random walk of pretraining
+        noise). Everything else trains in both phases.
+
+        Raises
+        ------
+        ValueError
+            If ``phase`` is not one of :data:`PHASES`.
+        """
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.phase = phase
+        for name, param in self.named_parameters():
+            param.requires_grad_(self._trains(name))
+
+    def _trains(self, name: str) -> bool:
+        """Whether parameter ``name`` trains in the current phase."""
+        idle = "cls_head" if self.phase == "pretrain" else "lm_head"
+        return name.split(".", 1)[0] != idle
 
     @property
     def task(self) -> LanguageModel | Classification:
