@@ -162,15 +162,16 @@ class Codec:
                                              np.abs(flat).max() > np.finfo(np.float32).max):
             raise CodecError(f"update '{key}' holds non-finite values (or values beyond "
                              "float32); nothing can be encoded")
-        if self.name in _SCALED and not np.any(flat):
-            return np.zeros(1, dtype=_SCALE).tobytes()  # all zeros: the scale alone
+        if self.name in _SCALED:
+            magnitude = (np.abs(flat).mean() if self.name == "sign" else np.abs(flat).max()) \
+                if flat.size else 0.0
+            scale = np.float32(magnitude)
+            if scale == 0:  # all zeros (or below float32's range): the scale alone
+                return np.zeros(1, dtype=_SCALE).tobytes()
         if self.name in _LEVELS:
             levels = _LEVELS[self.name]
-            scale = np.float32(np.abs(flat).max()) if flat.size else np.float32(0)
-            codes = np.zeros(flat.size, dtype=np.int64)
-            if scale > 0:
-                y = flat / float(scale) * levels
-                codes = np.clip(np.floor(y + rng.random(flat.size)), -levels, levels).astype(np.int64)
+            y = flat / float(scale) * levels
+            codes = np.clip(np.floor(y + rng.random(flat.size)), -levels, levels).astype(np.int64)
             if self.name == "q8":
                 payload = codes.astype(np.int8).tobytes()
             else:
@@ -180,7 +181,6 @@ class Codec:
                 payload = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
             return np.array([scale], dtype=_SCALE).tobytes() + payload
         if self.name == "sign":
-            scale = np.float32(np.abs(flat).mean()) if flat.size else np.float32(0)
             bits = np.packbits(flat < 0)  # 1 = negative; 0 = positive or zero
             return np.array([scale], dtype=_SCALE).tobytes() + bits.tobytes()
         k = self.topk_k(flat.size)

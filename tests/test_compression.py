@@ -106,6 +106,11 @@ def test_an_all_zero_tensor_costs_only_its_scale(name):
         ref = codec.roundtrip({"m0": w, "m1": -w}, np.random.default_rng(0))[1]
         for key in ("m0", "m1"):
             np.testing.assert_array_equal(out[key], ref[key])
+        # values too small for a float32 scale decode as zeros in the same short form
+        tiny = {**update, zero_key: np.full((5, 9), 1e-300, np.float64)}
+        data64, out64 = codec.roundtrip(tiny, np.random.default_rng(0))
+        assert len(data64) == len(data)
+        np.testing.assert_array_equal(out64[zero_key], 0.0)
         # a zero scale followed by the dense codes it would have had is not this layout
         with pytest.raises(CodecError, match="exactly"):
             codec.decode(data + bytes(codec.tensor_bytes((5, 9), "<f4") - 4),
