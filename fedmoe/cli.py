@@ -34,7 +34,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fedmoe.config import ConfigError, FedMoEConfig
+from fedmoe.config import ConfigError, FedMoEConfig, loads_toml
 from fedmoe.privacy import LEDGER_FILE, LedgerBook, LedgerError
 
 
@@ -59,8 +59,10 @@ def parse_overrides(items: list[str] | None) -> dict:
     seen: dict[str, str] = {}
     for item in items or []:
         if item.endswith(".toml"):
-            if not Path(item).expanduser().is_file():
+            path = Path(item).expanduser()
+            if not path.is_file():
                 raise ConfigError(f"--run-config {item!r}: no such TOML file")
+            _check_file(path)
             continue
         leftover = _TOKEN.sub(" ", item).split()
         if leftover:
@@ -83,10 +85,25 @@ def parse_overrides(items: list[str] | None) -> dict:
         raise ConfigError(f"cannot parse --run-config {items!r}: {message}") from err
 
 
-def _check_token(item: str, key: str, value: str) -> None:
-    """One ``key=value`` token must be a TOML value Flower accepts (bool, int, float, string)."""
+def _check_file(path: Path) -> None:
+    """A ``--run-config`` TOML file must parse, with no number too large for a float
+    (Flower would read ``1e400`` as inf: a non-private ``target-epsilon``)."""
     try:
-        tomllib.loads(f"{key} = {value}")
+        loads_toml(path.read_text())
+    except ConfigError as err:
+        raise ConfigError(f"--run-config {str(path)!r}: {err}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"--run-config {str(path)!r}: cannot read it as TOML ({err})") \
+            from None
+
+
+def _check_token(item: str, key: str, value: str) -> None:
+    """One ``key=value`` token must be a TOML value Flower accepts (bool, int, float,
+    string), and a number that fits a float (``1e400`` would read as inf)."""
+    try:
+        loads_toml(f"{key} = {value}")
+    except ConfigError as err:
+        raise ConfigError(f"--run-config {item!r}: {key}={value}: {err}") from None
     except tomllib.TOMLDecodeError:
         hint = (f" (strings need quotes: {key}='{value}')"
                 if value.replace("-", "").replace("_", "").isalnum() else "")

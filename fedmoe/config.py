@@ -110,6 +110,37 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _float_literal(literal: str) -> float:
+    """tomllib's ``parse_float`` for run configs: ``float(literal)``, except that a number
+    written with digits that is too large for a float (``1e400``) is refused instead of
+    becoming ``inf`` — which for ``target-epsilon`` would silently mean a non-private run.
+    Only ``inf`` (``+inf``, ``-inf``) spelt out reads as infinity."""
+    value = float(literal)
+    if math.isinf(value) and literal.lstrip("+-") != "inf":
+        raise ConfigError(
+            f"the number {literal} is too large for a float: it would read as infinity "
+            "(for target-epsilon that means a NON-PRIVATE run); write a number of "
+            "magnitude below 1.8e308, or inf where infinity is meant")
+    return value
+
+
+def loads_toml(text: str) -> dict[str, Any]:
+    """Parse TOML run-config text (a ``--run-config`` token or file, a grid file) the way
+    fedmoe reads every run config: numbers too large for a float are refused
+    (:func:`_float_literal`), never read as ``inf``.
+
+    Raises
+    ------
+    ConfigError
+        For such a number (naming it).
+    tomllib.TOMLDecodeError
+        For text that is not TOML.
+    """
+    import tomllib
+
+    return tomllib.loads(text, parse_float=_float_literal)
+
+
 @dataclass(frozen=True)
 class FedMoEConfig:
     """Everything a fedmoe run is parameterised by (defaults = ``[tool.flwr.app.config]``).

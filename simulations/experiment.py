@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmoe.config import METHODS, ConfigError, FedMoEConfig
+from fedmoe.config import METHODS, ConfigError, FedMoEConfig, loads_toml
 from fedmoe.storage import write_atomic
 
 ROW, CSV, REPORT = "row.json", "results.csv", "report.md"
@@ -140,9 +140,11 @@ def load_grid(path: Path) -> Grid:
         or a run config that does not validate (with the cell it belongs to).
     """
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = loads_toml(Path(path).read_text())
     except FileNotFoundError as err:
         raise GridError(f"grid file {path} does not exist") from err
+    except ConfigError as err:
+        raise GridError(f"grid file {path}: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise GridError(f"grid file {path} is not valid TOML: {err}") from err
     return parse_grid(raw, str(path))

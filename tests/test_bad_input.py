@@ -107,6 +107,50 @@ def test_every_run_config_token_is_read_or_named(text, named):
     assert named in str(err.value)
 
 
+FLOAT_KEYS = sorted(k for k, t in NUMERIC.items() if t == "float")
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("literal", ["1e400", "-2e308", "+1.8e309", "17976931348623159e292"])
+def test_a_number_too_large_for_a_float_is_refused_not_read_as_infinity(key, literal):
+    """Flower (and tomllib) read 1e400 as inf, which for target-epsilon means a
+    non-private run: fedmoe refuses the literal, naming it, for every float key."""
+    with pytest.raises(ConfigError, match=f"the number {literal.replace('+', '[+]')} is too "
+                                          "large for a float"):
+        parse_overrides([f"{key}={literal}"])
+
+
+def test_infinity_spelt_out_and_the_largest_float_still_read():
+    assert parse_overrides(["target-epsilon=inf"]) == {"target-epsilon": math.inf}
+    assert parse_overrides(["target-epsilon=+inf"]) == {"target-epsilon": math.inf}
+    assert parse_overrides(["max-grad-norm=1.7976931348623157e308"]) == {
+        "max-grad-norm": 1.7976931348623157e308}
+
+
+def test_a_run_config_file_or_grid_file_with_such_a_number_is_refused(tmp_path):
+    from simulations.experiment import GridError, load_grid
+
+    file = tmp_path / "eps.toml"
+    file.write_text("learning-rate = 0.5\ntarget-epsilon = 1e400\n")
+    with pytest.raises(ConfigError, match="eps.toml.*the number 1e400 is too large"):
+        parse_overrides([str(file)])
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[base]\nnum-server-rounds = 2\n[grid]\ntarget-epsilon = [8.0, 1e400]\n")
+    with pytest.raises(GridError, match="grid.toml: the number 1e400 is too large"):
+        load_grid(grid)
+    file.write_text("target-epsilon = inf\n")
+    assert parse_overrides([str(file)]) == {"target-epsilon": math.inf}
+
+
+def test_pyproject_defaults_read_the_same_with_fedmoe_strict_numbers():
+    import tomllib
+
+    from fedmoe.config import loads_toml
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert loads_toml(text) == tomllib.loads(text)
+
+
 def test_run_config_reads_quoted_strings_and_several_items():
     assert parse_overrides(["model='hmoe' run-dir=\"a b\"", "seed=3"]) == {
         "model": "hmoe", "run-dir": "a b", "seed": 3}
@@ -173,6 +217,10 @@ CASES = [
     (["--clients", "10000"], "at most 179 clients fit", "afford"),
     (["--clients", "179", "--run-config", "partitioner='iid' test-fraction=0.95"],
      "test-fraction=0.95 leaves 179 client(s) with no training example", "alpha"),
+    # a number too large for a float would read as inf: target-epsilon=inf is non-private
+    (["--run-config", "target-epsilon=1e400"], "the number 1e400 is too large for a float",
+     None),
+    (["--run-config", "target-epsilon=-1e999"], "the number -1e999 is too large", None),
 ]
 
 
