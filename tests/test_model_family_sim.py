@@ -1,6 +1,9 @@
-"""Each model of the family trains through the real simulation engine (Ray): 2 rounds,
+"""Each model of the family trains through the real ServerApp and ClientApp: 2 rounds,
 3 clients, and learns something — above chance, or for the Transformer-MoE, perplexity
-below each client's unigram baseline."""
+below each client's unigram baseline. The classifiers run in the in-process engine
+(:mod:`simulations.inline`: the same ServerApp logic and ClientApp, no Ray); the
+Transformer-MoE, the family's heaviest path, runs through Flower's simulation engine (Ray),
+as do the end-to-end tests of test_simulation.py."""
 
 import pytest
 
@@ -10,6 +13,7 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import to_arrays
 from fedmoe.roles import split_state_dict
 from server.strategy import FedMoE
+from simulations.inline import run_inline
 from simulations.runner import run
 from tests.helpers import LocalGrid
 
@@ -19,10 +23,10 @@ COMMON = {"num_server_rounds": 2, "target_epsilon": 50.0, "local_epochs": 2}
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("system_temp_dir")
 @pytest.mark.parametrize("model,gate", [("moe", "attention"), ("hmoe", "linear")])
 def test_classifiers_beat_chance(tmp_path, model, gate):
-    results = run(FedMoEConfig(model=model, gate=gate, run_dir=str(tmp_path), **COMMON), 3)
+    results = run_inline(FedMoEConfig(model=model, gate=gate, run_dir=str(tmp_path),
+                                      **COMMON), 3).results
     final = results["final"]
     assert final["personalized_accuracy_mean"] > 0.3  # ten classes: chance is 0.1
     assert all(not r["rejected"] for r in results["rounds"])
@@ -32,9 +36,9 @@ def test_classifiers_beat_chance(tmp_path, model, gate):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("system_temp_dir")
 def test_multitask_moe_beats_chance_on_every_task(tmp_path):
-    results = run(FedMoEConfig(model="mtmoe", run_dir=str(tmp_path), **COMMON), 3)
+    results = run_inline(FedMoEConfig(model="mtmoe", run_dir=str(tmp_path), **COMMON),
+                         3).results
     final = results["final"]
     # client p holds no digit/parity/ge5 label for task p mod 3: every task is still learnt
     assert final["personalized_task_digit_accuracy_mean"] > 0.2  # chance 0.1
