@@ -224,14 +224,15 @@ def test_budget_command_without_a_ledger_explains(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- simulation
 @pytest.mark.slow
-@pytest.mark.usefixtures("system_temp_dir")
 def test_simulation_whose_budget_runs_out_stops_early(tmp_path):
-    from simulations.runner import run
+    """In the in-process engine (the ServerApp logic and ClientApp of every engine; the
+    Ray path is test_simulation.py's)."""
+    from simulations.inline import run_inline
 
     # σ=2, q=0.1, 10 steps a round at δ=1e-4: ε after 2 rounds 1.02, after 3 rounds 1.22
     config = FedMoEConfig(num_server_rounds=4, noise_multiplier=2.0, target_epsilon=1.1,
                           target_delta=1e-4, run_dir=str(tmp_path / "run"))
-    results = run(config, num_clients=3)
+    results = run_inline(config, 3).results
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert "no client can afford round 3" in results["privacy"]["stopped"]
     for client in results["privacy"]["clients"]:
