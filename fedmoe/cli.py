@@ -28,6 +28,7 @@ Every run-config key of :class:`fedmoe.config.FedMoEConfig` can be set with
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import re
 import sys
@@ -228,7 +229,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="clients in the run (default: client folders in the run folder)")
     ex.add_argument("--json", action="store_true", help="print the measurements as JSON")
     args = parser.parse_args(argv)
+    try:
+        code = _run_command(args)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+        return code
+    except BrokenPipeError:  # `fedmoe budget --json | head`: the reader left, not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would report the pipe again at exit
+        return 1
 
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "audit":
         return audit(args)
     if args.command == "deploy":

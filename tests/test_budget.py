@@ -217,6 +217,18 @@ def test_budget_command_prints_table_and_recomputable_json(tmp_path, capsys):
     assert 0.05 < ledgers[1]["epsilon"] < ledgers[0]["epsilon"] < 8.0  # more noise, less ε
 
 
+def test_budget_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`fedmoe budget --json | head`: the reader goes away; exit 1, no traceback."""
+    _ledger_folder(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "budget", str(tmp_path),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # before the command has printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_budget_command_without_a_ledger_explains(tmp_path, capsys):
     assert cli(["budget", str(tmp_path)]) == 2
     assert "no ledger.sqlite" in capsys.readouterr().err
