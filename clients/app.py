@@ -13,7 +13,11 @@ Flower glue only: the work is done by :mod:`fedmoe`. Three handlers:
   (the method decides which tensors those are, :mod:`fedmoe.methods`: none at all for
   ``local``), encoded by the run's ``upload-codec`` after training, i.e. after DP noise
   (:func:`fedmoe.records.encode_upload`; the error-feedback residual is kept in the
-  client's state dir). A non-private run (``target-epsilon = inf``, σ=0) trains with plain SGD and
+  client's state dir). The round that releases the client's DP label histogram also sends
+  that release (``label-prior-shrinkage = "federation"``; already charged, nothing new);
+  every message may carry the server's estimate from all releases, from which the client
+  computes its label prior (:func:`apply_label_prior`). A non-private run
+  (``target-epsilon = inf``, σ=0) trains with plain SGD and
   charges nothing, unless the client has an ε budget of its own: then it refuses;
 - **evaluate**: personalised and global-only accuracy on the client's own test split.
 
@@ -39,7 +43,13 @@ from fedmoe.methods import method_model
 from fedmoe.models.layers import decide_experts
 from fedmoe.models.prior import LabelPrior, label_priors
 from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error, secret_generator
-from fedmoe.privacy.label_prior import noisy_label_counts, shrink_counts
+from fedmoe.privacy.label_prior import (
+    FEDERATION_PSEUDO_COUNT,
+    FederationPrior,
+    noisy_label_counts,
+    shrink_counts,
+    shrink_to_federation,
+)
 from fedmoe.privacy.plan import gradient_noise_scale
 from fedmoe.records import (
     ARRAYS,
@@ -49,6 +59,7 @@ from fedmoe.records import (
     DATA_UNUSABLE,
     DELTA_TOO_LARGE,
     DETAILS,
+    HISTOGRAM,
     LEDGER_UNUSABLE,
     METRICS,
     ClientInfo,
@@ -56,6 +67,7 @@ from fedmoe.records import (
     RoundPlan,
     TrainReport,
     encode_upload,
+    histogram_record,
     read_server_message,
     receive_global,
 )
@@ -114,6 +126,8 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, BAD_MESSAGE, "the server asks for a label histogram, but this "
                        "client's model " + ("already holds its label prior" if priors else
                                             "has no label prior") + "; refused before any charge")
+    if unfit := _federation_error(priors, plan):
+        return _refuse(msg, BAD_MESSAGE, unfit + "; refused before any charge")
     epsilon = math.inf  # a non-private round: nothing to charge, no guarantee
     if plan.private:
         if plan.delta >= 1.0 / len(data.train):  # checked before the ledger is touched
@@ -131,7 +145,8 @@ def train(msg: Message, context: Context) -> Message:
             return _refuse(msg, BUDGET_EXCEEDED, str(err))
         except LedgerError as err:
             return _refuse(msg, LEDGER_UNUSABLE, str(err))
-    set_label_prior(priors, data.train, plan, config)
+    release = set_label_prior(priors, data.train, plan, config)
+    apply_label_prior(priors, config, plan.federation, len(data.train))
     decide_experts(model, gradient_noise_scale(plan.noise_multiplier, plan.sample_rate,
                                                len(data.train)), config.expert_noise_limit)
 
@@ -161,6 +176,8 @@ def train(msg: Message, context: Context) -> Message:
     store.save_residual(residual)
     report = TrainReport(num_examples=len(data.train), epsilon=epsilon, steps=result.steps)
     content = RecordDict({ARRAYS: arrays, METRICS: report.to_record()})
+    if release is not None and config.label_prior_shrinkage == "federation":
+        content[HISTOGRAM] = histogram_record(release)  # the release itself, already charged
     return Message(content, reply_to=msg)
 
 
@@ -176,6 +193,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     except LedgerError as err:
         return _refuse(msg, LEDGER_UNUSABLE, str(err))
     model = personal_model(config, node, store, global_state, plan.server_round)
+    priors = label_priors(model)
+    if unfit := _federation_error(priors, plan):
+        return _refuse(msg, BAD_MESSAGE, unfit)
+    apply_label_prior(priors, config, plan.federation, len(data.train))
     personal = evaluate(model, data.test, use_local=True)
     global_only = evaluate(model, data.test, use_local=False)
     report = EvalReport(
@@ -264,22 +285,55 @@ def _refuse(msg: Message, code: int, reason: str) -> Message:
 
 
 def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
-                    config: FedMoEConfig) -> None:
+                    config: FedMoEConfig) -> torch.Tensor | None:
     """Give the model its personal label prior, once: from the DP label histogram the round
-    plan asks for (σ_h, already charged), or in a non-private run from the exact counts.
+    plan asks for (σ_h, already charged; the release is kept with the prior, and returned
+    to be sent with the reply), or in a non-private run from the exact counts.
     Afterwards the prior is a local tensor, kept with the local experts."""
     if not priors:
-        return
+        return None
     labels = train_set.tensors[1]
     if plan.prior_noise:
         counts = noisy_label_counts(labels, len(priors[0].log_prior), plan.prior_noise,
                                     secret_generator())
-        if config.label_prior_shrinkage == "james-stein":
-            counts = shrink_counts(counts, plan.prior_noise)
-        priors[0].set_counts(counts, pseudo_count=plan.prior_noise)
-    elif not plan.private and config.label_prior_share > 0 and not priors[0].is_set:
+        priors[0].keep_release(counts, plan.prior_noise)
+        apply_label_prior(priors, config, plan.federation, len(train_set))
+        return counts
+    if not plan.private and config.label_prior_share > 0 and not priors[0].is_set:
         counts = torch.bincount(labels, minlength=len(priors[0].log_prior)).float()
         priors[0].set_counts(counts, pseudo_count=1.0)
+    return None
+
+
+def apply_label_prior(priors: list[LabelPrior], config: FedMoEConfig,
+                      federation: FederationPrior | None, num_train: int) -> None:
+    """Compute the client's prior from its kept DP release (a no-op before it has one), by
+    ``label-prior-shrinkage``: ``federation`` shrinks the noisy counts towards the
+    federation's distribution the message carries (:func:`shrink_to_federation`; until the
+    server has one, the counts as they are), ``james-stein`` towards their own mean,
+    ``none`` takes them as they are. Post-processing of the release and public values."""
+    if not priors or not priors[0].released:
+        return
+    prior = priors[0]
+    counts, sigma = prior.counts, float(prior.noise)
+    if config.label_prior_shrinkage == "federation" and federation is not None:
+        prior.set_counts(shrink_to_federation(counts, sigma, num_train, federation),
+                         pseudo_count=FEDERATION_PSEUDO_COUNT)
+    elif config.label_prior_shrinkage == "james-stein":
+        prior.set_counts(shrink_counts(counts, sigma), pseudo_count=sigma)
+    else:
+        prior.set_counts(counts, pseudo_count=sigma)
+
+
+def _federation_error(priors: list[LabelPrior], plan: RoundPlan) -> str:
+    """Why the message's federation label prior cannot apply to this model ("" if it can)."""
+    if plan.federation is None or not priors:
+        return ""
+    classes = len(priors[0].log_prior)
+    if len(plan.federation.mean) != classes:
+        return (f"the message's federation label prior has {len(plan.federation.mean)} "
+                f"classes, this client's model {classes}")
+    return ""
 
 
 def personal_model(

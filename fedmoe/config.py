@@ -42,7 +42,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 #: Ways of training and sharing a model (:mod:`fedmoe.methods`).
 METHODS = ("fedmoe", "local", "fedavg", "fedper")
 #: How a client turns its noisy label histogram into counts (``label-prior-shrinkage``).
-PRIOR_SHRINKAGES = ("james-stein", "none")
+PRIOR_SHRINKAGES = ("federation", "james-stein", "none")
 #: What evaluation scores on: each client's own test split, or a validation split held
 #: out of its training data (for tuning; the test split is then never touched).
 EVALUATE_ON = ("test", "validation")
@@ -278,12 +278,17 @@ class FedMoEConfig:
         it); the histogram gives the client's prior on the logits (logit adjustment, see
         :mod:`fedmoe.models.prior`). Composed with DP-SGD it costs less than this share.
         0 = no label prior. Other models and methods ignore it.
-    label_prior_shrinkage : str (default: "none")
-        ``none``: the noisy counts as they are; ``james-stein``: the client shrinks its noisy
-        histogram towards its own mean (:func:`fedmoe.privacy.label_prior.shrink_counts`;
-        post-processing) before taking the prior, so noise alone does not tilt its logits.
-        On validation splits it helps without label skew and costs under strong skew
-        (docs/results.md, section 3.3), so it is off by default.
+    label_prior_shrinkage : str (default: "federation")
+        How a client turns its noisy label histogram into its prior. ``federation``: it
+        also sends the (already released) histogram to the server, which estimates the
+        federation's label distribution and how much clients' distributions spread around
+        it (:func:`fedmoe.privacy.label_prior.federation_prior`, empirical Bayes); each
+        client shrinks its counts towards the federation's by as much as its noise and the
+        spread warrant (:func:`~fedmoe.privacy.label_prior.shrink_to_federation`): no
+        tilt without label skew, its own counts under strong skew. ``none``: the noisy
+        counts as they are; ``james-stein``: shrunk towards the client's own mean
+        (:func:`~fedmoe.privacy.label_prior.shrink_counts`). All three are post-processing
+        of the release (docs/results.md, section 3.3).
     aggregation : str (default: "fedavg")
         How the server combines the valid train replies' ``shared`` and ``gate`` arrays:
         ``fedavg`` (mean weighted by ``num-examples``), ``median`` (coordinate-wise) or
@@ -371,7 +376,7 @@ class FedMoEConfig:
     classes_per_client: int = 2
     synthetic_samples: int = 20000
     label_prior_share: float = 0.25
-    label_prior_shrinkage: str = "none"
+    label_prior_shrinkage: str = "federation"
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     max_update_norm: float = 1000.0

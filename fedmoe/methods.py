@@ -126,7 +126,15 @@ def method_model(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
     return model
 
 
+def label_prior_classes(config: FedMoEConfig) -> int:
+    """The classes of the run's personal label prior: its model has one
+    (:class:`~fedmoe.models.prior.LabelPrior`) and ``label-prior-share`` is above 0; else 0."""
+    if config.label_prior_share <= 0:
+        return 0
+    priors = label_priors(method_model(config))
+    return len(priors[0].log_prior) if priors else 0
+
+
 def has_label_prior(config: FedMoEConfig) -> bool:
-    """Whether the run trains a personal label prior: its model has one
-    (:class:`~fedmoe.models.prior.LabelPrior`) and ``label-prior-share`` is above 0."""
-    return config.label_prior_share > 0 and bool(label_priors(method_model(config)))
+    """Whether the run trains a personal label prior (:func:`label_prior_classes` > 0)."""
+    return label_prior_classes(config) > 0

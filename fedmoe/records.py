@@ -9,7 +9,10 @@ Messages from the server hold:
 
 Replies: a query reply holds ``client`` (:class:`ClientInfo`); a train reply holds ``arrays``
 (the client's updated ``shared`` and ``gate`` tensors only, DP-protected) and ``metrics``
-(:class:`TrainReport`); an evaluate reply holds ``metrics`` (:class:`EvalReport`).
+(:class:`TrainReport`), and in the round that releases the client's DP label histogram
+with ``label-prior-shrinkage = "federation"`` also ``label-histogram`` (the released
+noisy counts, DP-protected: :func:`histogram_record`); an evaluate reply holds
+``metrics`` (:class:`EvalReport`).
 Everything in a reply besides the train arrays is released in the clear; the record and
 metric names are the documented wire format.
 
@@ -37,7 +40,7 @@ from flwr.common.serde import array_record_to_proto, config_record_to_proto
 from fedmoe.compression import Codec, CodecError, compress, shapes_of
 from fedmoe.config import ACCOUNTANTS, FedMoEConfig
 from fedmoe.privacy.accountant import Segment
-from fedmoe.privacy.label_prior import prior_segment
+from fedmoe.privacy.label_prior import FederationPrior, prior_segment
 from fedmoe.privacy.ledger import LedgerEntry, LedgerError
 from fedmoe.privacy.plan import ClientPlan
 
@@ -61,6 +64,11 @@ WEIGHT_KEY = "num-examples"
 DOWNLINK = "downlink"
 #: The one array of an encoded update, and its ``stype`` prefix.
 UPDATE, CODEC_STYPE = "update", "fedmoe.codec."
+#: Record of a train reply carrying the client's released DP label histogram.
+HISTOGRAM = "label-histogram"
+#: A released count further than this many σ_h outside [0, n] is no Gaussian release of
+#: n labels (probability < 1e-30): the reply is refused.
+HISTOGRAM_SIGMAS = 12.0
 
 
 class ReplyError(ValueError):
@@ -271,7 +279,10 @@ class RoundPlan:
     both charge exactly these to their ledgers, and the client trains with exactly these.
     ``prior_noise`` > 0 (a client's first round, when the model has a label prior) asks
     the client to release its DP label histogram at that σ_h too, charged before the round.
-    An evaluate message carries only the round.
+    An evaluate message carries only the round. Either may carry ``federation``, the
+    server's empirical-Bayes estimate of the clients' label distributions from their
+    released histograms (``label-prior-shrinkage = "federation"``; post-processing of DP
+    releases), from which the client computes its label prior.
     """
 
     server_round: int
@@ -281,12 +292,15 @@ class RoundPlan:
     delta: float = 0.0
     accountant: str = ""
     prior_noise: float = 0.0
+    federation: FederationPrior | None = None
 
     @classmethod
     def for_training(cls, server_round: int, plan: ClientPlan, *,
-                     with_prior: bool = False) -> RoundPlan:
+                     with_prior: bool = False,
+                     federation: FederationPrior | None = None) -> RoundPlan:
         return cls(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps,
-                   plan.delta, plan.accountant, plan.prior_noise if with_prior else 0.0)
+                   plan.delta, plan.accountant, plan.prior_noise if with_prior else 0.0,
+                   federation)
 
     @property
     def is_training(self) -> bool:
@@ -317,17 +331,22 @@ class RoundPlan:
             record["accountant"] = self.accountant
             if self.prior_noise:
                 record["prior-noise-multiplier"] = self.prior_noise
+        if self.federation is not None:
+            record["federation-label-mean"] = list(self.federation.mean)
+            record["federation-label-spread"] = self.federation.spread
+            record["federation-clients"] = self.federation.clients
         return record
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundPlan:
+        federation = _federation(record)
         try:
             if "steps" not in record:
-                return cls(int(record["server-round"]))
+                return cls(int(record["server-round"]), federation=federation)
             plan = cls(int(record["server-round"]), float(record["noise-multiplier"]),
                        float(record["sample-rate"]), int(record["steps"]),
                        float(record["delta"]), str(record["accountant"]),
-                       float(record.get("prior-noise-multiplier", 0.0)))
+                       float(record.get("prior-noise-multiplier", 0.0)), federation)
         except KeyError as err:
             raise ReplyError(f"round config lacks {err}") from err
         if not (plan.prior_noise == 0 or (plan.noise_multiplier > 0
@@ -345,6 +364,60 @@ class RoundPlan:
         if not 0 < plan.delta < 1:
             raise ReplyError(f"delta must be in (0, 1), got {plan.delta}")
         return plan
+
+
+def _federation(record: ConfigRecord) -> FederationPrior | None:
+    """The round config's :class:`FederationPrior`, or None when it carries none.
+
+    Raises
+    ------
+    ReplyError
+        If it is malformed (not a distribution, a spread outside [0, 1], < 2 clients).
+    """
+    if "federation-label-mean" not in record:
+        return None
+    try:
+        return FederationPrior(tuple(float(v) for v in record["federation-label-mean"]),
+                               float(record["federation-label-spread"]),
+                               int(record["federation-clients"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReplyError(f"malformed federation label prior in the round config: {err}") \
+            from None
+
+
+def histogram_record(counts: torch.Tensor) -> MetricRecord:
+    """A train reply's ``label-histogram`` record: the client's released noisy counts (C,)."""
+    return MetricRecord({"counts": [float(v) for v in counts]})
+
+
+def read_histogram(content: RecordDict, num_classes: int, num_train: int,
+                   noise: float) -> torch.Tensor | None:
+    """The released label histogram (C,) of a train reply (None if the reply has none:
+    the client then counts for nothing in the federation's estimate), if it can be one:
+    C finite counts, each within :data:`HISTOGRAM_SIGMAS` σ_h of [0, n] (a Gaussian
+    release of n labels at σ_h is never further out, in practice).
+
+    Raises
+    ------
+    ReplyError
+        If it is malformed or implausible.
+    """
+    if HISTOGRAM not in content.metric_records:
+        return None
+    values = content.metric_records[HISTOGRAM].get("counts")
+    if not isinstance(values, list):
+        raise ReplyError(f"the '{HISTOGRAM}' record must hold a 'counts' list")
+    if len(values) != num_classes or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise ReplyError(f"'{HISTOGRAM}' must be {num_classes} finite counts, got "
+                         f"{len(values)} values")
+    counts = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    margin = HISTOGRAM_SIGMAS * noise
+    if (counts < -margin).any() or (counts > num_train + margin).any():
+        raise ReplyError(f"'{HISTOGRAM}' has a count outside [-{margin:.3g}, "
+                         f"{num_train + margin:.3g}]: no DP release of {num_train} labels "
+                         f"at σ_h={noise:.3g}")
+    return counts
 
 
 def server_message(arrays: ArrayRecord | None, plan: RoundPlan, config: FedMoEConfig) -> RecordDict:

@@ -6,7 +6,8 @@ atomically (temp file, fsync, rename) after each round's evaluation, holds:
 - the round that finished and the global ``shared`` + ``gate`` arrays after it;
 - the run config, the checkpoint format (:data:`FORMAT`) and the fedmoe version;
 - the strategy's state: every client's plan (σ, q, steps, δ: calibrated once per run), what
-  each client declared, exclusions, the clients sent their label histogram, the per-round
+  each client declared, exclusions, the clients sent their label histogram (and, with
+  ``label-prior-shrinkage = "federation"``, the histograms they released), the per-round
   history (what ``results.json`` reports) and the sampling RNG's state;
 - Flower's run id (the simulated clients' state folder is named by it) and the number of
   simulated clients.
@@ -211,6 +212,7 @@ def strategy_state(strategy: FedMoE) -> dict[str, Any]:
         "declared": {c: dataclasses.asdict(i) for c, i in strategy.declared.items()},
         "excluded": dict(strategy.excluded),
         "histograms": sorted(strategy._histograms),
+        "label_histograms": dict(strategy.label_histograms),
         "history": [_record_state(r) for r in strategy.history],
         "rng": [version_, list(internal), gauss],
     }
@@ -224,6 +226,9 @@ def restore_strategy(strategy: FedMoE, state: dict[str, Any]) -> None:
                          for c, i in state["declared"].items()}
     strategy.excluded = dict(state["excluded"])
     strategy._histograms = set(state["histograms"])
+    strategy.label_histograms = {c: list(map(float, v))
+                                 for c, v in state["label_histograms"].items()}
+    strategy._update_federation()
     strategy.history = [_restore_record(r) for r in state["history"]]
     version_, internal, gauss = state["rng"]
     strategy._rng = random.Random()

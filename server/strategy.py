@@ -35,7 +35,11 @@ construction and weighted averaging are Flower's; FedMoE adds
   what each client holds (:class:`~fedmoe.records.Downlink`);
 - a per-round history of every client's ε and accuracies and of the serialised bytes of
   the model update it uploaded and downloaded (:attr:`history`);
-- non-private runs (``target-epsilon = inf``): σ=0 plans, no ledger charge, ε=∞ reported.
+- non-private runs (``target-epsilon = inf``): σ=0 plans, no ledger charge, ε=∞ reported;
+- ``label-prior-shrinkage = "federation"``: the clients' released DP label histograms
+  (validated: :func:`fedmoe.records.read_histogram`) give an empirical-Bayes estimate of
+  their label distributions (:func:`fedmoe.privacy.label_prior.federation_prior`), sent
+  with every later message (:attr:`federation`): post-processing of DP releases.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -63,7 +68,7 @@ from flwr.supercore import log
 
 from fedmoe.compression import Codec
 from fedmoe.config import FedMoEConfig
-from fedmoe.methods import has_label_prior
+from fedmoe.methods import label_prior_classes
 from fedmoe.privacy import (
     BudgetExceededError,
     ClientPlan,
@@ -75,6 +80,7 @@ from fedmoe.privacy import (
     delta_error,
     plan_client,
 )
+from fedmoe.privacy.label_prior import FederationPrior, federation_prior
 from fedmoe.privacy.ledger import client_sort_key
 from fedmoe.records import (
     ARRAYS,
@@ -92,6 +98,7 @@ from fedmoe.records import (
     TrainReport,
     decode_upload,
     read_details,
+    read_histogram,
     server_message,
     update_bytes,
 )
@@ -189,8 +196,14 @@ class FedMoE(FedAvg):
         self.excluded: dict[str, str] = {}  # client id -> why it gets no more rounds
         self.failed_nodes: dict[int, str] = {}  # nodes whose query failed -> why
         #: whether the run's model has a personal label prior (a DP histogram per client)
-        self.label_prior = has_label_prior(config)
+        self._prior_classes = label_prior_classes(config)
+        self.label_prior = self._prior_classes > 0
         self._histograms: set[str] = set()  # clients sent their label-histogram round
+        #: label-prior-shrinkage = "federation": the released histograms received (client
+        #: -> counts) and the empirical-Bayes estimate from them, sent with every message
+        self.label_histograms: dict[str, list[float]] = {}
+        self.federation: FederationPrior | None = None
+        self._histogram_due: set[str] = set()  # clients whose reply this round carries one
         self.history: list[RoundRecord] = []
         self.stop_reason: str | None = None
         self._rng = random.Random(config.seed)
@@ -412,6 +425,7 @@ class FedMoE(FedAvg):
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         self._global = {k: a.numpy() for k, a in arrays.items()}
         self._sent = {}
+        self._histogram_due = set()
         all_nodes = self.wait_for_nodes(grid)
         if all_nodes is None:
             return []
@@ -444,8 +458,11 @@ class FedMoE(FedAvg):
                     continue
             if histogram:
                 self._histograms.add(plan.client)
+                if self.config.label_prior_shrinkage == "federation":
+                    self._histogram_due.add(plan.client)
             content = self._message(
-                arrays, RoundPlan.for_training(server_round, plan, with_prior=histogram),
+                arrays, RoundPlan.for_training(server_round, plan, with_prior=histogram,
+                                               federation=self.federation),
                 plan.client)
             messages.extend(self._construct_messages(content, [node], MessageType.TRAIN))
             self._sent[node] = plan.client
@@ -500,6 +517,7 @@ class FedMoE(FedAvg):
             if node not in answered:
                 self._fail(record, "timeout", client, f"no reply within reply-timeout="
                                                       f"{self.config.reply_timeout:g}s")
+        self._update_federation()
         for reason in record.rejected:
             log(WARNING, "aggregate_train: dropped reply from %s", reason)
         if len(valid) < self.config.min_train_replies:
@@ -540,6 +558,9 @@ class FedMoE(FedAvg):
                                  f"round, got {report.epsilon}")
             arrays = {k: a.numpy() for k, a in msg.content.array_records[ARRAYS].items()}
             norm = check_update(arrays, self._global, self.config.max_update_norm)
+            histogram = (read_histogram(msg.content, self._prior_classes, plan.num_train,
+                                        plan.prior_noise)
+                         if client in self._histogram_due else None)
         except ReplyError as err:
             self._fail(record, "invalid", client, str(err))
             return None
@@ -549,10 +570,24 @@ class FedMoE(FedAvg):
             return None
         if plan is None or plan.private:
             self._check_epsilon(record, client, report.epsilon)
+        if histogram is not None:
+            self.label_histograms[client] = [float(v) for v in histogram]
         record.train[client] = report
         record.update_norms[client] = norm
         record.upload_bytes[client] = uploaded
         return arrays, report.num_examples
+
+    def _update_federation(self) -> None:
+        """Re-estimate :attr:`federation` from every label histogram received (at least
+        two needed): post-processing of the clients' DP releases."""
+        known = [c for c in sorted(self.label_histograms, key=client_sort_key)
+                 if c in self.plans]
+        if len(known) < 2:
+            return
+        self.federation = federation_prior(
+            [torch.tensor(self.label_histograms[c]) for c in known],
+            [self.plans[c].prior_noise for c in known],
+            [self.plans[c].num_train for c in known])
 
     def _fail(self, record: RoundRecord, kind: str, client: str, why: str) -> None:
         record.failures[kind] += 1
@@ -674,9 +709,9 @@ class FedMoE(FedAvg):
         known = self._by_client([n for n in all_nodes if n in self.clients])
         size = max(self.min_evaluate_nodes, int(len(all_nodes) * self.fraction_evaluate))
         nodes = self._rng.sample(known, min(size, len(known)))
+        plan = RoundPlan(server_round, federation=self.federation)
         return [message for node in nodes for message in self._construct_messages(
-            self._message(arrays, RoundPlan(server_round), self.clients[node]), [node],
-            MessageType.EVALUATE)]
+            self._message(arrays, plan, self.clients[node]), [node], MessageType.EVALUATE)]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -56,8 +56,9 @@ def test_local_experts_persist_and_epsilon_composes(tmp_path):
     first = report_of(app(message(server_round=1), ctx))
     store = ClientStore(tmp_path)
     local_after_1 = store.load_local()
-    assert local_after_1 and all(k.startswith("moe.local_experts.") or k == "prior.log_prior"
+    assert local_after_1 and all(k.startswith(("moe.local_experts.", "prior."))
                                  for k in local_after_1)
+    assert {"prior.log_prior", "prior.counts", "prior.noise"} <= set(local_after_1)
     second = report_of(app(message(server_round=2), ctx))
     assert second.epsilon > first.epsilon
     with store.book() as book:

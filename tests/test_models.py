@@ -15,6 +15,9 @@ from fedmoe.training import per_sample_loss
 AUX = {"balance_coef": 0.05, "z_loss_coef": 0.01}
 
 
+#: The label prior's local buffers: log π_i and the DP release it is computed from.
+PRIOR = {"prior.log_prior", "prior.counts", "prior.noise"}
+
 def digits_batch(n=7, tasks=False):
     x = torch.rand(n, 64, dtype=torch.float64)
     y = torch.randint(0, 10, (n,))
@@ -193,7 +196,7 @@ def _roles(model):
 def test_roles_of_the_flat_moe():
     local, gate, roles = _roles(build_model("moe", num_local_experts=3))
     assert local == {f"moe.local_experts.{i}.{l}.{p}" for i in range(3) for l in ("fc1", "fc2")
-                     for p in ("weight", "bias")} | {"prior.log_prior"}  # the label prior
+                     for p in ("weight", "bias")} | PRIOR  # the label prior
     assert gate == {"moe.gate.proj.weight", "moe.gate.proj.bias"}
     assert roles["trunk.weight"] is roles["head.bias"] is roles["moe.shared_experts.0.fc1.weight"] \
         is Role.SHARED
@@ -205,8 +208,7 @@ def test_roles_of_the_hierarchical_moe_with_attention_gates():
                                             expert_depth=3))
     router = ("query.weight", "query.bias", "keys.weight")
     assert local == {k for k in roles if k.startswith("moe.local_experts.")} | {
-        f"moe.local_gate.{p}" for p in router} | {  # the router among personal experts is personal
-        "prior.log_prior"}  # and so is the label prior
+        f"moe.local_gate.{p}" for p in router} | PRIOR  # the personal router, the label prior
     assert "moe.local_experts.1.hidden.1.weight" in local  # deep experts: 3 layers
     assert gate == {f"moe.{g}.{p}" for g in ("group_gate", "expert_gates.0", "expert_gates.1")
                     for p in router}

@@ -11,8 +11,9 @@ def test_every_tensor_has_one_role_and_local_means_local_experts():
     roles = tensor_roles(model)
     assert set(roles) == set(model.state_dict())
     local = {k for k, r in roles.items() if r is Role.LOCAL}
-    assert local and all(k.startswith("moe.local_experts.") for k in local - {"prior.log_prior"})
-    assert "prior.log_prior" in local  # the personal label prior (a buffer)
+    prior = {"prior.log_prior", "prior.counts", "prior.noise"}
+    assert local and all(k.startswith("moe.local_experts.") for k in local - prior)
+    assert prior <= local  # the personal label prior and the release it comes from (buffers)
     assert {k for k, r in roles.items() if r is Role.GATE} == {"moe.gate.proj.weight", "moe.gate.proj.bias"}
 
 

@@ -42,6 +42,10 @@ class LabelPrior(nn.Module):
         super().__init__()
         set_role(self, Role.LOCAL)
         self.register_buffer("log_prior", torch.zeros(num_classes))  # (C,)
+        # the client's DP release its prior is computed from: noisy counts (C,) and their
+        # σ_h (()); σ_h = 0 until released (and for exact counts of a non-private run)
+        self.register_buffer("counts", torch.zeros(num_classes))
+        self.register_buffer("noise", torch.tensor(0.0))
         self.use_local = True
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
@@ -67,6 +71,18 @@ class LabelPrior(nn.Module):
             raise ValueError(f"pseudo_count must be > 0, got {pseudo_count}")
         smoothed = counts.clamp(min=0.0) + pseudo_count
         self.log_prior.copy_((smoothed / smoothed.sum()).log())
+
+    @torch.no_grad()
+    def keep_release(self, counts: torch.Tensor, noise: float) -> None:
+        """Keep the released (noisy) counts (C,) and their σ_h, from which the prior is
+        computed (:func:`clients.app.apply_label_prior`) on every later message."""
+        self.counts.copy_(torch.as_tensor(counts, dtype=self.counts.dtype))
+        self.noise.fill_(float(noise))
+
+    @property
+    def released(self) -> bool:
+        """Whether the client's DP label histogram is kept here (σ_h > 0)."""
+        return bool(self.noise > 0)
 
     @property
     def is_set(self) -> bool:

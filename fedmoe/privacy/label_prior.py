@@ -9,10 +9,16 @@ under the add/remove adjacency Opacus' accountants use for DP-SGD, and the relea
 Gaussian mechanism with noise multiplier σ_h. In the accountant's terms it is one step at
 sample rate q = 1, the segment ``(σ_h, 1.0, 1)`` (RDP α/(2σ_h²) at every order α), so it is
 charged to the ledger like any DP-SGD round and composes with them. The counts are
-computed once per client (its first training round) and never again: the prior is
+computed once per client (its first training round) and never again: the release is
 kept in the client's state, and everything computed from it afterwards (the shrinkage of
 :func:`shrink_counts`, the personal logits, the training that uses them) is
-post-processing of this release.
+post-processing of this release. With ``label-prior-shrinkage = "federation"`` the client
+also sends the release to the server — it is already accounted as released — which
+estimates how the clients' label distributions spread around the federation's
+(:func:`federation_prior`, empirical Bayes) and sends that estimate back with every
+message; each client then shrinks its own noisy counts towards the federation's
+distribution by as much as its noise and the federation's skew warrant
+(:func:`shrink_to_federation`). Both are functions of DP releases and public n, σ only.
 
 σ_h is calibrated so that the release alone would cost a share of the client's budget
 (``label-prior-share``, default 0.25); composed with DP-SGD under RDP it costs much less
@@ -20,6 +26,9 @@ than that share (σ of DP-SGD rises by 0-6% at ε ∈ {1, 3, 8}, docs/architectu
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -113,3 +122,137 @@ def shrink_counts(counts: torch.Tensor, sigma: float) -> torch.Tensor:
     spread = float((centred ** 2).sum())
     factor = max(0.0, 1.0 - (len(c) - 3) * sigma ** 2 / spread) if spread > 0 else 0.0
     return (c.mean() + factor * centred).to(counts.dtype)
+
+
+#: Additive smoothing of a federation-shrunk estimate (a half count: every class stays
+#: possible, and with the shrinkage already done no further tempering is needed).
+FEDERATION_PSEUDO_COUNT = 0.5
+
+
+@dataclass(frozen=True)
+class FederationPrior:
+    """What the server learns about its clients' label distributions from their DP label
+    histograms (empirical Bayes; Efron & Morris, JASA 1973; Morris, JASA 1983).
+
+    Model: client i's training labels have class proportions π_i = π̄ + u_i, the u_i
+    independent across clients with per-class variance τ²; its released histogram is
+    c̃_i = n_i π_i + multinomial sampling error + N(0, σ_i²) per class.
+
+    Attributes
+    ----------
+    mean : tuple of float (C,)
+        π̄, the federation's label distribution (non-negative, sums to 1).
+    spread : float
+        τ² ≥ 0, the between-client variance of a class's share: 0 when every client draws
+        its labels alike (no label skew), up to π̄(1 − π̄) when each holds one class.
+    clients : int
+        How many histograms the estimate is made from (≥ 2).
+    """
+
+    mean: tuple[float, ...]
+    spread: float
+    clients: int
+
+    def __post_init__(self) -> None:
+        mean = torch.tensor(self.mean, dtype=torch.float64)
+        if (mean.dim() != 1 or len(mean) < 2 or not torch.isfinite(mean).all()
+                or (mean < 0).any() or abs(float(mean.sum()) - 1.0) > 1e-6):
+            raise ValueError(f"the federation's label distribution must be ≥ 2 non-negative "
+                             f"shares summing to 1, got {self.mean}")
+        if not 0.0 <= self.spread <= 1.0 or self.clients < 2:
+            raise ValueError(f"spread must be in [0, 1] and clients ≥ 2, got spread "
+                             f"{self.spread}, clients {self.clients}")
+
+
+def federation_prior(histograms: Sequence[torch.Tensor], noise: Sequence[float],
+                     sizes: Sequence[int]) -> FederationPrior:
+    """Estimate π̄ and τ² (:class:`FederationPrior`) from the clients' DP label histograms.
+
+    π̄ is the normalised sum of the histograms (negative entries clipped at 0: the noise
+    averages out over clients, the counts' scale does not matter). τ² is the method-of-
+    moments estimate pooled over classes and clients,
+
+        τ² = max(0, Σ_i Σ_k [(c̃_ik − n_i π̄_k)² − σ_i² − n_i π̄_k(1 − π̄_k)] / (C · Σ_i n_i²)),
+
+    capped at max_k π̄_k(1 − π̄_k) (the largest variance a share can have). Uses only the
+    releases, their public σ_i and the public n_i: post-processing, no privacy cost.
+
+    Parameters
+    ----------
+    histograms : sequence of Tensor (C,)
+        The clients' released noisy counts (:func:`noisy_label_counts`), one per client.
+    noise : sequence of float
+        Each release's σ_h (≥ 0; 0 for exact counts).
+    sizes : sequence of int
+        Each client's n_i (≥ 1), the number of labels its histogram counts.
+
+    Raises
+    ------
+    ValueError
+        For fewer than 2 histograms, lengths that differ, a histogram that is not finite
+        or has fewer than 2 classes, a negative or non-finite σ, or an n_i < 1.
+    """
+    if len(histograms) < 2 or not len(histograms) == len(noise) == len(sizes):
+        raise ValueError(f"need ≥ 2 histograms with one σ and one n each, got "
+                         f"{len(histograms)}, {len(noise)}, {len(sizes)}")
+    c = torch.stack([torch.as_tensor(h, dtype=torch.float64) for h in histograms])  # (m, C)
+    sigma = torch.tensor([float(s) for s in noise], dtype=torch.float64)  # (m,)
+    n = torch.tensor([float(v) for v in sizes], dtype=torch.float64)  # (m,)
+    if c.dim() != 2 or c.shape[1] < 2 or not torch.isfinite(c).all():
+        raise ValueError(f"histograms must be finite vectors of one length ≥ 2, got shape "
+                         f"{tuple(c.shape)}")
+    if not (torch.isfinite(sigma).all() and (sigma >= 0).all() and (n >= 1).all()):
+        raise ValueError(f"σ must be finite and ≥ 0 and n ≥ 1, got {list(noise)}, {list(sizes)}")
+    total = c.clamp(min=0).sum(0)  # (C,)
+    mean = total / total.sum() if total.sum() > 0 else torch.full_like(total, 1 / len(total))
+    excess = ((c - n[:, None] * mean) ** 2 - sigma[:, None] ** 2
+              - n[:, None] * mean * (1 - mean))  # (m, C)
+    spread = float(excess.sum() / (c.shape[1] * (n ** 2).sum()))
+    spread = min(max(spread, 0.0), float((mean * (1 - mean)).max()))
+    return FederationPrior(tuple(float(v) for v in mean / mean.sum()), spread, len(c))
+
+
+def shrink_to_federation(counts: torch.Tensor, sigma: float, num_train: int,
+                         prior: FederationPrior) -> torch.Tensor:
+    """A client's class counts estimated from its noisy release and the federation's
+    :class:`FederationPrior`: per class the posterior mean of n·π_k under the normal model
+    n·π_k ~ N(n·π̄_k, n²τ²), c̃_k | π_k ~ N(n·π_k, σ² + n·π̄_k(1 − π̄_k)),
+
+        ĉ_k = w_k · c̃_k + (1 − w_k) · n·π̄_k,   w_k = n²τ² / (n²τ² + σ² + n·π̄_k(1 − π̄_k)).
+
+    Without label skew (τ² ≈ 0) the estimate is the federation's distribution and the
+    client's noisy histogram tilts nothing; under strong skew (n²τ² ≫ σ²) it is the
+    client's own counts. A function of DP releases and public n, σ: post-processing.
+
+    Parameters
+    ----------
+    counts : Tensor (C,)
+        The client's released noisy counts.
+    sigma : float
+        Their σ_h (≥ 0).
+    num_train : int
+        n, the number of labels counted (≥ 1).
+    prior : FederationPrior
+        The server's estimate from every client's release.
+
+    Returns
+    -------
+    Tensor (C,), float64
+        ĉ (may have entries below 0 where c̃ has; :meth:`LabelPrior.set_counts` clips them).
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` is not finite or not of the prior's length, σ < 0 or n < 1.
+    """
+    c = torch.as_tensor(counts, dtype=torch.float64)
+    mean = torch.tensor(prior.mean, dtype=torch.float64)
+    if c.shape != mean.shape or not torch.isfinite(c).all():
+        raise ValueError(f"counts must be finite and of shape {tuple(mean.shape)}, got "
+                         f"{tuple(c.shape)}")
+    if not (0.0 <= sigma < float("inf") and num_train >= 1):
+        raise ValueError(f"need σ ≥ 0 (finite) and n ≥ 1, got σ={sigma}, n={num_train}")
+    between = num_train ** 2 * prior.spread
+    weight = between / (between + sigma ** 2 + num_train * mean * (1 - mean))
+    weight = torch.where(torch.isfinite(weight), weight, torch.ones_like(weight))  # 0/0
+    return weight * c + (1 - weight) * num_train * mean

@@ -1,0 +1,239 @@
+"""``label-prior-shrinkage = "federation"``: the server's empirical-Bayes estimate of the
+clients' label distributions from their DP label histograms, and each client's shrinkage
+towards it — against independent oracles (a known generative model, numerical
+integration of the posterior), and through the ClientApp and the strategy (the release
+sent is exactly the one charged; a malformed one is dropped; it survives a checkpoint)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, MetricRecord
+
+from clients.app import app
+from clients.state import ClientStore
+from fedmoe.privacy import LEDGER_FILE, LedgerBook
+from fedmoe.privacy.label_prior import (
+    FEDERATION_PSEUDO_COUNT,
+    FederationPrior,
+    federation_prior,
+    shrink_to_federation,
+)
+from fedmoe.records import HISTOGRAM, ReplyError, RoundPlan, read_histogram
+from server.checkpoint import restore_strategy, strategy_state
+from server.strategy import FedMoE
+from tests.helpers import SMALL, LocalGrid, context, message
+from tests.test_label_prior import to_arrays_initial
+
+CLASSES = 10
+
+
+def _federation(seed: int, clients: int, n: int, concentration: float, sigma: float):
+    """Clients whose label shares are Dirichlet(A·π̄) around π̄ (between-client variance of
+    class k's share: π̄_k(1 − π̄_k)/(A + 1)), their exact counts (multinomial), and the
+    Gaussian release of those counts at σ."""
+    rng = np.random.default_rng(seed)
+    mean = rng.dirichlet(np.full(CLASSES, 5.0))
+    shares = rng.dirichlet(concentration * mean, size=clients)  # (m, C)
+    counts = np.stack([rng.multinomial(n, s) for s in shares]).astype(np.float64)
+    noisy = counts + rng.normal(0.0, sigma, size=counts.shape)
+    return mean, counts, noisy
+
+
+@pytest.mark.parametrize("concentration", [1.0, 10.0, 1e6])  # strong skew ... none
+def test_the_spread_estimate_recovers_the_known_between_client_variance(concentration):
+    mean, _, noisy = _federation(0, clients=2000, n=200, concentration=concentration,
+                                 sigma=8.0)
+    prior = federation_prior(list(torch.tensor(noisy)), [8.0] * 2000, [200] * 2000)
+    truth = float(np.mean(mean * (1 - mean))) / (concentration + 1)  # pooled over classes
+    assert np.allclose(prior.mean, mean, atol=0.02)  # ~4 standard errors at A = 1
+    assert prior.spread == pytest.approx(truth, rel=0.1, abs=2e-4)
+    assert prior.clients == 2000
+
+
+def test_shrinkage_is_the_posterior_mean_by_numerical_integration():
+    """For each class, ĉ is E[θ | c̃] for θ ~ N(nπ̄, n²τ²), c̃ | θ ~ N(θ, σ² + nπ̄(1 − π̄)):
+    computed here on a grid, not from the closed form."""
+    prior = FederationPrior((0.5, 0.3, 0.2), 0.01, 10)
+    n, sigma = 150, 6.0
+    counts = torch.tensor([90.0, 20.0, 37.0])
+    got = shrink_to_federation(counts, sigma, n, prior)
+    for k, share in enumerate(prior.mean):
+        theta = np.linspace(-200, 400, 600_001)
+        log_prior = -0.5 * (theta - n * share) ** 2 / (n ** 2 * prior.spread)
+        noise = sigma ** 2 + n * share * (1 - share)
+        log_like = -0.5 * (float(counts[k]) - theta) ** 2 / noise
+        weight = np.exp(log_prior + log_like - (log_prior + log_like).max())
+        assert float(got[k]) == pytest.approx(float((weight * theta).sum() / weight.sum()),
+                                              abs=1e-6)
+
+
+def test_without_skew_it_is_the_federation_and_without_noise_the_client():
+    flat = FederationPrior(tuple([0.1] * 10), 0.0, 5)
+    counts = torch.tensor([40.0, -3.0, 0.0, 12.0, 5.0, 9.0, 30.0, 1.0, 2.0, 4.0])
+    assert torch.allclose(shrink_to_federation(counts, 5.0, 100, flat),
+                          torch.full((10,), 10.0, dtype=torch.float64))
+    skewed = FederationPrior(tuple([0.1] * 10), 0.09, 5)  # the most spread a share can have
+    large = counts.clamp(min=0) * 100  # exact counts of n = 10,300 labels
+    exact = shrink_to_federation(large, 0.0, int(large.sum()), skewed)
+    assert torch.allclose(exact, large.double(), rtol=1e-3, atol=0.5)
+
+
+@pytest.mark.parametrize("concentration", [0.5, 1e6])
+def test_shrunk_counts_are_closer_to_the_clients_counts_than_the_release(concentration):
+    mean, counts, noisy = _federation(1, clients=50, n=150, concentration=concentration,
+                                      sigma=12.5)  # σ_h at ε = 1
+    prior = federation_prior(list(torch.tensor(noisy)), [12.5] * 50, [150] * 50)
+    shrunk = torch.stack([shrink_to_federation(torch.tensor(c), 12.5, 150, prior)
+                          for c in noisy]).numpy()
+    raw, ours = np.mean((noisy - counts) ** 2), np.mean((shrunk - counts) ** 2)
+    assert ours < raw
+    if concentration > 1e3:  # no skew: almost all of the noise is gone
+        assert ours < 0.2 * raw
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="≥ 2 histograms"):
+        federation_prior([torch.ones(3)], [1.0], [3])
+    with pytest.raises(ValueError, match="finite"):
+        federation_prior([torch.ones(3), torch.tensor([1.0, math.nan, 1.0])], [1, 1], [3, 3])
+    with pytest.raises(ValueError, match="σ must be finite"):
+        federation_prior([torch.ones(3), torch.ones(3)], [1.0, -1.0], [3, 3])
+    with pytest.raises(ValueError, match="sum"):
+        FederationPrior((0.5, 0.6), 0.0, 2)
+    with pytest.raises(ValueError, match="spread"):
+        FederationPrior((0.5, 0.5), -0.1, 2)
+    prior = FederationPrior((0.5, 0.5), 0.01, 2)
+    with pytest.raises(ValueError, match="shape"):
+        shrink_to_federation(torch.ones(3), 1.0, 10, prior)
+
+
+# ------------------------------------------------------------------------ on the wire
+def test_round_plans_carry_the_federation_both_ways_and_refuse_a_malformed_one():
+    prior = FederationPrior((0.25, 0.75), 0.02, 3)
+    for plan in (RoundPlan(4, federation=prior),
+                 RoundPlan(4, 1.5, 0.25, 4, 1e-4, "rdp", 0.0, prior), RoundPlan(4)):
+        assert RoundPlan.from_record(plan.to_record()) == plan
+    record = RoundPlan(4, federation=prior).to_record()
+    record["federation-label-mean"] = [0.9, 0.9]
+    with pytest.raises(ReplyError, match="federation label prior"):
+        RoundPlan.from_record(record)
+
+
+def _release_round(tmp_path, shrinkage="federation", partition=0, clients=3):
+    config = SMALL.replace(label_prior_shrinkage=shrinkage)
+    plan = RoundPlan(1, 1.5, 0.25, 4, 1e-4, "rdp", 4.0)
+    ctx = context(partition, clients, state_dir=str(tmp_path))
+    return config, ctx, app(message(plan=plan, config=config), ctx)
+
+
+def test_the_client_sends_exactly_the_release_it_was_charged_for(tmp_path):
+    config, ctx, reply = _release_round(tmp_path)
+    assert not reply.has_error(), reply.error
+    sent = torch.tensor(reply.content.metric_records[HISTOGRAM]["counts"])
+    kept = ClientStore(tmp_path).load_local()
+    assert torch.equal(sent, kept["prior.counts"]) and float(kept["prior.noise"]) == 4.0
+    with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:  # the release is charged
+        assert book.get("partition-0").history[0] == (4.0, 1.0, 1)
+    # before the server has an estimate the prior is the release as it is (pseudo-count σ_h)
+    smoothed = sent.clamp(min=0) + 4.0
+    assert torch.allclose(kept["prior.log_prior"], (smoothed / smoothed.sum()).log())
+    later = app(message(plan=RoundPlan(2, 1.5, 0.25, 4, 1e-4, "rdp"), config=config), ctx)
+    assert HISTOGRAM not in later.content.metric_records  # released once, sent once
+
+
+def test_without_federation_shrinkage_no_histogram_leaves_the_client(tmp_path):
+    _, _, reply = _release_round(tmp_path, shrinkage="none")
+    assert not reply.has_error() and HISTOGRAM not in reply.content.metric_records
+
+
+def test_the_client_computes_its_prior_from_the_federation_it_is_sent(tmp_path):
+    config, ctx, _ = _release_round(tmp_path)
+    kept = ClientStore(tmp_path).load_local()
+    prior = FederationPrior(tuple([0.1] * 10), 0.004, 3)
+    reply = app(message(plan=RoundPlan(2, 1.5, 0.25, 4, 1e-4, "rdp", federation=prior),
+                        config=config), ctx)
+    assert not reply.has_error(), reply.error
+    num_train = _num_train(config, ctx)
+    expected = shrink_to_federation(kept["prior.counts"], 4.0, num_train, prior)
+    expected = expected.clamp(min=0) + FEDERATION_PSEUDO_COUNT
+    got = ClientStore(tmp_path).load_local()["prior.log_prior"]
+    assert torch.allclose(got, (expected / expected.sum()).log().float(), atol=1e-6)
+    wrong = FederationPrior((0.5, 0.5), 0.0, 3)  # another model's classes: refused, uncharged
+    with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:
+        before = book.get("partition-0").history
+    bad = app(message(plan=RoundPlan(3, 1.5, 0.25, 4, 1e-4, "rdp", federation=wrong),
+                      config=config), ctx)
+    assert bad.has_error() and "2 classes" in bad.error.reason
+    with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:
+        assert book.get("partition-0").history == before
+
+
+def _num_train(config, ctx) -> int:
+    from fedmoe.config import NodeSettings
+    from fedmoe.data import load_client_data
+
+    node = NodeSettings.from_node_config(ctx.node_config)
+    return len(load_client_data(config, node.partition_id, node.num_partitions).train)
+
+
+def test_the_server_estimates_from_the_releases_and_sends_the_estimate(tmp_path):
+    config = SMALL.replace(label_prior_shrinkage="federation")
+    grid = LocalGrid(3)
+    with LedgerBook(tmp_path / LEDGER_FILE) as book:
+        strategy = FedMoE(config, book=book)
+        arrays = to_arrays_initial(config)
+        sent = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+        assert all(RoundPlan.from_record(m.content["config"]).federation is None for m in sent)
+        replies = grid.send_and_receive(sent)
+        strategy.aggregate_train(1, replies)
+        assert len(strategy.label_histograms) == 3
+        clients = sorted(strategy.label_histograms)
+        expected = federation_prior([torch.tensor(strategy.label_histograms[c]) for c in clients],
+                                    [strategy.plans[c].prior_noise for c in clients],
+                                    [strategy.plans[c].num_train for c in clients])
+        assert strategy.federation == expected
+        evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))
+        nxt = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
+        for msg in [*evaluate, *nxt]:
+            assert RoundPlan.from_record(msg.content["config"]).federation == expected
+        # the checkpoint keeps the releases: a resumed server sends the same estimate
+        fresh = FedMoE(config, book=book)
+        restore_strategy(fresh, strategy_state(strategy))
+        assert fresh.federation == expected
+
+
+@pytest.mark.parametrize("counts,why", [
+    ([1.0] * 3, "must be 10 finite counts"),
+    ([math.nan] * 10, "must be 10 finite counts"),
+    ([1e6] + [0.0] * 9, "no DP release"),
+    ("oops", "'counts' list"),
+])
+def test_a_malformed_release_drops_the_reply_with_its_reason(tmp_path, counts, why):
+    config = SMALL.replace(label_prior_shrinkage="federation")
+    grid = LocalGrid(2)
+    with LedgerBook(tmp_path / LEDGER_FILE) as book:
+        strategy = FedMoE(config, book=book)
+        sent = list(strategy.configure_train(1, to_arrays_initial(config), ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(sent))
+        replies[0].content[HISTOGRAM] = MetricRecord({"counts": counts} if counts != "oops"
+                                                     else {"other": [1.0]})
+        strategy.aggregate_train(1, replies)
+        assert len(strategy.label_histograms) == 1 and strategy.federation is None
+        assert any(why in r for r in strategy.history[-1].rejected), strategy.history[-1].rejected
+
+
+def test_read_histogram_bounds_are_twelve_sigmas_around_zero_and_n():
+    from flwr.app import RecordDict
+
+    def content(values):
+        return RecordDict({HISTOGRAM: MetricRecord({"counts": values})})
+
+    assert read_histogram(RecordDict({}), 3, 10, 1.0) is None
+    assert read_histogram(content([-11.9, 21.9, 5.0]), 3, 10, 1.0) is not None
+    for values in ([-12.1, 0.0, 0.0], [0.0, 22.1, 0.0]):
+        with pytest.raises(ReplyError, match="no DP release"):
+            read_histogram(content(values), 3, 10, 1.0)
