@@ -286,10 +286,11 @@ def _refuse(msg: Message, code: int, reason: str) -> Message:
 
 def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
                     config: FedMoEConfig) -> torch.Tensor | None:
-    """Give the model its personal label prior, once: from the DP label histogram the round
-    plan asks for (σ_h, already charged; the release is kept with the prior, and returned
-    to be sent with the reply), or in a non-private run from the exact counts.
-    Afterwards the prior is a local tensor, kept with the local experts."""
+    """Give the model its personal label prior, once: the DP label histogram the round
+    plan asks for (σ_h, already charged) is drawn and kept with the prior (from which
+    :func:`apply_label_prior` computes it) and returned, to be sent with the reply; in a
+    non-private run the prior is set from the exact counts. Afterwards both are local
+    tensors, kept with the local experts."""
     if not priors:
         return None
     labels = train_set.tensors[1]
@@ -297,7 +298,6 @@ def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
         counts = noisy_label_counts(labels, len(priors[0].log_prior), plan.prior_noise,
                                     secret_generator())
         priors[0].keep_release(counts, plan.prior_noise)
-        apply_label_prior(priors, config, plan.federation, len(train_set))
         return counts
     if not plan.private and config.label_prior_share > 0 and not priors[0].is_set:
         counts = torch.bincount(labels, minlength=len(priors[0].log_prior)).float()
