@@ -1,0 +1,42 @@
+"""``python -m simulations.paired``: paired-by-seed differences and gaps to the best other
+method, checked on rows whose answers are worked out by hand."""
+
+import pytest
+
+from simulations.paired import gaps_table, main, paired_table
+
+
+def _row(split, eps, seed, accuracy, worst, **axes):
+    row = {"axis:split": split, "axis:target-epsilon": str(eps)}
+    row |= {f"axis:{k}": v for k, v in axes.items()}
+    return row | {"seed": str(seed), "method": axes.get("method", "fedmoe"),
+                  "personalized_accuracy": str(accuracy),
+                  "personalized_accuracy_worst_decile": str(worst)}
+
+
+def test_paired_differences_are_per_seed_and_averaged_over_settings():
+    rows = [_row("iid", 8.0, 1, 0.80, 0.6, shrink="a"), _row("iid", 8.0, 1, 0.83, 0.7, shrink="b"),
+            _row("iid", 8.0, 2, 0.90, 0.8, shrink="a"), _row("iid", 8.0, 2, 0.91, 0.9, shrink="b"),
+            _row("iid", 1.0, 1, 0.50, 0.3, shrink="a"), _row("iid", 1.0, 1, 0.40, 0.3, shrink="b")]
+    text = paired_table(rows, "shrink", "a", "b")
+    lines = text.splitlines()
+    assert lines[2] == "| iid | 8 | 0.850 (0.700) | 0.870 (0.800) | +2.0 ± 1.4 | +10.0 ± 0.0 | 2 |"
+    assert lines[3] == "| iid | 1 | 0.500 (0.300) | 0.400 (0.300) | -10.0 ± 0.0 | +0.0 ± 0.0 | 1 |"
+    assert "Mean Δ over the 2 settings: -2.00 points" in text  # (3 + 1 - 10) / 3 seeds-pairs
+    with pytest.raises(ValueError, match="not an axis"):
+        paired_table(rows, "seedless", "a", "b")
+    with pytest.raises(ValueError, match="both"):
+        paired_table(rows, "shrink", "a", "c")
+
+
+def test_gaps_name_the_best_other_method_and_the_best_worst_decile():
+    rows = [_row("iid", 8.0, 1, 0.90, 0.80, method="fedmoe"),
+            _row("iid", 8.0, 1, 0.92, 0.70, method="fedavg"),
+            _row("iid", 8.0, 1, 0.85, 0.85, method="local")]
+    lines = gaps_table(rows).splitlines()
+    assert lines[2] == "| iid | 8 | 0.900 (0.800) | fedavg 0.920 | -2.0 | -5.0 |"
+
+
+def test_the_command_needs_a_results_csv(tmp_path, capsys):
+    assert main([str(tmp_path), "--gaps"]) == 2
+    assert "results.csv" in capsys.readouterr().err
