@@ -8,6 +8,8 @@ A grid file is TOML::
     engine = "inline"            # "inline" (simulations.inline, default) or "flower" (Ray)
     jobs = 1                     # worker processes (--jobs overrides)
     threads = 1                  # torch threads per worker
+    seeded-noise = true          # inline runs: DP noise seeded from the run's id, so a run
+                                 # repeats exactly (simulation only; default true inline)
 
     [base]                       # run-config keys every run shares
     num-server-rounds = 20
@@ -59,6 +61,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +71,8 @@ from fedmoe.storage import write_atomic
 
 ROW, CSV, REPORT = "row.json", "results.csv", "report.md"
 ENGINES = ("inline", "flower")
-EXPERIMENT_KEYS = {"clients": int, "seeds": list, "engine": str, "jobs": int, "threads": int}
+EXPERIMENT_KEYS = {"clients": int, "seeds": list, "engine": str, "jobs": int, "threads": int,
+                   "seeded-noise": bool}
 TABLES = ("experiment", "base", "grid", "method")
 #: Keys the runner sets itself.
 RESERVED = ("seed", "run-dir")
@@ -128,6 +132,9 @@ class Grid:
     jobs: int = 1
     threads: int = 1
     source: dict[str, Any] = field(default_factory=dict)
+    #: inline runs draw their DP noise from seeds derived from the run id
+    #: (:func:`fedmoe.privacy.dp.simulation_noise`): a run repeats exactly
+    seeded_noise: bool = True
 
 
 def load_grid(path: Path) -> Grid:
@@ -221,7 +228,7 @@ def parse_grid(raw: dict[str, Any], name: str = "grid") -> Grid:
         raise GridError(f"{name}: two cells give the same run config (an axis repeats a "
                         "value, or a bundle sets nothing new); make every cell distinct")
     return Grid(tuple(runs), tuple(a for a, _ in axes), exp["engine"], exp["jobs"],
-                exp["threads"], raw)
+                exp["threads"], raw, exp["seeded-noise"])
 
 
 def _experiment(table: dict[str, Any], name: str) -> dict[str, Any]:
@@ -232,7 +239,7 @@ def _experiment(table: dict[str, Any], name: str) -> dict[str, Any]:
     exp = {"clients": 10, "seeds": [1, 2, 3], "engine": "inline", "jobs": 1, "threads": 1}
     for key, value in table.items():
         want = EXPERIMENT_KEYS[key]
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             raise GridError(f"{name}: [experiment] {key} must be a {want.__name__}, got "
                             f"{value!r}")
         exp[key] = value
@@ -247,6 +254,11 @@ def _experiment(table: dict[str, Any], name: str) -> dict[str, Any]:
     if exp["engine"] not in ENGINES:
         raise GridError(f"{name}: [experiment] engine must be one of {ENGINES}, got "
                         f"{exp['engine']!r}")
+    if exp["engine"] == "flower" and table.get("seeded-noise"):
+        raise GridError(f"{name}: [experiment] seeded-noise = true needs engine = \"inline\": "
+                        "Flower's engine runs the clients in Ray workers, which draw their "
+                        "own noise from the OS")
+    exp.setdefault("seeded-noise", exp["engine"] == "inline")
     return exp
 
 
@@ -287,9 +299,12 @@ def _label(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- runs
-def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1) -> dict[str, Any]:
+def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1,
+            seeded_noise: bool = False) -> dict[str, Any]:
     """Run one federation from scratch in ``run_dir`` and return its ``results.csv`` row
-    (also written to ``run_dir/row.json``, which marks the run finished)."""
+    (also written to ``run_dir/row.json``, which marks the run finished). With
+    ``seeded_noise`` (inline only) its DP noise comes from seeds derived from the run id,
+    so running it again gives the same row."""
     import logging
     import warnings
 
@@ -307,7 +322,10 @@ def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1) -
     if engine == "inline":
         from simulations.inline import run_inline
 
-        inline = run_inline(config, run.clients)
+        from fedmoe.privacy.dp import simulation_noise
+
+        with simulation_noise(int(run.run_id, 16)) if seeded_noise else nullcontext():
+            inline = run_inline(config, run.clients)
         results, wall, client = inline.results, inline.wall_seconds, inline.client_time.total
     else:
         results, wall, client = _run_flower(config, run.clients), None, None
@@ -437,7 +455,8 @@ def run_grid(
     if jobs == 1:
         for run in pending:
             try:
-                row = run_one(run, out / "runs" / run.run_id, grid.engine, grid.threads)
+                row = run_one(run, out / "runs" / run.run_id, grid.engine, grid.threads,
+                              grid.seeded_noise)
             except Exception as err:  # noqa: BLE001  (one broken run must not end the grid)
                 failed(run, err)
                 continue
@@ -449,7 +468,7 @@ def run_grid(
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent,
                                  initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_one, run, out / "runs" / run.run_id, grid.engine,
-                                   grid.threads): run for run in pending}
+                                   grid.threads, grid.seeded_noise): run for run in pending}
             for future in as_completed(futures):
                 try:
                     row = future.result()

@@ -1,8 +1,5 @@
 """Build Flower messages, contexts and a grid the way the engine would, without an engine."""
 
-import contextlib
-
-import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -72,26 +69,3 @@ class LocalGrid:
             self.sent.append(msg)
             replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
         return replies
-
-
-@contextlib.contextmanager
-def seeded_dp_noise(seed: int = 0):
-    """Within the block, every generator fedmoe would seed from the OS
-    (:func:`fedmoe.privacy.secret_generator`: Poisson sampling, DP-SGD and label-histogram
-    noise) is seeded ``seed, seed + 1, ...`` in the order asked for, so an in-process run
-    is repeatable. For tests whose figures would otherwise move with the DP noise; never
-    for anything a user runs."""
-    import itertools
-
-    import torch
-
-    import clients.app
-    import fedmoe.privacy.dp
-    import fedmoe.training
-
-    seeds = itertools.count(seed)
-    with pytest.MonkeyPatch.context() as patch:
-        for module in (fedmoe.privacy.dp, fedmoe.training, clients.app):
-            patch.setattr(module, "secret_generator",
-                          lambda: torch.Generator().manual_seed(next(seeds)))
-        yield

@@ -179,10 +179,10 @@ def test_a_failing_run_does_not_end_the_grid(tiny, tmp_path, monkeypatch, capsys
 
     real = experiment.run_one
 
-    def flaky(run, run_dir, engine="inline", threads=1):
+    def flaky(run, run_dir, engine="inline", threads=1, seeded_noise=False):
         if run.config.method == "fedavg":
             raise RuntimeError("partition exploded")
-        return real(run, run_dir, engine, threads)
+        return real(run, run_dir, engine, threads, seeded_noise)
 
     monkeypatch.setattr(experiment, "run_one", flaky)
     out = tmp_path / "out"
@@ -290,3 +290,36 @@ def test_results_page_keeps_its_text_outside_the_report_markers(tmp_path):
     assert text.startswith("# Results\n\nHow we chose.") and text.endswith("End.\n")
     assert "old" not in text and "Produced by `CMD`" in text
     assert "0.600 ± 0.141 (n=2)" in text  # fedavg at ε=8: mean, sample std of 0.5, 0.7
+
+
+def test_inline_runs_repeat_exactly_with_seeded_noise_and_not_without(tiny, tmp_path):
+    """A finished grid run again into another folder gives the same rows: its DP noise
+    comes from seeds derived from each run's id (fedmoe.privacy.dp.simulation_noise)."""
+    import json
+
+    from simulations.experiment import run_grid
+
+    def norms(out, grid):  # every client's update norm in every round, per run
+        return [[c["update_norm"] for r in json.loads(
+                    (out / "runs" / run.run_id / "results.json").read_text())["rounds"]
+                 for c in r["clients"]] for run in grid.runs]
+
+    grid = load_grid(tiny)
+    assert grid.seeded_noise  # the default for the inline engine
+    first, again = run_grid(grid, tmp_path / "a"), run_grid(grid, tmp_path / "b")
+    keys = ("personalized_accuracy", "global_accuracy", "client_accuracy")
+    assert [{k: r[k] for k in keys} for r in first] == [{k: r[k] for k in keys} for r in again]
+    assert norms(tmp_path / "a", grid) == norms(tmp_path / "b", grid)
+    unseeded = parse_grid({**grid.source, "experiment": {**grid.source["experiment"],
+                                                        "seeded-noise": False}})
+    run_grid(unseeded, tmp_path / "c")
+    trained = [n for n in norms(tmp_path / "c", unseeded)[0] if n is not None]
+    assert trained and trained != [n for n in norms(tmp_path / "a", grid)[0] if n is not None]
+
+
+def test_seeded_noise_needs_the_inline_engine():
+    raw = {"experiment": {"engine": "flower", "seeded-noise": True},
+           "grid": {"method": ["fedavg"]}}
+    with pytest.raises(GridError, match="seeded-noise = true needs engine"):
+        parse_grid(raw)
+    assert not parse_grid({**raw, "experiment": {"engine": "flower"}}).seeded_noise

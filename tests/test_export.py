@@ -18,7 +18,7 @@ from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import load_client_data
 from fedmoe.export import (GLOBAL_MODEL, ExportError, export_client, load_export,
                            load_tensors, param_bytes, store_tensors, stored_bytes)
-from tests.helpers import seeded_dp_noise
+from fedmoe.privacy.dp import simulation_noise
 
 CLIENTS = 2
 EPS = torch.finfo(torch.float32).eps  # MinMaxObserver's least scale
@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory):
     from simulations.inline import run_inline
 
     folder = tmp_path_factory.mktemp("export") / "run"
-    with seeded_dp_noise():  # the accuracy figures below must not move with the DP noise
+    with simulation_noise(0):  # the accuracy figures below must not move with the DP noise
         run_inline(FedMoEConfig(num_server_rounds=2, run_dir=str(folder)), CLIENTS)
     return folder
 

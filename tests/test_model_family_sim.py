@@ -10,12 +10,13 @@ import pytest
 from fedmoe.config import FedMoEConfig
 from fedmoe.models import model_for
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
+from fedmoe.privacy.dp import simulation_noise
 from fedmoe.records import to_arrays
 from fedmoe.roles import split_state_dict
 from server.strategy import FedMoE
 from simulations.inline import run_inline
 from simulations.runner import run
-from tests.helpers import LocalGrid, seeded_dp_noise
+from tests.helpers import LocalGrid
 
 # A loose budget: these runs check that each model learns through the federated DP path
 # in two rounds, not what it reaches at ε = 8 (see README for that).
@@ -25,7 +26,7 @@ COMMON = {"num_server_rounds": 2, "target_epsilon": 50.0, "local_epochs": 2}
 @pytest.mark.slow
 @pytest.mark.parametrize("model,gate", [("moe", "attention"), ("hmoe", "linear")])
 def test_classifiers_beat_chance(tmp_path, model, gate):
-    with seeded_dp_noise():  # a threshold on one run: repeatable, not at the noise's mercy
+    with simulation_noise(0):  # a threshold on one run: repeatable, not at the noise's mercy
         results = run_inline(FedMoEConfig(model=model, gate=gate, run_dir=str(tmp_path),
                                           **COMMON), 3).results
     final = results["final"]
@@ -38,7 +39,7 @@ def test_classifiers_beat_chance(tmp_path, model, gate):
 
 @pytest.mark.slow
 def test_multitask_moe_beats_chance_on_every_task(tmp_path):
-    with seeded_dp_noise():
+    with simulation_noise(0):
         results = run_inline(FedMoEConfig(model="mtmoe", run_dir=str(tmp_path), **COMMON),
                              3).results
     final = results["final"]

@@ -291,3 +291,36 @@ def test_plan_refuses_delta_not_below_one_over_n_naming_the_client(delta, n):
 
     with pytest.raises(PlanError, match=rf"client 'hospital-a': δ={delta:g} is not below 1/n"):
         plan_client(FedMoEConfig(target_delta=delta), "hospital-a", num_train=n, budget=8.0)
+
+
+# ----------------------------------------------------------------- simulation noise seeding
+def test_simulation_noise_seeds_in_order_restores_after_and_is_os_noise_outside():
+    from fedmoe.privacy.dp import secret_generator, simulation_noise
+
+    def draw():
+        return torch.randn(4, generator=secret_generator())
+
+    with simulation_noise(5):
+        first, second = draw(), draw()
+        with simulation_noise(5):  # nested: its own sequence, then back to the outer one
+            assert torch.equal(draw(), first)
+        third = draw()
+    assert torch.equal(second, torch.randn(4, generator=torch.Generator().manual_seed(6)))
+    assert torch.equal(third, torch.randn(4, generator=torch.Generator().manual_seed(7)))
+    assert not torch.equal(draw(), draw())  # outside: seeded from the OS each time
+    for bad in (-1, 2 ** 63, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            with simulation_noise(bad):
+                pass
+
+
+def test_only_simulations_and_tests_can_seed_the_noise():
+    """The name appears nowhere in the library, the ClientApp or the ServerApp but where
+    it is defined: a deployment cannot run with predictable noise."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(root)) for folder in ("fedmoe", "clients", "server")
+                   for p in (root / folder).rglob("*.py")
+                   if "simulation_noise" in p.read_text())
+    assert users == ["fedmoe/privacy/dp.py"]

@@ -10,8 +10,10 @@ object, so Opacus hooks are never added twice.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +143,40 @@ def make_private(
     return PrivateTraining(module=module, optimizer=optimizer, loader=loader, mode=mode)
 
 
+#: Inside :func:`simulation_noise` only: the seeds the next generators take (else None).
+_simulation_seeds: Iterator[int] | None = None
+
+
 def secret_generator() -> torch.Generator:
-    """A torch generator seeded from ``os.urandom`` (torch's default seed is a constant)."""
+    """A torch generator seeded from ``os.urandom`` (torch's default seed is a constant);
+    inside :func:`simulation_noise`, from its seed sequence instead."""
+    if _simulation_seeds is not None:
+        return torch.Generator().manual_seed(next(_simulation_seeds))
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+@contextlib.contextmanager
+def simulation_noise(seed: int) -> Iterator[None]:
+    """**Simulations only.** Within the block every generator :func:`secret_generator`
+    hands out — Poisson sampling, DP-SGD noise, the label histogram's noise — is seeded
+    ``seed, seed + 1, ...`` in the order asked for, so an in-process simulation (the
+    inline engine: clients called one after the other) can be repeated exactly.
+
+    Noise an adversary can predict protects nothing: a deployment must never run inside
+    this block. The ClientApp and the ServerApp never call it (tested); ``fedmoe
+    experiment`` uses it for its inline runs (``[experiment] seeded-noise``), seeded from
+    each run's id, and tests use it for figures that must not move with the noise.
+
+    Raises
+    ------
+    ValueError
+        If ``seed`` is not an integer in [0, 2⁶³).
+    """
+    global _simulation_seeds
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    previous, _simulation_seeds = _simulation_seeds, itertools.count(seed)
+    try:
+        yield
+    finally:
+        _simulation_seeds = previous
