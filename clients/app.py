@@ -350,6 +350,19 @@ def personal_model(
         model = method_model(config, server_round)
     local = store.load_local()
     if local is not None:
-        merge_state_dict(model, local, {Role.LOCAL})
+        merge_state_dict(model, _with_release_buffers(model, local), {Role.LOCAL})
     merge_state_dict(model, global_state)
     return model
+
+
+def _with_release_buffers(model: torch.nn.Module, local: dict) -> dict:
+    """Local state written before the label prior kept its DP release (a state dir of an
+    earlier fedmoe) has ``log_prior`` but no ``counts``/``noise``: those take the model's
+    initial values (no release kept), so the stored prior stays exactly as it was."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if (isinstance(module, LabelPrior) and f"{prefix}log_prior" in local
+                and f"{prefix}counts" not in local and f"{prefix}noise" not in local):
+            local = {**local, f"{prefix}counts": module.counts.clone(),
+                     f"{prefix}noise": module.noise.clone()}
+    return local

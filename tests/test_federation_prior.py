@@ -237,3 +237,20 @@ def test_read_histogram_bounds_are_twelve_sigmas_around_zero_and_n():
     for values in ([-12.1, 0.0, 0.0], [0.0, 22.1, 0.0]):
         with pytest.raises(ReplyError, match="no DP release"):
             read_histogram(content(values), 3, 10, 1.0)
+
+
+def test_client_state_from_before_the_kept_release_still_loads_with_its_prior(tmp_path):
+    """A state dir written by an earlier fedmoe has the prior's log π but not the release
+    buffers: the client keeps that prior and trains on (nothing new to release)."""
+    config, ctx, _ = _release_round(tmp_path)
+    store = ClientStore(tmp_path)
+    old = {k: v for k, v in store.load_local().items() if k not in ("prior.counts",
+                                                                   "prior.noise")}
+    store.save_local(old)
+    reply = app(message(plan=RoundPlan(2, 1.5, 0.25, 4, 1e-4, "rdp",
+                                       federation=FederationPrior((0.1,) * 10, 0.01, 3)),
+                        config=config), ctx)
+    assert not reply.has_error(), reply.error
+    kept = store.load_local()
+    assert torch.equal(kept["prior.log_prior"], old["prior.log_prior"])  # not recomputed
+    assert float(kept["prior.noise"]) == 0.0
