@@ -517,7 +517,8 @@ class FedMoE(FedAvg):
             if node not in answered:
                 self._fail(record, "timeout", client, f"no reply within reply-timeout="
                                                       f"{self.config.reply_timeout:g}s")
-        self._update_federation()
+        if self._histogram_due:  # releases came with this round: re-estimate once
+            self._update_federation()
         for reason in record.rejected:
             log(WARNING, "aggregate_train: dropped reply from %s", reason)
         if len(valid) < self.config.min_train_replies:
