@@ -104,6 +104,29 @@ METHOD_SPECS: dict[str, MethodSpec] = {
 }
 
 
+#: Run-config keys only fedmoe's MoE models read — their shape, experts, router, expert
+#: switch, label prior and score scale. The MLP baselines (every method but ``fedmoe``)
+#: build, train and report the same whatever these say (tests/test_experiment.py runs a
+#: baseline with every one of them changed), so a baseline run's identity leaves them out.
+MOE_MODEL_KEYS = frozenset({
+    "gate", "dispatch", "hidden-dim", "expert-hidden-dim", "num-shared-experts",
+    "num-local-experts", "top-k", "balance-coef", "z-loss-coef", "local-pull",
+    "expert-noise-limit", "num-groups", "group-top-k", "expert-depth", "num-layers",
+    "num-heads", "num-always-on-experts", "label-prior-share", "label-prior-shrinkage",
+    "score-scale",
+})
+
+
+def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
+    """The run-config keys that determine a run's result for its method (all of them for
+    ``fedmoe``; without :data:`MOE_MODEL_KEYS` for the baselines)."""
+    keys = config.to_run_config()
+    if config.method != "fedmoe":
+        for key in MOE_MODEL_KEYS:
+            keys.pop(key)
+    return keys
+
+
 def method_spec(name: str) -> MethodSpec:
     """The registered method ``name``.
 

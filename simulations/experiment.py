@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe.config import METHODS, ConfigError, FedMoEConfig, loads_toml
+from fedmoe.methods import result_keys
 from fedmoe.storage import write_atomic
 
 ROW, CSV, REPORT = "row.json", "results.csv", "report.md"
@@ -111,8 +112,9 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        """Hash of everything that determines the run's result."""
-        keys = self.config.to_run_config()
+        """Hash of everything that determines the run's result (for a baseline, the keys
+        only fedmoe's models read are left out: :func:`fedmoe.methods.result_keys`)."""
+        keys = result_keys(self.config)
         keys.pop("run-dir")
         blob = json.dumps({"config": keys, "clients": self.clients}, sort_keys=True,
                           default=str)

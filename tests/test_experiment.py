@@ -323,3 +323,39 @@ def test_seeded_noise_needs_the_inline_engine():
     with pytest.raises(GridError, match="seeded-noise = true needs engine"):
         parse_grid(raw)
     assert not parse_grid({**raw, "experiment": {"engine": "flower"}}).seeded_noise
+
+
+def test_a_baseline_run_does_not_depend_on_the_keys_only_fedmoe_models_read(tmp_path):
+    """Every key of fedmoe.methods.MOE_MODEL_KEYS changed at once: a baseline's run id and
+    its whole result (accuracies, every client's update norm, ε) stay the same, so its
+    finished runs stay valid when a fedmoe default changes; fedmoe's own id changes."""
+    from fedmoe.methods import MOE_MODEL_KEYS
+    from simulations.experiment import run_grid
+
+    changed = {"gate": "attention", "dispatch": "sparse", "hidden-dim": 32,
+               "expert-hidden-dim": 8, "num-shared-experts": 3, "num-local-experts": 1,
+               "top-k": 1, "balance-coef": 0.1, "z-loss-coef": 0.01, "local-pull": 0.5,
+               "expert-noise-limit": 1.0, "num-groups": 3, "group-top-k": 2,
+               "expert-depth": 1, "num-layers": 2, "num-heads": 2,
+               "num-always-on-experts": 0, "label-prior-share": 0.1,
+               "label-prior-shrinkage": "none", "score-scale": False}
+    assert set(changed) == MOE_MODEL_KEYS
+    source = {"experiment": {"clients": 3, "seeds": [1]},
+              "base": {"num-server-rounds": 2, "partitioner": "dirichlet"},
+              "grid": {"method": ["fedavg", "fedper", "local"], "target-epsilon": [8.0]}}
+    plain = parse_grid(source)
+    other = parse_grid({**source, "base": {**source["base"], **changed}})
+    assert [r.run_id for r in plain.runs] == [r.run_id for r in other.runs]
+    assert other.runs[0].config.gate == "attention" and not other.runs[0].config.score_scale
+    keys = ("personalized_accuracy", "global_accuracy", "client_accuracy", "epsilon_per_client")
+    rows = [[{k: r[k] for k in keys} for r in run_grid(g, tmp_path / name)]
+            for g, name in ((plain, "plain"), (other, "other"))]
+    assert rows[0] == rows[1]
+    norms = [[json.loads((tmp_path / name / "runs" / run.run_id / "results.json").read_text())
+              ["rounds"] for run in g.runs] for g, name in ((plain, "plain"), (other, "other"))]
+    assert [[[c.get("update_norm") for c in r["clients"]] for r in run] for run in norms[0]] \
+        == [[[c.get("update_norm") for c in r["clients"]] for r in run] for run in norms[1]]
+    fedmoe = parse_grid({**source, "grid": {"method": ["fedmoe"], "target-epsilon": [8.0]}})
+    fedmoe_other = parse_grid({**source, "base": {**source["base"], "score-scale": False},
+                               "grid": {"method": ["fedmoe"], "target-epsilon": [8.0]}})
+    assert fedmoe.runs[0].run_id != fedmoe_other.runs[0].run_id
