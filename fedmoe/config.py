@@ -79,6 +79,9 @@ MAX_COUNT = 1_024  # experts, groups, layers, heads, depth
 MAX_SEQ_LEN = 8_192
 MAX_WINDOWS = 10_000_000
 MAX_SEED = 2**32 - 1
+#: Run-config keys added after runs had been recorded, each with the value that means
+#: "as before the key existed" (:meth:`FedMoEConfig.from_recorded`).
+ADDED_KEYS: dict[str, Any] = {"score-scale": False}
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
 MAX_WIDTH = 100_000  # mlp-width: at most 7.4M parameters on digits
 MAX_SYNTHETIC = 10_000_000  # generated examples (about 2.6 GB of float32 features)
@@ -289,6 +292,12 @@ class FedMoEConfig:
         counts as they are; ``james-stein``: shrunk towards the client's own mean
         (:func:`~fedmoe.privacy.label_prior.shrink_counts`). All three are post-processing
         of the release (docs/results.md, section 3.3).
+    score_scale : bool (default: true)
+        Models with a personal label prior: a learned ``shared`` scale s of the class
+        scores before the prior is added (:class:`fedmoe.models.prior.ScoreScale`), trained
+        in DP-SGD like every shared tensor. DP-SGD's scores are too flat at small noise
+        and too sharp at large noise for a fixed-weight prior; s calibrates them to it
+        (docs/results.md, section 3.4). Other models and methods ignore it.
     aggregation : str (default: "fedavg")
         How the server combines the valid train replies' ``shared`` and ``gate`` arrays:
         ``fedavg`` (mean weighted by ``num-examples``), ``median`` (coordinate-wise) or
@@ -377,6 +386,7 @@ class FedMoEConfig:
     synthetic_samples: int = 20000
     label_prior_share: float = 0.25
     label_prior_shrinkage: str = "federation"
+    score_scale: bool = True
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     max_update_norm: float = 1000.0
@@ -657,6 +667,19 @@ class FedMoEConfig:
                 f"unknown run-config key(s) {unknown}; valid keys are: {', '.join(by_key)}"
             )
         return cls(**{by_key[k]: v for k, v in run_config.items()})
+
+    @classmethod
+    def from_recorded(cls, run_config: Mapping[str, Any]) -> FedMoEConfig:
+        """Build from a run config a finished run recorded (its ``results.json``): a key
+        added to fedmoe after the run was made is absent there and takes the value that
+        reproduces how the run was made (:data:`ADDED_KEYS`), not today's default.
+
+        Raises
+        ------
+        ConfigError
+            As :meth:`from_run_config`.
+        """
+        return cls.from_run_config({**ADDED_KEYS, **run_config})
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """The flat kebab-case mapping Flower records and TOML accept."""

@@ -137,7 +137,7 @@ def find_client_dir(run_dir: Path, client: str) -> Path:
 def run_config(run_dir: Path) -> FedMoEConfig:
     try:
         results = json.loads((run_dir / "results.json").read_text())
-        return FedMoEConfig.from_run_config(results["config"])
+        return FedMoEConfig.from_recorded(results["config"])
     except (OSError, KeyError, ValueError) as err:
         raise ExportError(f"cannot read the run's config from {run_dir / 'results.json'}: "
                           f"{err}") from err

@@ -159,10 +159,10 @@ def test_every_unit_free_float_key_has_an_upper_bound(key):
 
 def moe_parameters(h: int) -> int:
     """The default ``moe`` by hand: trunk 64→H, head H→10, linear router H→4, four experts
-    H→64→H (each layer weights + bias)."""
+    H→64→H (each layer weights + bias), the score scale (one)."""
     trunk, head, router = 64 * h + h, h * 10 + 10, h * 4 + 4
     expert = h * 64 + 64 + 64 * h + h
-    return trunk + head + router + 4 * expert
+    return trunk + head + router + 4 * expert + 1
 
 
 @pytest.mark.parametrize("model", ["moe", "lmoe", "hmoe", "mtmoe", "tmoe"])
@@ -173,7 +173,7 @@ def test_parameter_count_is_the_built_models(model):
 
 
 def test_model_too_large_is_refused_with_its_size_without_building_it():
-    assert parameter_count(FedMoEConfig(model="moe")) == moe_parameters(64) == 38_350
+    assert parameter_count(FedMoEConfig(model="moe")) == moe_parameters(64) == 38_351
     h = 1_000_000_000
     count = moe_parameters(h)
     with pytest.raises(ConfigError) as err:

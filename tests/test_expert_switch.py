@@ -33,9 +33,12 @@ def test_switch_off_is_scores_plus_prior_and_frozen():
     assert decide_experts(model, noise_scale=0.3, limit=0.1) is False
     assert all(not p.requires_grad for p in model.moe.parameters())
     assert model.trunk.weight.requires_grad
-    logits, aux = model(x)
-    assert torch.allclose(logits, model.prior(model.trunk(x)))
+    training, aux = model(x)  # while training: the scores + prior, and the scale's pair
+    assert torch.allclose(training.logits, model.prior(model.trunk(x)))
     assert torch.equal(aux, torch.zeros(5))
+    model.eval()
+    logits, _ = model(x)  # predicting: the scaled scores + prior
+    assert torch.allclose(logits, model.prior(model.scale(model.trunk(x))))
 
 
 def test_switch_on_at_or_below_the_limit_runs_the_experts():
@@ -45,7 +48,9 @@ def test_switch_on_at_or_below_the_limit_runs_the_experts():
     x = torch.randn(5, 64)
     z = model.trunk(x)
     m, _ = model.moe(z)
-    assert torch.allclose(model(x)[0], model.prior(z + m))
+    assert torch.allclose(model(x)[0].logits, model.prior(z + m))
+    model.eval()
+    assert torch.allclose(model(x)[0], model.prior(model.scale(z + m)))
     assert all(p.requires_grad for p in model.parameters())
 
 

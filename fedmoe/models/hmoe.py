@@ -34,6 +34,7 @@ class HMoEConfig:
     dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
+    score_scale: bool = True  # a learned scale of the shared scores before the prior
 
     def __post_init__(self) -> None:
         check_positive(self, ("in_features", "num_classes", "hidden_dim", "expert_hidden_dim",

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedmoe.config import DISPATCHES, GATES
 from fedmoe.models.layers import ExpertSwitch, TopKMoE
-from fedmoe.models.prior import LabelPrior
+from fedmoe.models.prior import LabelPrior, ScoreScale, personal_logits
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
 
@@ -55,6 +55,7 @@ class MoEConfig:
     dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
+    score_scale: bool = True  # a learned scale of the shared scores before the prior
 
     def __post_init__(self) -> None:
         check_positive(self, ("in_features", "num_classes", "hidden_dim", "expert_hidden_dim",
@@ -81,12 +82,14 @@ class ResidualMoEClassifier(nn.Module):
         self.trunk = nn.Linear(config.in_features, config.hidden_dim)
         self.moe = moe
         self.head = nn.Linear(config.hidden_dim, config.num_classes)
+        self.scale = ScoreScale() if config.score_scale else nn.Identity()
         self.prior = LabelPrior(config.num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.trunk(x))  # (B, H)
         m, aux = self.moe(h)  # (B, H), (B,)
-        return self.prior(self.head(h + m)), aux  # (B, C), (B,)
+        return personal_logits(self.scale, self.prior, self.head(h + m),
+                               training=self.training), aux  # (B, C), (B,)
 
 
 class MoEClassifier(ResidualMoEClassifier):
@@ -124,6 +127,7 @@ class LMoEConfig:
     dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
+    score_scale: bool = True  # a learned scale of the shared scores before the prior
 
     def __post_init__(self) -> None:
         check_positive(self, ("in_features", "num_classes", "expert_hidden_dim",
@@ -171,12 +175,15 @@ class LogitMoEClassifier(nn.Module):
             balance_coef=config.balance_coef,
             z_loss_coef=config.z_loss_coef,
         )
+        self.scale = ScoreScale() if config.score_scale else nn.Identity()
         self.prior = LabelPrior(config.num_classes)
         self.switch = ExpertSwitch(self.moe)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.trunk(x)  # (B, C)
-        if not self.switch.enabled:  # experts off for this client: scores + prior
-            return self.prior(z), x.new_zeros(x.shape[0])  # (B, C), (B,)
+        if not self.switch.enabled:  # experts off for this client: scaled scores + prior
+            return (personal_logits(self.scale, self.prior, z, training=self.training),
+                    x.new_zeros(x.shape[0]))  # (B, C), (B,)
         m, aux = self.moe(z)  # (B, C), (B,)
-        return self.prior(z + m), aux  # (B, C), (B,)
+        return personal_logits(self.scale, self.prior, z + m,
+                               training=self.training), aux  # (B, C), (B,)

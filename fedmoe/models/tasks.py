@@ -24,14 +24,23 @@ MISSING = -1
 
 
 class Classification:
-    """Cross-entropy; metrics: accuracy and mean loss."""
+    """Cross-entropy; metrics: accuracy and mean loss.
+
+    ``outputs`` are logits (B, C), or while a label-prior classifier with a learned score
+    scale trains a :class:`~fedmoe.models.prior.Calibrated` pair, whose per-sample loss is
+    the sum of its two cross-entropies (each trains its own parameters).
+    """
 
     kind = "classify"
 
-    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, tuple):  # Calibrated(logits, calibrated)
+            return sum(F.cross_entropy(o, y, reduction="none") for o in outputs)
         return F.cross_entropy(outputs, y, reduction="none")
 
-    def sums(self, outputs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def sums(self, outputs, y: torch.Tensor) -> dict[str, float]:
+        if isinstance(outputs, tuple):  # scored as the model predicts: calibrated
+            outputs = outputs.calibrated
         return {
             "loss": float(F.cross_entropy(outputs, y, reduction="sum")),
             "correct": float((outputs.argmax(dim=-1) == y).sum()),
