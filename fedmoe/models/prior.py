@@ -33,8 +33,9 @@ from fedmoe.roles import Role, set_role
 #: κ in s = exp(κ·θ): the share of θ in each sample's clipped gradient (its gradient is
 #: κ times d loss / d log s) and the speed of log s (κ² per unit step). At κ = 1 θ took
 #: so much of the clipping bound C that the scores learned more slowly (IID digits,
-#: validation: −0.9, −2.5, −5.3 points at ε = 8, 3, 1); at 0.25 it takes 1/16 as much
-#: and s still reaches the scale a fit of the final scores gives (docs/results.md §3.4).
+#: validation, same noise draws: −0.5, −1.1, −3.1 points at ε = 8, 3, 1 against 0.25);
+#: at 0.25 it takes 1/16 as much and s still reaches, at ε ≥ 3, the scale a fit of the
+#: final scores gives (docs/results.md §3.4).
 SCALE_RATE = 0.25
 
 
