@@ -144,7 +144,7 @@ def build_config(args: argparse.Namespace) -> FedMoEConfig:
     from server.checkpoint import config_differences, load_checkpoint
 
     checkpoint = load_checkpoint(Path(resume))
-    given = FedMoEConfig.from_run_config({**checkpoint.config, **overrides, "resume": True})
+    given = FedMoEConfig.from_recorded({**checkpoint.config, **overrides, "resume": True})
     differ = config_differences(checkpoint.config, given)
     if differ:
         raise ConfigError(f"--resume {resume}: the run config differs from the run folder's in "

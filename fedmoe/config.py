@@ -297,7 +297,8 @@ class FedMoEConfig:
         scores before the prior is added (:class:`fedmoe.models.prior.ScoreScale`), trained
         in DP-SGD like every shared tensor. DP-SGD's scores are too flat at small noise
         and too sharp at large noise for a fixed-weight prior; s calibrates them to it
-        (docs/results.md, section 3.4). Other models and methods ignore it.
+        (docs/results.md, section 3.4). Other models and methods, and runs without a
+        label prior (``label-prior-share = 0``), have no scale.
     aggregation : str (default: "fedavg")
         How the server combines the valid train replies' ``shared`` and ``gate`` arrays:
         ``fedavg`` (mean weighted by ``num-examples``), ``median`` (coordinate-wise) or

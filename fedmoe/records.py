@@ -435,7 +435,8 @@ def read_server_message(
 
     ``decode=False`` leaves the tensors out (``{}``): a message whose tensors are encoded
     (``downlink``) is read with :func:`receive_global`, which needs what the client holds."""
-    config = FedMoEConfig.from_run_config(dict(content.config_records[RUN_CONFIG]))
+    # a server of an earlier fedmoe sends no key it did not have: read as it meant it
+    config = FedMoEConfig.from_recorded(dict(content.config_records[RUN_CONFIG]))
     plan = RoundPlan.from_record(content.config_records[CONFIG])
     arrays = content.array_records.get(ARRAYS)
     if not decode or arrays is None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe.config import ConfigError, FedMoEConfig
+from fedmoe.config import ADDED_KEYS, ConfigError, FedMoEConfig
 from fedmoe.privacy import LEDGER_FILE, ClientPlan, LedgerBook
 from fedmoe.records import ClientInfo, EvalReport, TrainReport
 from fedmoe.reporting import RESULTS
@@ -129,7 +129,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: written by fedmoe {meta['fedmoe']}, this is fedmoe "
                               f"{fedmoe_version()}; resume it with the version that wrote it")
     try:
-        FedMoEConfig.from_run_config(checkpoint.config)
+        FedMoEConfig.from_recorded(checkpoint.config)
     except ConfigError as err:
         raise CheckpointError(f"{path}: its run config is not valid for this fedmoe ({err})") \
             from None
@@ -137,7 +137,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 
 
 def config_differences(saved: dict[str, Any], config: FedMoEConfig) -> list[str]:
-    """``key (run folder: X, now: Y)`` for every run-config key that differs."""
+    """``key (run folder: X, now: Y)`` for every run-config key that differs (a key added
+    to fedmoe after the checkpoint was written counts as its :data:`ADDED_KEYS` value)."""
+    saved = {**ADDED_KEYS, **saved}
     now = config.to_run_config()
     return [f"{key} (run folder: {saved.get(key)!r}, now: {now.get(key)!r})"
             for key in sorted(set(saved) | set(now))

@@ -225,8 +225,9 @@ def parse_grid(raw: dict[str, Any], name: str = "grid") -> Grid:
                                 f" exceeds [experiment] clients = {exp['clients']}: the server "
                                 "would wait forever; lower min-available-clients")
             runs.append(Run(labels, config, exp["clients"]))
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
+    configs = [json.dumps([r.config.to_run_config(), r.clients], sort_keys=True, default=str)
+               for r in runs]
+    if len(set(configs)) != len(configs):
         raise GridError(f"{name}: two cells give the same run config (an axis repeats a "
                         "value, or a bundle sets nothing new); make every cell distinct")
     return Grid(tuple(runs), tuple(a for a, _ in axes), exp["engine"], exp["jobs"],
@@ -429,9 +430,9 @@ def run_grid(
         done = out / "runs" / run.run_id / ROW
         if done.is_file():
             rows[run.run_id] = json.loads(done.read_text())
-        else:
+        elif run.run_id not in {r.run_id for r in pending}:  # a shared baseline runs once
             pending.append(run)
-    total = len(grid.runs)
+    total = len({run.run_id for run in grid.runs})
     echo(f"fedmoe experiment: {total} runs ({len(rows)} already finished, {len(pending)} to "
          f"run) · engine {grid.engine} · {jobs} job(s) · results in {out}")
     started, finished = time.time(), 0
@@ -440,7 +441,7 @@ def run_grid(
         nonlocal finished
         finished += 1
         rows[run.run_id] = row
-        write_outputs(out, [rows[r.run_id] for r in grid.runs if r.run_id in rows], grid.axes)
+        write_outputs(out, _cell_rows(grid, rows), grid.axes)
         elapsed = time.time() - started
         eta = elapsed / finished * (len(pending) - finished)
         echo(f"[{len(rows)}/{total}] {run.describe()} · acc {_fmt(row['personalized_accuracy'])}"
@@ -479,10 +480,23 @@ def run_grid(
                     continue
                 done(futures[future], row)
     if not pending or (rows and failures):
-        write_outputs(out, [rows[r.run_id] for r in grid.runs if r.run_id in rows], grid.axes)
+        write_outputs(out, _cell_rows(grid, rows), grid.axes)
     if failures:
         raise GridRunError(failures)
-    return [rows[r.run_id] for r in grid.runs]
+    return _cell_rows(grid, rows)
+
+
+def _cell_rows(grid: Grid, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per finished cell × seed, in grid order. A baseline run shared by cells that
+    differ only in keys it does not read (:data:`fedmoe.methods.MOE_MODEL_KEYS`) ran once;
+    each of those cells' rows has the run's results under the cell's own labels and keys."""
+    out = []
+    for run in grid.runs:
+        if run.run_id in rows:
+            keys = run.config.to_run_config()
+            keys.pop("run-dir")
+            out.append(rows[run.run_id] | {f"axis:{k}": v for k, v in run.labels} | keys)
+    return out
 
 
 def _die_with_parent(parent: int, poll_seconds: float = 1.0) -> None:

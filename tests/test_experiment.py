@@ -359,3 +359,25 @@ def test_a_baseline_run_does_not_depend_on_the_keys_only_fedmoe_models_read(tmp_
     fedmoe_other = parse_grid({**source, "base": {**source["base"], "score-scale": False},
                                "grid": {"method": ["fedmoe"], "target-epsilon": [8.0]}})
     assert fedmoe.runs[0].run_id != fedmoe_other.runs[0].run_id
+
+
+def test_a_baseline_crossed_with_a_fedmoe_only_axis_runs_once_and_reports_every_cell(tmp_path):
+    """method × score-scale: fedmoe runs twice, the baseline once (its two cells are one run
+    config for it), and the CSV has all four cells, each under its own labels."""
+    from simulations.experiment import run_grid
+
+    grid = parse_grid({"experiment": {"clients": 3, "seeds": [1]},
+                       "base": {"num-server-rounds": 1},
+                       "grid": {"method": ["fedmoe", "fedavg"], "score-scale": [False, True]}})
+    assert len({r.run_id for r in grid.runs}) == 3
+    rows = run_grid(grid, tmp_path / "out")
+    assert [(r["axis:method"], r["axis:score-scale"]) for r in rows] == [
+        ("fedmoe", "false"), ("fedmoe", "true"), ("fedavg", "false"), ("fedavg", "true")]
+    assert [r["score-scale"] for r in rows] == [False, True, False, True]
+    assert rows[2]["personalized_accuracy"] == rows[3]["personalized_accuracy"]
+    assert rows[2]["run"] == rows[3]["run"] != rows[0]["run"]
+    assert len(list((tmp_path / "out" / "runs").iterdir())) == 3
+    assert len(read_csv(tmp_path / "out" / CSV)) == 4
+    with pytest.raises(GridError, match="same run config"):
+        parse_grid({"experiment": {"clients": 3, "seeds": [1]},
+                    "grid": {"method": ["fedavg"], "score-scale": [True, True]}})

@@ -160,3 +160,60 @@ def test_a_run_recorded_before_the_scale_loads_as_it_was_made(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"config": recorded}))
     from fedmoe.export import run_config
     assert run_config(tmp_path).score_scale is False
+
+
+def _recorded_before(config: FedMoEConfig | None = None) -> dict:
+    """A run config as an fedmoe before the added keys wrote it."""
+    recorded = (config or FedMoEConfig()).to_run_config()
+    for key in ADDED_KEYS:
+        del recorded[key]
+    return recorded
+
+
+def test_a_checkpoint_written_before_the_scale_resumes_with_its_own_model(tmp_path):
+    from server.checkpoint import config_differences
+
+    old = _recorded_before()
+    resumed = FedMoEConfig.from_recorded({**old, "resume": True})
+    assert not resumed.score_scale
+    assert config_differences(old, resumed) == []
+    assert config_differences(old, FedMoEConfig(resume=True)) == [
+        "score-scale (run folder: False, now: True)"]
+
+
+def test_a_message_of_a_server_before_the_scale_builds_the_model_it_sends():
+    """An upgraded client of a federation whose server is older: the message's config has
+    no score-scale, its global tensors no scale; the client's model must fit them."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fedmoe.records import ARRAYS, CONFIG, RUN_CONFIG, RoundPlan, read_server_message
+    from fedmoe.roles import merge_state_dict, split_state_dict
+
+    sender = method_model(FedMoEConfig(score_scale=False))
+    content = RecordDict({CONFIG: RoundPlan(1).to_record(),
+                          RUN_CONFIG: ConfigRecord(_recorded_before()),
+                          ARRAYS: ArrayRecord(split_state_dict(sender))})
+    global_state, _, config = read_server_message(content)
+    assert not config.score_scale
+    merge_state_dict(method_model(config), global_state)  # raised RoleError before
+
+
+def test_an_export_pickled_before_the_scale_predicts_as_it_did():
+    import io
+
+    model = method_model(FedMoEConfig(score_scale=False)).eval()
+    x = torch.rand(4, 64)
+    expected = model(x)[0]
+    del model._modules["scale"]  # the object an earlier fedmoe pickled had no such module
+    with pytest.raises(AttributeError):
+        model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x)[0], expected)
+
+
+def test_no_scale_without_a_label_prior():
+    config = FedMoEConfig(label_prior_share=0.0)
+    assert config.score_scale and "scale.log_scale" not in tensor_roles(method_model(config))

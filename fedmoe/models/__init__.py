@@ -89,7 +89,8 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
     if config.model in ("moe", "lmoe", "hmoe"):  # the data's shape; 0 = digits' 64 and 10
         common |= {"in_features": config.num_features or EMBEDDED_SHAPE[0],
                    "num_classes": config.num_classes or EMBEDDED_SHAPE[1],
-                   "score_scale": config.score_scale}
+                   # the scale calibrates scores to a prior: none without one
+                   "score_scale": config.score_scale and config.label_prior_share > 0}
     if config.model == "moe":
         return common | {"num_shared_experts": config.num_shared_experts}
     if config.expert_hidden_dim:  # 0 = the model config's own default

@@ -40,6 +40,13 @@ def check_top_k(config) -> None:
                          f"{config.num_local_experts} local)")
 
 
+def _without_scale_as_before(model: nn.Module) -> None:
+    """A model pickled before the score scale existed (an export file of an earlier
+    fedmoe) has no ``scale``: it predicts as it did, with none (``nn.Identity``)."""
+    if "scale" not in model._modules:
+        model._modules["scale"] = nn.Identity()
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Shape of a :class:`MoEClassifier` (defaults fit scikit-learn's 8x8 digits)."""
@@ -84,6 +91,10 @@ class ResidualMoEClassifier(nn.Module):
         self.head = nn.Linear(config.hidden_dim, config.num_classes)
         self.scale = ScoreScale() if config.score_scale else nn.Identity()
         self.prior = LabelPrior(config.num_classes)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _without_scale_as_before(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.trunk(x))  # (B, H)
@@ -178,6 +189,10 @@ class LogitMoEClassifier(nn.Module):
         self.scale = ScoreScale() if config.score_scale else nn.Identity()
         self.prior = LabelPrior(config.num_classes)
         self.switch = ExpertSwitch(self.moe)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _without_scale_as_before(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.trunk(x)  # (B, C)
