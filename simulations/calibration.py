@@ -19,6 +19,7 @@ Reads only: every run folder is left as it was.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
@@ -27,9 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedmoe.config import NodeSettings
+from fedmoe.config import FedMoEConfig, NodeSettings
 from fedmoe.data import load_client_data
 from fedmoe.export import personalised_model
+from fedmoe.methods import has_label_prior
 from fedmoe.models.prior import ScoreScale, label_priors
 
 
@@ -89,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="only runs whose axis KEY has this value (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    import csv
-
     with open(args.out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     wanted = dict(a.split("=", 1) for a in args.axis)
@@ -123,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def label_priors_in(results: dict) -> bool:
     """Whether a run's recorded config trains a label-prior model."""
-    from fedmoe.config import FedMoEConfig
-    from fedmoe.methods import has_label_prior
-
     return has_label_prior(FedMoEConfig.from_recorded(results["config"]))
 
 
