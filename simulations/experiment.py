@@ -426,11 +426,13 @@ def run_grid(
     write_atomic(out / "grid.json", json.dumps(grid.source, indent=2, default=str).encode())
     rows: dict[str, dict[str, Any]] = {}
     pending: list[Run] = []
+    queued: set[str] = set()
     for run in grid.runs:
         done = out / "runs" / run.run_id / ROW
         if done.is_file():
             rows[run.run_id] = json.loads(done.read_text())
-        elif run.run_id not in {r.run_id for r in pending}:  # a shared baseline runs once
+        elif run.run_id not in queued:  # a baseline shared by several cells runs once
+            queued.add(run.run_id)
             pending.append(run)
     total = len({run.run_id for run in grid.runs})
     echo(f"fedmoe experiment: {total} runs ({len(rows)} already finished, {len(pending)} to "
