@@ -35,10 +35,15 @@ from fedmoe.methods import has_label_prior
 from fedmoe.models.prior import ScoreScale, label_priors
 
 
+def _scale(model: torch.nn.Module) -> ScoreScale | None:
+    """The model's learned score scale (None for a model without one)."""
+    return next((m for m in model.modules() if isinstance(m, ScoreScale)), None)
+
+
 def _scores(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared scores before the scale and prior (B, C), and the prior log π (C,)."""
     prior = label_priors(model)[0]
-    scale = next((m for m in model.modules() if isinstance(m, ScoreScale)), None)
+    scale = _scale(model)
     saved = prior.log_prior.clone(), None if scale is None else scale.log_scale.detach().clone()
     with torch.no_grad():
         prior.log_prior.zero_()
@@ -57,7 +62,7 @@ def run_calibration(run_dir: Path, clients: int) -> dict[str, float]:
     for c in range(clients):
         config, model = personalised_model(run_dir, f"partition-{c}",
                                            NodeSettings(partition_id=c, num_partitions=clients))
-        scale = next((m for m in model.modules() if isinstance(m, ScoreScale)), None)
+        scale = _scale(model)
         learned = scale.scale if scale is not None else 1.0
         data = load_client_data(config, c, clients, config.phase(config.num_server_rounds))
         for split, out in ((data.train, train), (data.test, evaluation)):
