@@ -108,3 +108,35 @@ def aggregate(
             raise ValueError(f"unknown aggregation {method!r}")
         out[key] = np.asarray(value).astype(np.asarray(first).dtype)
     return out
+
+
+def server_step(
+    global_arrays: Arrays,
+    combined: Arrays,
+    velocity: dict[str, np.ndarray],
+    momentum: float,
+    learning_rate: float,
+) -> dict[str, np.ndarray]:
+    """The new global arrays after the server optimiser's step on the aggregate (FedAvgM).
+
+    With Δ = ``combined`` − ``global_arrays`` (the aggregated update), ``velocity`` is set
+    to v = ``momentum`` · v + Δ (in place, float64; a missing key starts at 0) and the
+    result is ``global_arrays`` + ``learning_rate`` · v, cast to the global arrays' dtype.
+    ``momentum = 0`` with ``learning_rate = 1`` returns ``combined`` itself (plain FedAvg,
+    bit for bit). Source: Hsu, Qi, Brown, "Measuring the effects of non-identical data
+    distribution for federated visual classification", 2019 (arXiv:1909.06335), FedAvgM;
+    Reddi et al., "Adaptive federated optimization", ICLR 2021, Alg. 1 (server optimiser
+    on the pseudo-gradient −Δ). Reads only DP outputs and the server's own state:
+    post-processing, no privacy cost.
+    """
+    if momentum == 0.0 and learning_rate == 1.0:
+        return dict(combined)
+    out: dict[str, np.ndarray] = {}
+    for key, value in combined.items():
+        base = np.asarray(global_arrays[key], dtype=np.float64)
+        delta = np.asarray(value, dtype=np.float64) - base
+        v = velocity.get(key)
+        v = delta if v is None else momentum * v + delta
+        velocity[key] = v
+        out[key] = (base + learning_rate * v).astype(np.asarray(global_arrays[key]).dtype)
+    return out

@@ -8,7 +8,8 @@ atomically (temp file, fsync, rename) after each round's evaluation, holds:
 - the strategy's state: every client's plan (σ, q, steps, δ: calibrated once per run), what
   each client declared, exclusions, the clients sent their label histogram (and, with
   ``label-prior-shrinkage = "federation"``, the histograms they released), the per-round
-  history (what ``results.json`` reports) and the sampling RNG's state;
+  history (what ``results.json`` reports) and the sampling RNG's state, and the server
+  optimiser's momentum (``server-momentum``) per global array;
 - Flower's run id (the simulated clients' state folder is named by it) and the number of
   simulated clients.
 
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedmoe.config import ADDED_KEYS, ConfigError, FedMoEConfig
+from fedmoe.methods import unread_keys
 from fedmoe.privacy import LEDGER_FILE, ClientPlan, LedgerBook
 from fedmoe.records import ClientInfo, EvalReport, TrainReport
 from fedmoe.reporting import RESULTS
@@ -71,6 +73,7 @@ class Checkpoint:
     engine: str | None
     finished: bool
     wall_seconds: float
+    velocity: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- writing, reading
@@ -80,17 +83,18 @@ def save_checkpoint(
     finished: bool = False, wall_seconds: float = 0.0,
 ) -> Path:
     """Write ``<run_dir>/checkpoint.npz`` atomically (a crash leaves the old one or the new)."""
-    keys = list(arrays)
+    keys, moving = list(arrays), sorted(strategy.velocity)
     meta = {
         "format": FORMAT, "fedmoe": fedmoe_version(), "round": server_round,
         "config": strategy.config.to_run_config(), "strategy": strategy_state(strategy),
         "run_id": run_id, "num_clients": num_clients, "engine": engine, "finished": finished,
-        "keys": keys,
+        "keys": keys, "velocity_keys": moving,
         "wall_seconds": wall_seconds,
     }
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-             **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)})
+             **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)},
+             **{f"v{i}": strategy.velocity[k] for i, k in enumerate(moving)})
     path = Path(run_dir) / CHECKPOINT
     write_atomic(path, buffer.getvalue())
     return path
@@ -116,10 +120,12 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
                 raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this "
                                       f"fedmoe reads format {FORMAT}; it cannot be resumed")
             arrays = {k: data[f"a{i}"] for i, k in enumerate(meta["keys"])}
+            # written before server-momentum existed: no velocity (none was kept then)
+            velocity = {k: data[f"v{i}"] for i, k in enumerate(meta.get("velocity_keys", []))}
         checkpoint = Checkpoint(int(meta["round"]), arrays, dict(meta["config"]),
                                 dict(meta["strategy"]), meta["run_id"], meta["num_clients"],
                                 meta["engine"], bool(meta["finished"]),
-                                float(meta["wall_seconds"]))
+                                float(meta["wall_seconds"]), velocity)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
@@ -138,12 +144,17 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 
 def config_differences(saved: dict[str, Any], config: FedMoEConfig) -> list[str]:
     """``key (run folder: X, now: Y)`` for every run-config key that differs (a key added
-    to fedmoe after the checkpoint was written counts as its :data:`ADDED_KEYS` value)."""
+    to fedmoe after the checkpoint was written counts as its :data:`ADDED_KEYS` value),
+    except keys the run's method and model do not read (:func:`fedmoe.methods.unread_keys`:
+    a digits run resumes whatever ``unigram-prior`` says)."""
     saved = {**ADDED_KEYS, **saved}
     now = config.to_run_config()
+    unread = unread_keys(config) if saved.get("method") == config.method and saved.get(
+        "model") == config.model else frozenset()
     return [f"{key} (run folder: {saved.get(key)!r}, now: {now.get(key)!r})"
             for key in sorted(set(saved) | set(now))
-            if key not in NOT_COMPARED and saved.get(key) != now.get(key)]
+            if key not in NOT_COMPARED and key not in unread
+            and saved.get(key) != now.get(key)]
 
 
 def prepare_run_folder(
@@ -220,8 +231,11 @@ def strategy_state(strategy: FedMoE) -> dict[str, Any]:
     }
 
 
-def restore_strategy(strategy: FedMoE, state: dict[str, Any]) -> None:
-    """Put ``state`` (:func:`strategy_state`) back into a fresh strategy."""
+def restore_strategy(strategy: FedMoE, state: dict[str, Any],
+                     velocity: dict[str, np.ndarray] | None = None) -> None:
+    """Put ``state`` (:func:`strategy_state`) and the server optimiser's ``velocity``
+    (:attr:`Checkpoint.velocity`) back into a fresh strategy."""
+    strategy.velocity = {k: np.asarray(v, dtype=np.float64) for k, v in (velocity or {}).items()}
     strategy.plans = {c: ClientPlan(**{**p, "prior": tuple(map(tuple, p["prior"]))})
                       for c, p in state["plans"].items()}
     strategy.declared = {c: ClientInfo(**{**i, "history": tuple(map(tuple, i["history"]))})

@@ -24,7 +24,8 @@ construction and weighted averaging are Flower's; FedMoE adds
   only, with its reason in the round's ``rejected`` and a count in ``failures``;
 - aggregation by ``aggregation`` (FedAvg, median or trimmed mean:
   :func:`server.aggregation.aggregate`), only with at least ``min-train-replies`` valid
-  replies (else the global model stays as it was);
+  replies (else the global model stays as it was), then the server optimiser's step
+  (``server-momentum``, ``server-learning-rate``: :func:`server.aggregation.server_step`);
 - bounded waits: ``reply-timeout`` for every round's replies (a reply not back in time is
   counted as a timeout) and for ``min-available-clients`` nodes to connect (the run then
   stops saying how many came); while it waits it logs why;
@@ -68,7 +69,7 @@ from flwr.supercore import log
 
 from fedmoe.compression import Codec
 from fedmoe.config import FedMoEConfig
-from fedmoe.methods import label_prior_classes
+from fedmoe.methods import label_prior_spec
 from fedmoe.privacy import (
     BudgetExceededError,
     ClientPlan,
@@ -80,7 +81,7 @@ from fedmoe.privacy import (
     delta_error,
     plan_client,
 )
-from fedmoe.privacy.label_prior import FederationPrior, federation_prior
+from fedmoe.privacy.label_prior import FederationPrior, federation_prior, histogram_size
 from fedmoe.privacy.ledger import client_sort_key
 from fedmoe.records import (
     ARRAYS,
@@ -102,7 +103,7 @@ from fedmoe.records import (
     server_message,
     update_bytes,
 )
-from server.aggregation import aggregate, check_update
+from server.aggregation import aggregate, check_update, server_step
 
 #: Relative difference between a client's reported ε and the server's that is flagged.
 MISMATCH_TOLERANCE = 1e-6
@@ -196,7 +197,7 @@ class FedMoE(FedAvg):
         self.excluded: dict[str, str] = {}  # client id -> why it gets no more rounds
         self.failed_nodes: dict[int, str] = {}  # nodes whose query failed -> why
         #: whether the run's model has a personal label prior (a DP histogram per client)
-        self._prior_classes = label_prior_classes(config)
+        self._prior_classes, self._prior_windows = label_prior_spec(config)
         self.label_prior = self._prior_classes > 0
         self._histograms: set[str] = set()  # clients sent their label-histogram round
         #: label-prior-shrinkage = "federation": the released histograms received (client
@@ -210,6 +211,8 @@ class FedMoE(FedAvg):
         #: global keys -> (shape, dtype) of this round's global arrays, and the arrays
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._global: dict[str, np.ndarray] = {}
+        #: The server optimiser's momentum per global array (``server-momentum``; float64).
+        self.velocity: dict[str, np.ndarray] = {}
         #: node -> client of this round's train messages (to count the missing replies)
         self._sent: dict[int, str] = {}
         self._upload = Codec.upload(config)
@@ -588,7 +591,8 @@ class FedMoE(FedAvg):
         self.federation = federation_prior(
             [torch.tensor(self.label_histograms[c]) for c in known],
             [self.plans[c].prior_noise for c in known],
-            [self.plans[c].num_train for c in known])
+            [histogram_size(self.label_histograms[c], self.plans[c].num_train,
+                            self._prior_windows) for c in known])
 
     def _fail(self, record: RoundRecord, kind: str, client: str, why: str) -> None:
         record.failures[kind] += 1
@@ -604,6 +608,8 @@ class FedMoE(FedAvg):
             log(WARNING, "aggregate_train: the %s of %s replies is not finite; the global "
                 "model stays as it was", c.aggregation, len(valid))
             return None
+        combined = server_step(self._global, combined, self.velocity, c.server_momentum,
+                               c.server_learning_rate)
         return ArrayRecord({k: Array(v) for k, v in combined.items()})
 
     def ledger_epsilons(self, clients: Iterable[str] | None = None) -> dict[str, float]:

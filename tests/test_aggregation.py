@@ -16,7 +16,7 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import ARRAYS, METRICS, ReplyError, TrainReport, to_arrays
 from fedmoe.roles import split_state_dict
 from fedmoe.models import model_for
-from server.aggregation import aggregate, check_update
+from server.aggregation import aggregate, check_update, server_step
 from server.strategy import FedMoE
 from tests.helpers import SMALL, LocalGrid
 
@@ -83,9 +83,48 @@ def test_check_update_norm_zero_and_zeroed_model():
     assert check_update({}, {}, 1.0) == 0.0  # method 'local': nothing is shared
 
 
+def test_server_momentum_is_fedavgm_against_a_naive_loop():
+    """Hsu et al. 2019: v_t = β v_{t-1} + Δ_t, x_t = x_{t-1} + η v_t with Δ_t the
+    aggregate minus the global model, over several rounds, in plain float64 Python."""
+    beta, eta = 0.9, 0.3
+    rng = np.random.default_rng(5)
+    x = {"w": rng.normal(size=(3, 4)).astype(np.float32)}
+    naive_x, naive_v = x["w"].astype(np.float64).ravel().tolist(), [0.0] * 12
+    velocity: dict = {}
+    for _ in range(4):
+        combined = {"w": (x["w"] + rng.normal(size=(3, 4))).astype(np.float32)}
+        delta = (combined["w"].astype(np.float64) - x["w"].astype(np.float64)).ravel()
+        naive_v = [beta * v + d for v, d in zip(naive_v, delta, strict=True)]
+        naive_x = [float(a) + eta * v for a, v in zip(x["w"].ravel(), naive_v, strict=True)]
+        x = server_step(x, combined, velocity, beta, eta)
+        assert x["w"].dtype == np.float32
+        np.testing.assert_allclose(velocity["w"].ravel(), naive_v, rtol=1e-12)
+        np.testing.assert_allclose(x["w"].ravel(), naive_x, rtol=1e-6)
+
+
+def test_no_momentum_and_step_one_is_the_aggregate_bit_for_bit():
+    replies = _replies(3)
+    combined = aggregate(replies, [1.0, 2.0, 3.0], "fedavg")
+    velocity: dict = {}
+    out = server_step(replies[0], combined, velocity, 0.0, 1.0)
+    assert all(out[k] is combined[k] for k in combined) and not velocity
+    # β = 0 with another step: x + η Δ, no memory of earlier rounds
+    out = server_step(replies[0], combined, velocity, 0.0, 0.5)
+    for key in combined:
+        np.testing.assert_allclose(out[key], 0.5 * (replies[0][key] + combined[key]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("aggregation", "mean", "aggregation must be one of"),
     ("trim-fraction", 0.5, "trim-fraction must be in"),
+    ("server-momentum", 1.0, "server-momentum must be in"),
+    ("server-momentum", -0.1, "server-momentum must be in"),
+    ("server-momentum", math.nan, "server-momentum"),
+    ("server-momentum", "0.9", "server-momentum"),
+    ("server-learning-rate", 0.0, "server-learning-rate must be in"),
+    ("server-learning-rate", -1.0, "server-learning-rate must be in"),
+    ("server-learning-rate", 11.0, "server-learning-rate must be in"),
+    ("server-learning-rate", math.inf, "server-learning-rate"),
     ("max-update-norm", 0.0, "max-update-norm must be in"),
     ("max-update-norm", 1e7, "max-update-norm must be in"),
     ("min-train-replies", 0, "min-train-replies must be in"),

@@ -24,6 +24,7 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.storage import RunFolderBusy
 from server import checkpoint as ckpt
 from server.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
+from server import strategy as strategy_module
 from server.strategy import FedMoE
 from simulations.inline import run_inline
 
@@ -106,6 +107,37 @@ def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path, monkeypatch,
     assert load_checkpoint(run_dir).finished
     with pytest.raises(CheckpointError, match="that run is finished"):
         run_inline(config.replace(resume=True), 3)
+
+
+def test_a_resumed_run_continues_the_server_momentum(tmp_path, monkeypatch):
+    """The server optimiser's velocity is part of the checkpoint: the resumed round 3
+    starts from the velocity the crashed run had after round 2, not from zero."""
+    run_dir = tmp_path / "momentum"
+    config = CONFIG.replace(run_dir=str(run_dir), num_server_rounds=3, server_momentum=0.9,
+                            server_learning_rate=0.5)
+    steps: list[tuple[dict, dict]] = []  # (velocity before, after) per server step
+    step = strategy_module.server_step
+
+    def spy(global_arrays, combined, velocity, momentum, learning_rate):
+        before = {k: v.copy() for k, v in velocity.items()}
+        out = step(global_arrays, combined, velocity, momentum, learning_rate)
+        steps.append((before, {k: v.copy() for k, v in velocity.items()}))
+        return out
+
+    monkeypatch.setattr(strategy_module, "server_step", spy)
+    _run_until_crash(monkeypatch, config, 3)
+    assert len(steps) == 2 and not steps[0][0]  # rounds 1, 2; round 1 starts at zero
+    after_2 = steps[-1][1]
+    assert after_2 and all(np.any(v) for v in after_2.values())
+    saved = load_checkpoint(run_dir).velocity
+    assert saved.keys() == after_2.keys()
+    for key, value in after_2.items():
+        np.testing.assert_array_equal(saved[key], value)
+    steps.clear()
+    run_inline(config.replace(resume=True), 3)
+    assert len(steps) == 1  # round 3 only
+    for key, value in after_2.items():
+        np.testing.assert_array_equal(steps[0][0][key], value)
 
 
 def test_a_round_charged_when_the_server_died_stays_spent_and_is_not_rerun(tmp_path,
@@ -212,6 +244,7 @@ def test_a_second_writer_is_locked_out(tmp_path):
 #: configure round KILL_AT (after round KILL_AT - 1 finished and was checkpointed).
 KILLER = """
 import os, signal, sys
+from server import strategy as strategy_module
 from server.strategy import FedMoE
 original = FedMoE.configure_train
 def configure_train(self, server_round, *args, **kwargs):
@@ -265,3 +298,17 @@ def test_sigkill_after_round_2_of_4_then_resume_equals_an_uninterrupted_run(tmp_
     for entries in ledgers(out).values():
         rounds = [e[0] for e in entries[:-1]]
         assert all(rounds.count(r) == 1 for r in set(rounds) - {rounds[0]})
+
+
+def test_a_key_the_model_does_not_read_never_blocks_a_resume():
+    """A digits run folder written before ``unigram-prior`` (a tmoe key) existed resumes
+    under today's defaults; a tmoe one does not, its model would differ."""
+    digits = FedMoEConfig().to_run_config()
+    del digits["unigram-prior"]
+    assert ckpt.config_differences(digits, FedMoEConfig(resume=True)) == []
+    text = FedMoEConfig(model="tmoe").to_run_config()
+    del text["unigram-prior"]
+    assert ckpt.config_differences(text, FedMoEConfig(model="tmoe", resume=True)) == [
+        "unigram-prior (run folder: False, now: True)"]
+    assert ckpt.config_differences(text, FedMoEConfig(model="tmoe", unigram_prior=False,
+                                                      resume=True)) == []
