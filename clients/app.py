@@ -46,6 +46,8 @@ from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error, secret
 from fedmoe.privacy.label_prior import (
     FEDERATION_PSEUDO_COUNT,
     FederationPrior,
+    histogram_size,
+    label_counts,
     noisy_label_counts,
     shrink_counts,
     shrink_to_federation,
@@ -300,7 +302,7 @@ def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
         priors[0].keep_release(counts, plan.prior_noise)
         return counts
     if not plan.private and config.label_prior_share > 0 and not priors[0].is_set:
-        counts = torch.bincount(labels, minlength=len(priors[0].log_prior)).float()
+        counts = label_counts(labels, len(priors[0].log_prior)).float()
         priors[0].set_counts(counts, pseudo_count=1.0)
     return None
 
@@ -317,7 +319,8 @@ def apply_label_prior(priors: list[LabelPrior], config: FedMoEConfig,
     prior = priors[0]
     counts, sigma = prior.counts, float(prior.noise)
     if config.label_prior_shrinkage == "federation" and federation is not None:
-        prior.set_counts(shrink_to_federation(counts, sigma, num_train, federation),
+        size = histogram_size(counts, num_train, prior.per_window)
+        prior.set_counts(shrink_to_federation(counts, sigma, size, federation),
                          pseudo_count=FEDERATION_PSEUDO_COUNT)
     elif config.label_prior_shrinkage == "james-stein":
         prior.set_counts(shrink_counts(counts, sigma), pseudo_count=sigma)

@@ -81,7 +81,10 @@ MAX_WINDOWS = 10_000_000
 MAX_SEED = 2**32 - 1
 #: Run-config keys added after runs had been recorded, each with the value that means
 #: "as before the key existed" (:meth:`FedMoEConfig.from_recorded`).
-ADDED_KEYS: dict[str, Any] = {"score-scale": False}
+ADDED_KEYS: dict[str, Any] = {"score-scale": False, "server-momentum": 0.0,
+                              "server-learning-rate": 1.0, "unigram-prior": False}
+#: server-learning-rate's upper bound: a step 10x the aggregated update.
+MAX_SERVER_LR = 10.0
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
 MAX_WIDTH = 100_000  # mlp-width: at most 7.4M parameters on digits
 MAX_SYNTHETIC = 10_000_000  # generated examples (about 2.6 GB of float32 features)
@@ -299,6 +302,14 @@ class FedMoEConfig:
         and too sharp at large noise for a fixed-weight prior; s calibrates them to it
         (docs/results.md, section 3.4). Other models and methods, and runs without a
         label prior (``label-prior-share = 0``), have no scale.
+    unigram_prior : bool (default: true)
+        ``tmoe`` with pretraining rounds and ``label-prior-share`` > 0: a personal prior on
+        the next-byte logits, the client's byte unigram distribution from its one DP
+        histogram of its pretraining targets (each window adds its histogram / 64, so the
+        release has sensitivity 1, like the label histogram; it takes the label prior's
+        place and budget share, and shrinks by ``label-prior-shrinkage``). The trunk then
+        learns what the context adds to each client's own byte statistics (docs/results.md,
+        section 8). Other models ignore it.
     aggregation : str (default: "fedavg")
         How the server combines the valid train replies' ``shared`` and ``gate`` arrays:
         ``fedavg`` (mean weighted by ``num-examples``), ``median`` (coordinate-wise) or
@@ -306,6 +317,13 @@ class FedMoEConfig:
         unweighted). Post-processing of DP updates: no privacy cost.
     trim_fraction : float (default: 0.2)
         ``trimmed-mean``: share of the replies cut from each end per coordinate, [0, 0.5).
+    server_momentum : float (default: 0.0)
+        β of the server's momentum on the aggregated update (FedAvgM, Hsu et al. 2019,
+        arXiv:1909.06335): with Δ_t = aggregate − global, v_t = β v_{t−1} + Δ_t and the new
+        global arrays are global + ``server-learning-rate`` · v_t; [0, 1), 0 = none.
+        Post-processing of DP updates: no privacy cost.
+    server_learning_rate : float (default: 1.0)
+        η of that step, (0, 10]; β = 0 and η = 1 is the aggregate itself.
     max_update_norm : float (default: 1000.0)
         A train reply whose update (its arrays minus the round's global arrays, L2 norm
         over all of them) is longer than this is dropped; (0, 10⁶].
@@ -388,8 +406,11 @@ class FedMoEConfig:
     label_prior_share: float = 0.25
     label_prior_shrinkage: str = "federation"
     score_scale: bool = True
+    unigram_prior: bool = True
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
+    server_momentum: float = 0.0
+    server_learning_rate: float = 1.0
     max_update_norm: float = 1000.0
     min_train_replies: int = 1
     reply_timeout: float = 600.0
@@ -581,6 +602,10 @@ class FedMoEConfig:
         return [
             (self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}"),
             (0.0 <= self.trim_fraction < 0.5, "trim-fraction must be in [0, 0.5)"),
+            (0.0 <= self.server_momentum < 1.0,
+             "server-momentum must be in [0, 1) (0 = no momentum; β ≥ 1 never forgets)"),
+            (0.0 < self.server_learning_rate <= MAX_SERVER_LR,
+             f"server-learning-rate must be in (0, {MAX_SERVER_LR:g}] (1 = the aggregate)"),
             (0.0 < self.max_update_norm <= MAX_UPDATE_NORM,
              f"max-update-norm must be in (0, {MAX_UPDATE_NORM:g}]"),
             (1 <= self.min_train_replies <= MAX_CLIENTS,

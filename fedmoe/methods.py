@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.config import METHODS, FedMoEConfig
+from fedmoe.config import ADDED_KEYS, METHODS, FedMoEConfig
 from fedmoe.models import model_for
 from fedmoe.models.prior import label_priors
 from fedmoe.models.tasks import Classification
@@ -113,16 +113,35 @@ MOE_MODEL_KEYS = frozenset({
     "num-local-experts", "top-k", "balance-coef", "z-loss-coef", "local-pull",
     "expert-noise-limit", "num-groups", "group-top-k", "expert-depth", "num-layers",
     "num-heads", "num-always-on-experts", "label-prior-share", "label-prior-shrinkage",
-    "score-scale",
+    "score-scale", "unigram-prior",
 })
+#: Run-config keys only ``tmoe`` reads.
+TMOE_KEYS = frozenset({"unigram-prior"})
+
+
+#: Run-config keys added after seeded grids had been recorded: at the value that means "as
+#: before the key existed" (:data:`fedmoe.config.ADDED_KEYS`) they are left out of
+#: :func:`result_keys`, so a run recorded before keeps its id (and its noise draws, which
+#: a grid seeds from the id). ``score-scale`` predates this rule and stays in every id.
+ID_NEUTRAL_KEYS = ("server-momentum", "server-learning-rate", "unigram-prior")
+
+
+def unread_keys(config: FedMoEConfig) -> frozenset[str]:
+    """The run-config keys ``config``'s method and model do not read (:data:`MOE_MODEL_KEYS`
+    for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe``)."""
+    return (MOE_MODEL_KEYS if config.method != "fedmoe" else frozenset()) | (
+        TMOE_KEYS if config.model != "tmoe" else frozenset())
 
 
 def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
     """The run-config keys that determine a run's result for its method (all of them for
-    ``fedmoe``; without :data:`MOE_MODEL_KEYS` for the baselines)."""
+    ``fedmoe``; without :data:`MOE_MODEL_KEYS` for the baselines and :data:`TMOE_KEYS`
+    for the other models), less the :data:`ID_NEUTRAL_KEYS` at their "as before" value."""
     keys = config.to_run_config()
-    if config.method != "fedmoe":
-        for key in MOE_MODEL_KEYS:
+    for key in unread_keys(config):
+        keys.pop(key)
+    for key in ID_NEUTRAL_KEYS:
+        if key in keys and keys[key] == ADDED_KEYS[key]:
             keys.pop(key)
     return keys
 
@@ -149,13 +168,19 @@ def method_model(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
     return model
 
 
-def label_prior_classes(config: FedMoEConfig) -> int:
-    """The classes of the run's personal label prior: its model has one
-    (:class:`~fedmoe.models.prior.LabelPrior`) and ``label-prior-share`` is above 0; else 0."""
+def label_prior_spec(config: FedMoEConfig) -> tuple[int, bool]:
+    """(classes, per window) of the run's personal label prior: its model has one
+    (:class:`~fedmoe.models.prior.LabelPrior`) and ``label-prior-share`` is above 0; else
+    (0, False). ``per window``: its histogram counts windows of targets (``tmoe``)."""
     if config.label_prior_share <= 0:
-        return 0
+        return 0, False
     priors = label_priors(method_model(config))
-    return len(priors[0].log_prior) if priors else 0
+    return (len(priors[0].log_prior), priors[0].per_window) if priors else (0, False)
+
+
+def label_prior_classes(config: FedMoEConfig) -> int:
+    """The classes of the run's personal label prior (:func:`label_prior_spec`); 0 if none."""
+    return label_prior_spec(config)[0]
 
 
 def has_label_prior(config: FedMoEConfig) -> bool:

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from fedmoe.cli import main
+from fedmoe.config import FedMoEConfig
 from simulations.experiment import CSV, REPORT, ROW, GridError, load_grid, parse_grid, read_csv
 from simulations.report import ACCURACY_PLOT, ROUNDS_PLOT, SPREAD_PLOT, mean_std, report_markdown
 
@@ -338,7 +339,8 @@ def test_a_baseline_run_does_not_depend_on_the_keys_only_fedmoe_models_read(tmp_
                "expert-noise-limit": 1.0, "num-groups": 3, "group-top-k": 2,
                "expert-depth": 1, "num-layers": 2, "num-heads": 2,
                "num-always-on-experts": 0, "label-prior-share": 0.1,
-               "label-prior-shrinkage": "none", "score-scale": False}
+               "label-prior-shrinkage": "none", "score-scale": False,
+               "unigram-prior": False}
     assert set(changed) == MOE_MODEL_KEYS
     source = {"experiment": {"clients": 3, "seeds": [1]},
               "base": {"num-server-rounds": 2, "partitioner": "dirichlet"},
@@ -381,3 +383,19 @@ def test_a_baseline_crossed_with_a_fedmoe_only_axis_runs_once_and_reports_every_
     with pytest.raises(GridError, match="same run config"):
         parse_grid({"experiment": {"clients": 3, "seeds": [1]},
                     "grid": {"method": ["fedavg"], "score-scale": [True, True]}})
+
+
+def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
+    """A key of fedmoe.methods.ID_NEUTRAL_KEYS at its "as before" value is not part of a
+    run's id (the grid seeds its noise from the id: a recorded grid repeats exactly), and
+    a key only tmoe reads is no part of another model's id."""
+    from fedmoe.methods import ID_NEUTRAL_KEYS, result_keys
+
+    keys = result_keys(FedMoEConfig())
+    assert not set(ID_NEUTRAL_KEYS) & set(keys)
+    assert result_keys(FedMoEConfig(unigram_prior=False)) == keys  # lmoe does not read it
+    moving = result_keys(FedMoEConfig(server_momentum=0.9, server_learning_rate=0.5))
+    assert moving == {**keys, "server-momentum": 0.9, "server-learning-rate": 0.5}
+    text = result_keys(FedMoEConfig(model="tmoe"))
+    assert text["unigram-prior"] is True
+    assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))

@@ -178,3 +178,38 @@ def to_arrays_initial(config: FedMoEConfig):
     from fedmoe.records import to_arrays
 
     return to_arrays(split_state_dict(model_for(config)))
+
+
+# ------------------------------------------------------------------ windows of targets
+def test_window_targets_count_each_record_at_unit_l2_norm():
+    """(N, L) targets: each record adds its histogram / ‖histogram‖₂ (naive loop), so
+    adding one record moves the counts by an L2 norm of exactly 1, the sensitivity the
+    Gaussian release is calibrated for, whatever the window holds; the mass lies in
+    [N, N·√L] and the window histogram's size is the release's own total."""
+    from fedmoe.privacy.label_prior import histogram_size, label_counts
+    gen = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, 7, (9, 5), generator=gen)
+    naive = [0.0] * 7
+    for row in windows.tolist():
+        hist = [row.count(k) for k in range(7)]
+        norm = math.sqrt(sum(v * v for v in hist))
+        for k in range(7):
+            naive[k] += hist[k] / norm
+    counts = label_counts(windows, 7)
+    torch.testing.assert_close(counts, torch.tensor(naive, dtype=torch.float64))
+    assert 9 <= counts.sum().item() <= 9 * math.sqrt(5)
+    assert float(counts.max()) <= 9  # no count above N: the server's plausibility bound
+    for extra in (torch.randint(0, 7, (1, 5), generator=gen), torch.full((1, 5), 4),
+                  torch.tensor([[0, 1, 2, 3, 4]])):
+        moved = label_counts(torch.cat([windows, extra]), 7) - counts
+        assert float(moved.norm()) == pytest.approx(1.0)
+    assert histogram_size(counts, 9, per_window=True) == pytest.approx(float(counts.sum()))
+    assert histogram_size(counts, 9, per_window=False) == 9
+    assert histogram_size(-counts, 9, per_window=True) == 1.0
+    # one label per record: the plain class counts, as before
+    labels = torch.tensor([0, 2, 2, 6])
+    assert label_counts(labels, 7).tolist() == [1, 0, 2, 0, 0, 0, 1]
+    with pytest.raises(ValueError, match=r"\(N,\) or \(N, L\)"):
+        label_counts(torch.zeros(2, 2, 2, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="labels must be in"):
+        label_counts(torch.tensor([[0, 7]]), 7)

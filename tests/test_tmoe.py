@@ -291,3 +291,39 @@ def test_set_phase_freezes_the_idle_head():
         assert trained() == names - {"lm_head.weight", "lm_head.bias"}
     assert {n for n, p in TransformerMoE(TMoEConfig()).named_parameters()
             if not p.requires_grad} == {"cls_head.weight", "cls_head.bias"}  # as built
+
+
+# ------------------------------------------------------------------ the unigram prior
+def test_the_unigram_prior_is_a_local_log_distribution_on_the_next_token_logits():
+    model = tiny("pretrain", unigram_prior=True)
+    plain = tiny("pretrain")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith("prior.")})
+    counts = torch.arange(1.0, VOCAB + 1)
+    model.prior.set_counts(counts, pseudo_count=1.0)
+    x, _ = batch("pretrain")
+    with torch.no_grad():
+        logits = model(x)[0]
+        torch.testing.assert_close(logits, plain(x)[0] + model.prior.log_prior)
+        set_use_local(model, False)  # the global-only model has no prior
+        set_use_local(plain, False)
+        torch.testing.assert_close(model(x)[0], plain(x)[0])
+        set_use_local(model, True)
+        set_use_local(plain, True)
+        model.set_phase("finetune")  # the classifier has none
+        plain.set_phase("finetune")
+        torch.testing.assert_close(model(x)[0], plain(x)[0])
+    roles = tensor_roles(model)
+    assert {roles[k] for k in ("prior.log_prior", "prior.counts", "prior.noise")} == {Role.LOCAL}
+    assert not any(n.startswith("prior.") for n, _ in model.named_parameters())  # never noised
+
+
+def test_with_a_unigram_prior_per_sample_grads_still_match_the_naive_loop():
+    model = tiny("pretrain", unigram_prior=True)
+    model.prior.set_counts(torch.rand(VOCAB) * 10, pseudo_count=0.5)
+    x, y = batch("pretrain")
+    oracle = naive_per_sample_grads(model, x, y)
+    _, samples = opacus_grad_samples(model, x, y)
+    assert set(samples) == {n for n, _ in model.named_parameters()}
+    for name, gs in samples.items():
+        assert (gs - torch.stack([g[name] for g in oracle])).abs().max() < 1e-5, name

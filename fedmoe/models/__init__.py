@@ -107,7 +107,10 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
     return common | {"num_shared_experts": config.num_shared_experts,
                      "num_always_on_experts": config.num_always_on_experts,
                      "num_layers": config.num_layers, "num_heads": config.num_heads,
-                     "seq_len": config.seq_len}
+                     "seq_len": config.seq_len,
+                     # released in round 1, a pretraining round: none without pretraining
+                     "unigram_prior": (config.unigram_prior and config.label_prior_share > 0
+                                       and config.pretrain_rounds > 0)}
 
 
 def model_for(config: FedMoEConfig, server_round: int = 1) -> nn.Module:

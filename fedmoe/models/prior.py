@@ -122,12 +122,17 @@ class LabelPrior(nn.Module):
     2), even for a uniform π_i (a fully shrunk histogram), which :attr:`is_set` relies on.
 
     The prior is a buffer, not a parameter: DP-SGD never trains or noises it; it is set
-    once from a DP label histogram by :meth:`set_counts`.
+    once from a DP label histogram by :meth:`set_counts`. ``per_window``: the histogram
+    counts windows of next-token targets (``tmoe``'s unigram prior), not one label per
+    record.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, *, per_window: bool = False) -> None:
         super().__init__()
         set_role(self, Role.LOCAL)
+        #: Whether the histogram counts windows of targets (a language model's next tokens,
+        #: :func:`fedmoe.privacy.label_prior.label_counts` of (N, L)) or one label a record.
+        self.per_window = per_window
         self.register_buffer("log_prior", torch.zeros(num_classes))  # (C,)
         # the client's DP release its prior is computed from: noisy counts (C,) and their
         # σ_h (()); σ_h = 0 until released (and for exact counts of a non-private run)

@@ -14,6 +14,7 @@ from torch import nn
 
 from fedmoe.config import DISPATCHES, GATES
 from fedmoe.models.layers import TopKMoE
+from fedmoe.models.prior import LabelPrior
 from fedmoe.models.tasks import Classification, LanguageModel
 from fedmoe.roles import Role, set_role
 
@@ -39,6 +40,7 @@ class TMoEConfig:
     dispatch: str = "dense"  # "dense" | "sparse" (see fedmoe.models.experts)
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
+    unigram_prior: bool = False  # a personal DP unigram prior on the next-token logits
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "seq_len", "num_classes", "hidden_dim", "num_heads",
@@ -116,7 +118,16 @@ class TransformerMoE(nn.Module):
     (``x + Attn(LN1(x))``; ``x + MoE(LN2(x))``) -> final LayerNorm -> a head:
 
     - phase ``pretrain`` (default): ``lm_head``, next-token logits (B, L, vocab_size);
-      ``task`` is :class:`~fedmoe.models.tasks.LanguageModel` (targets (B, L)).
+      ``task`` is :class:`~fedmoe.models.tasks.LanguageModel` (targets (B, L)). With
+      ``unigram_prior``, the client's own byte unigram log-distribution is added to them
+      (``prior``, a :class:`~fedmoe.models.prior.LabelPrior` over the vocabulary, set from
+      the client's DP histogram of its next-byte targets: one window adds its own
+      histogram scaled to unit L2 norm, sensitivity 1,
+      :func:`fedmoe.privacy.label_prior.label_counts`):
+      the model starts as the client's unigram model and the shared trunk and head learn
+      what the context adds to it (logit adjustment, Menon et al., ICLR 2021, here on a
+      language model's output; the bias initialisation of Karpathy's "A recipe for
+      training neural networks", 2019, made personal and kept out of DP-SGD's noise).
     - phase ``finetune``: ``cls_head`` on the final hidden state of the *last* position
       (causal, so it has seen the whole window), class logits (B, num_classes);
       ``task`` is :class:`~fedmoe.models.tasks.Classification` (labels (B,)).
@@ -135,7 +146,8 @@ class TransformerMoE(nn.Module):
 
     Roles: everything is ``shared`` (embeddings, attention, layer norms, always-on and
     shared routed experts, both heads) except what :class:`~fedmoe.models.layers.TopKMoE`
-    tags itself: each layer's router is ``gate`` and its local experts are ``local``.
+    tags itself: each layer's router is ``gate`` and its local experts are ``local``; the
+    unigram prior is ``local`` (a buffer: never trained, never noised, never sent).
 
     Attention is built from ``nn.Linear`` (one qkv and one output projection) and
     ``F.scaled_dot_product_attention(..., is_causal=True)``, not Opacus'
@@ -157,6 +169,8 @@ class TransformerMoE(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, config.vocab_size)
         self.cls_head = nn.Linear(d, config.num_classes)
+        self.prior = (LabelPrior(config.vocab_size, per_window=True) if config.unigram_prior
+                      else nn.Identity())
         self.set_phase("pretrain")
 
     def set_phase(self, phase: str) -> None:
@@ -204,6 +218,6 @@ class TransformerMoE(nn.Module):
         last = h[:, -1]  # (B, D)
         if self.phase == "pretrain":
             idle = self.cls_head(last).sum(dim=-1)  # (B,)
-            return self.lm_head(h) + 0.0 * idle[:, None, None], aux  # (B, L, V)
+            return self.prior(self.lm_head(h)) + 0.0 * idle[:, None, None], aux  # (B, L, V)
         idle = self.lm_head(last).sum(dim=-1)  # (B,)
         return self.cls_head(last) + 0.0 * idle[:, None], aux  # (B, C)
