@@ -128,6 +128,10 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, BAD_MESSAGE, "the server asks for a label histogram, but this "
                        "client's model " + ("already holds its label prior" if priors else
                                             "has no label prior") + "; refused before any charge")
+    if plan.prior_noise and not _counts_for(priors[0], data.train):
+        return _refuse(msg, BAD_MESSAGE, "the server asks for a histogram of next-token "
+                       "windows in a round that trains on labels (not a pretraining round); "
+                       "refused before any charge")
     if unfit := _federation_error(priors, plan):
         return _refuse(msg, BAD_MESSAGE, unfit + "; refused before any charge")
     epsilon = math.inf  # a non-private round: nothing to charge, no guarantee
@@ -214,8 +218,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         **{f"global-{k}": v for k, v in global_only.details.items()},
         "expert-usage": personal.expert_usage,
     })
-    if "perplexity" in personal.details:  # the baseline a language model must beat
-        details["unigram-perplexity"] = unigram_perplexity(data.train.tensors[1],
+    if "perplexity" in personal.details:  # the baseline a language model must beat, from
+        # the test split alone: released in the clear like every test metric, it must not
+        # be a function of the training data (fitted on the train split it would release
+        # the client's exact byte counts, unnoised)
+        details["unigram-perplexity"] = unigram_perplexity(data.test.tensors[1],
                                                            data.test.tensors[1])
     return Message(RecordDict({METRICS: report.to_record(), DETAILS: details}), reply_to=msg)
 
@@ -293,7 +300,7 @@ def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
     :func:`apply_label_prior` computes it) and returned, to be sent with the reply; in a
     non-private run the prior is set from the exact counts. Afterwards both are local
     tensors, kept with the local experts."""
-    if not priors:
+    if not priors or not _counts_for(priors[0], train_set):
         return None
     labels = train_set.tensors[1]
     if plan.prior_noise:
@@ -305,6 +312,13 @@ def set_label_prior(priors: list[LabelPrior], train_set, plan: RoundPlan,
         counts = label_counts(labels, len(priors[0].log_prior)).float()
         priors[0].set_counts(counts, pseudo_count=1.0)
     return None
+
+
+def _counts_for(prior: LabelPrior, train_set) -> bool:
+    """Whether ``train_set``'s targets are what ``prior`` counts: windows of next-token
+    targets (N, L) for a window prior (``tmoe``'s unigram prior, pretraining data), one
+    label per record otherwise."""
+    return (train_set.tensors[1].dim() == 2) == prior.per_window
 
 
 def apply_label_prior(priors: list[LabelPrior], config: FedMoEConfig,

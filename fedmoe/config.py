@@ -279,7 +279,8 @@ class FedMoEConfig:
         ``synthetic``: examples in the generated data set (scikit-learn's
         ``make_classification``, 64 features, 10 classes), shared out by ``partitioner``.
     label_prior_share : float (default: 0.25)
-        Models with a personal label prior (``lmoe``, ``moe``, ``hmoe``): the share of each client's
+        Models with a personal label prior (``lmoe``, ``moe``, ``hmoe``; ``tmoe``'s unigram
+        prior, ``unigram-prior``): the share of each client's
         ε budget that its one DP label histogram would cost on its own (σ_h calibrated to
         it); the histogram gives the client's prior on the logits (logit adjustment, see
         :mod:`fedmoe.models.prior`). Composed with DP-SGD it costs less than this share.
@@ -305,8 +306,8 @@ class FedMoEConfig:
     unigram_prior : bool (default: true)
         ``tmoe`` with pretraining rounds and ``label-prior-share`` > 0: a personal prior on
         the next-byte logits, the client's byte unigram distribution from its one DP
-        histogram of its pretraining targets (each window adds its histogram / 64, so the
-        release has sensitivity 1, like the label histogram; it takes the label prior's
+        histogram of its pretraining targets (each window adds its histogram scaled to unit
+        L2 norm, so the release has sensitivity 1, like the label histogram; it takes the label prior's
         place and budget share, and shrinks by ``label-prior-shrinkage``). The trunk then
         learns what the context adds to each client's own byte statistics (docs/results.md,
         section 8). Other models ignore it.

@@ -128,9 +128,12 @@ ID_NEUTRAL_KEYS = ("server-momentum", "server-learning-rate", "unigram-prior")
 
 def unread_keys(config: FedMoEConfig) -> frozenset[str]:
     """The run-config keys ``config``'s method and model do not read (:data:`MOE_MODEL_KEYS`
-    for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe``)."""
+    for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe`` and for a ``tmoe``
+    without pretraining rounds or label-prior share, where the unigram prior is off)."""
+    prior_on = (config.model == "tmoe" and config.pretrain_rounds > 0
+                and config.label_prior_share > 0)
     return (MOE_MODEL_KEYS if config.method != "fedmoe" else frozenset()) | (
-        TMOE_KEYS if config.model != "tmoe" else frozenset())
+        frozenset() if prior_on else TMOE_KEYS)
 
 
 def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:

@@ -409,14 +409,19 @@ class FedMoE(FedAvg):
             return False
         return ledger is not None and ledger.can_afford(*self._entries(plan, server_round))
 
-    def _with_histogram(self, plan: ClientPlan) -> bool:
-        """Whether the client's next round also releases its DP label histogram (its
-        first round of the run, when its plan has one)."""
+    def _with_histogram(self, plan: ClientPlan, server_round: int) -> bool:
+        """Whether the client's round ``server_round`` also releases its DP label histogram
+        (its first round of the run, when its plan has one; a histogram of next-token
+        windows, ``tmoe``'s unigram prior, only in a pretraining round: a client first
+        sampled later releases none and trains without the prior)."""
+        if self._prior_windows and self.config.phase(server_round) != "pretrain":
+            return False
         return bool(plan.prior_noise) and plan.client not in self._histograms
 
     def _entries(self, plan: ClientPlan, server_round: int) -> list[LedgerEntry]:
         """What the client's next round costs: its label histogram if due, then DP-SGD."""
-        first = [plan.prior_entry(server_round)] if self._with_histogram(plan) else []
+        first = ([plan.prior_entry(server_round)] if self._with_histogram(plan, server_round)
+                 else [])
         return [*first, plan.entry(server_round)]
 
     # ------------------------------------------------------------------ train
@@ -451,7 +456,7 @@ class FedMoE(FedAvg):
         messages = []
         for node in nodes:
             plan = self.plans[self.clients[node]]
-            histogram = self._with_histogram(plan)
+            histogram = self._with_histogram(plan, server_round)
             if plan.private:
                 try:
                     for entry in self._entries(plan, server_round):  # sent = spent
@@ -529,6 +534,9 @@ class FedMoE(FedAvg):
                 "model stays as it was", server_round, len(valid),
                 "y" if len(valid) == 1 else "ies", self.config.min_train_replies)
             return None, None
+        if server_round > 1 and self.config.phase(server_round) != self.config.phase(
+                server_round - 1):
+            self.velocity = {}  # tmoe's new task: no momentum from the old one
         arrays = self._aggregate(valid)
         if arrays is None:
             return None, None
@@ -604,12 +612,14 @@ class FedMoE(FedAvg):
         c = self.config
         combined = aggregate([a for a, _ in valid], [float(w) for _, w in valid],
                              c.aggregation, trim_fraction=c.trim_fraction)
+        velocity = {k: v.copy() for k, v in self.velocity.items()}
+        combined = server_step(self._global, combined, velocity, c.server_momentum,
+                               c.server_learning_rate)
         if not all(np.all(np.isfinite(v)) for v in combined.values()):
             log(WARNING, "aggregate_train: the %s of %s replies is not finite; the global "
                 "model stays as it was", c.aggregation, len(valid))
             return None
-        combined = server_step(self._global, combined, self.velocity, c.server_momentum,
-                               c.server_learning_rate)
+        self.velocity = velocity
         return ArrayRecord({k: Array(v) for k, v in combined.items()})
 
     def ledger_epsilons(self, clients: Iterable[str] | None = None) -> dict[str, float]:

@@ -327,3 +327,50 @@ def test_with_a_unigram_prior_per_sample_grads_still_match_the_naive_loop():
     assert set(samples) == {n for n, _ in model.named_parameters()}
     for name, gs in samples.items():
         assert (gs - torch.stack([g[name] for g in oracle])).abs().max() < 1e-5, name
+
+
+def _tmoe_round(tmp_path, server_round):
+    """The train messages of ``server_round`` for 2 tmoe clients (1 pretraining round)."""
+    from flwr.app import ConfigRecord
+
+    from fedmoe.config import FedMoEConfig
+    from fedmoe.models import model_for
+    from fedmoe.privacy import LEDGER_FILE, LedgerBook
+    from fedmoe.records import read_server_message, to_arrays
+    from fedmoe.roles import split_state_dict
+    from server.strategy import FedMoE
+    from tests.helpers import LocalGrid
+
+    config = FedMoEConfig(model="tmoe", num_server_rounds=3, pretrain_rounds=1,
+                          max_windows=40, target_epsilon=8.0)
+    grid = LocalGrid(2)
+    with LedgerBook(tmp_path / LEDGER_FILE) as book:
+        strategy = FedMoE(config, book=book)
+        arrays = to_arrays(split_state_dict(model_for(config, server_round)))
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        charged = {c: [e.sample_rate for e in book.get(c).entries] for c in book.clients()}
+    return config, grid, sent, [read_server_message(m.content)[1] for m in sent], charged
+
+
+def test_the_unigram_histogram_is_asked_for_and_charged_only_in_a_pretraining_round(tmp_path):
+    _, _, sent, plans, charged = _tmoe_round(tmp_path / "a", 1)
+    assert len(sent) == 2 and all(p.prior_noise > 0 for p in plans)
+    assert all(rates[0] == 1.0 and len(rates) == 2 for rates in charged.values())
+    # a client first sampled in a fine-tune round: no histogram asked for, none charged
+    config, grid, sent, plans, charged = _tmoe_round(tmp_path / "b", 2)
+    assert len(sent) == 2 and all(p.prior_noise == 0 for p in plans)
+    assert all(rates == [config.sample_rate] for rates in charged.values())
+
+
+def test_a_tmoe_client_refuses_a_histogram_request_in_a_round_that_trains_on_labels(tmp_path):
+    from dataclasses import replace
+
+    from fedmoe.records import server_message
+    from flwr.app import Message, MessageType
+
+    config, grid, sent, plans, _ = _tmoe_round(tmp_path, 2)
+    forged = replace(plans[0], prior_noise=3.0)  # a server that asks anyway
+    msg = Message(server_message(sent[0].content.array_records["arrays"], forged, config),
+                  dst_node_id=sent[0].metadata.dst_node_id, message_type=MessageType.TRAIN)
+    reply = grid.send_and_receive([msg])[0]
+    assert reply.has_error() and "next-token windows" in reply.error.reason

@@ -127,11 +127,14 @@ class LabelPrior(nn.Module):
     record.
     """
 
+    #: Whether the histogram counts windows of targets (a language model's next tokens,
+    #: :func:`fedmoe.privacy.label_prior.label_counts` of (N, L)) or one label a record
+    #: (a class attribute too: a prior pickled before the attribute existed reads False).
+    per_window: bool = False
+
     def __init__(self, num_classes: int, *, per_window: bool = False) -> None:
         super().__init__()
         set_role(self, Role.LOCAL)
-        #: Whether the histogram counts windows of targets (a language model's next tokens,
-        #: :func:`fedmoe.privacy.label_prior.label_counts` of (N, L)) or one label a record.
         self.per_window = per_window
         self.register_buffer("log_prior", torch.zeros(num_classes))  # (C,)
         # the client's DP release its prior is computed from: noisy counts (C,) and their
