@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.config import ADDED_KEYS, METHODS, FedMoEConfig
-from fedmoe.models import model_for
+from fedmoe.models import model_for, unigram_prior_applies
 from fedmoe.models.prior import label_priors
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
@@ -130,10 +130,8 @@ def unread_keys(config: FedMoEConfig) -> frozenset[str]:
     """The run-config keys ``config``'s method and model do not read (:data:`MOE_MODEL_KEYS`
     for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe`` and for a ``tmoe``
     without pretraining rounds or label-prior share, where the unigram prior is off)."""
-    prior_on = (config.model == "tmoe" and config.pretrain_rounds > 0
-                and config.label_prior_share > 0)
     return (MOE_MODEL_KEYS if config.method != "fedmoe" else frozenset()) | (
-        frozenset() if prior_on else TMOE_KEYS)
+        frozenset() if unigram_prior_applies(config) else TMOE_KEYS)
 
 
 def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:

@@ -108,9 +108,14 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
                      "num_always_on_experts": config.num_always_on_experts,
                      "num_layers": config.num_layers, "num_heads": config.num_heads,
                      "seq_len": config.seq_len,
-                     # released in round 1, a pretraining round: none without pretraining
-                     "unigram_prior": (config.unigram_prior and config.label_prior_share > 0
-                                       and config.pretrain_rounds > 0)}
+                     "unigram_prior": config.unigram_prior and unigram_prior_applies(config)}
+
+
+def unigram_prior_applies(config: FedMoEConfig) -> bool:
+    """Whether ``unigram-prior`` decides anything: ``tmoe`` with pretraining rounds (the
+    histogram is released in one) and a ``label-prior-share`` to release it with."""
+    return (config.model == "tmoe" and config.pretrain_rounds > 0
+            and config.label_prior_share > 0)
 
 
 def model_for(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
