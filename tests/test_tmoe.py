@@ -1,5 +1,6 @@
 """TransformerMoE: exact per-sample gradients, no coupling, causality, local switch, roles, DP-SGD."""
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -374,3 +375,30 @@ def test_a_tmoe_client_refuses_a_histogram_request_in_a_round_that_trains_on_lab
                   dst_node_id=sent[0].metadata.dst_node_id, message_type=MessageType.TRAIN)
     reply = grid.send_and_receive([msg])[0]
     assert reply.has_error() and "next-token windows" in reply.error.reason
+
+
+@pytest.mark.slow
+def test_server_momentum_starts_afresh_when_fine_tuning_begins(tmp_path, monkeypatch):
+    """FedAvgM's velocity of the pretraining rounds must not push the fine-tuning rounds
+    (a new task, the language-model head frozen): round 2 starts from zero velocity."""
+    from fedmoe.config import FedMoEConfig
+    from server import strategy as strategy_module
+    from simulations.inline import run_inline
+
+    before: list[dict] = []
+    step = strategy_module.server_step
+
+    def spy(global_arrays, combined, velocity, momentum, learning_rate):
+        before.append({k: v.copy() for k, v in velocity.items()})
+        return step(global_arrays, combined, velocity, momentum, learning_rate)
+
+    monkeypatch.setattr(strategy_module, "server_step", spy)
+    config = FedMoEConfig(model="tmoe", num_server_rounds=3, pretrain_rounds=1,
+                          max_windows=40, target_epsilon=8.0, server_momentum=0.9,
+                          run_dir=str(tmp_path / "run"))
+    run_inline(config, 2)
+    assert len(before) == 3
+    assert not before[0] and not before[1]  # round 1: nothing yet; round 2: reset
+    moving = {k for k, v in before[2].items() if np.any(v)}  # round 3 carries round 2's on
+    assert moving and all(not k.startswith("lm_head.") for k in moving)
+    assert not np.any(before[2]["lm_head.weight"])  # frozen in fine-tuning: it stays put
