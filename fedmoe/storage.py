@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -35,6 +36,28 @@ _held_guard = threading.Lock()
 
 class RunFolderBusy(RuntimeError):
     """Another process is writing into the run folder."""
+
+
+def move_dir(source: Path, target: Path) -> None:
+    """Move the folder ``source`` to ``target`` (which must not exist) so that a process
+    killed at any point leaves ``target`` either absent or complete: a rename where both
+    are on one file system; else a copy to ``<target>.partial`` (an earlier one removed),
+    renamed to ``target`` once complete, then ``source`` removed. A kill during that
+    removal leaves a complete ``target`` next to a partial ``source``: readers must take
+    ``target`` first."""
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(source, target)
+        return
+    except OSError as err:
+        if err.errno != 18:  # EXDEV: another file system
+            raise
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, symlinks=True)
+    os.rename(partial, target)
+    shutil.rmtree(source)
 
 
 @contextmanager

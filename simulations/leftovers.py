@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -27,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmoe.storage import write_atomic
+from fedmoe.storage import move_dir, write_atomic
 
 #: How often a running simulation refreshes its record of descendant processes (seconds).
 POLL_SECONDS = 0.5
@@ -222,8 +221,7 @@ def clean_leftovers() -> list[str]:
                     done.append(f"killed run {record.pid}: clients' state {state} left in "
                                 f"place ({target} already exists)")
                 else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(state, target)
+                    move_dir(state, target)
                     done.append(f"killed run {record.pid}: moved clients' state {state} to "
                                 f"{target}")
         path.unlink(missing_ok=True)

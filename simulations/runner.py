@@ -7,10 +7,10 @@ one virtual SuperNode per client.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from fedmoe.config import ConfigError, FedMoEConfig
 from fedmoe.reporting import EPSILON_TOLERANCE
+from fedmoe.storage import move_dir, write_atomic
 from server.strategy import RoundRecord
 
 
@@ -367,24 +368,46 @@ def _checkpoint_run_id(config: FedMoEConfig) -> int | None:
     return load_checkpoint(Path(config.run_dir)).run_id
 
 
+#: In a simulation's run folder: which Flower run id's folder holds the simulated clients'
+#: state (written before the state moves to a resumed run's id, so that a resume killed
+#: before its first checkpoint leaves the state findable; the checkpoint names the run id
+#: of the last finished round).
+STATE_OWNER = Path("clients") / "owner.json"
+
+
 def carry_client_state(previous: int, run_id: int, run_dir: Path) -> Path | None:
     """Give a resumed simulation's clients the state of the run it continues.
 
     Simulated clients keep their ledgers and local experts under a folder named by
     Flower's run id (:func:`clients.state.run_state_root`), which is new in every process.
-    The killed run's folder is in the temp directory, or in ``<run_dir>/clients`` once
-    ``fedmoe clean`` (or this command's own cleanup) moved it there; it is moved to the
-    new run id's folder, so each client continues its own ledger and experts.
+    The state of the run this one continues is in the temp directory, or in
+    ``<run_dir>/clients`` once ``fedmoe clean`` (or this command's own cleanup) moved it
+    there, under the id :data:`STATE_OWNER` names (a resume killed before it finished a
+    round) or else the checkpoint's ``previous``; it is moved to the new run id's folder
+    (:func:`fedmoe.storage.move_dir`: complete or absent, whenever it is killed), so each
+    client continues its own ledger and experts.
     """
     from clients.state import run_state_root
 
     target = run_state_root(run_id)
-    for source in (run_dir / "clients" / f"run-{previous}", run_state_root(previous)):
-        if source.is_dir() and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(source, target)
-            return target
+    if target.exists():
+        return None
+    for owner in dict.fromkeys([*_state_owner(run_dir), previous]):
+        for source in (run_dir / "clients" / f"run-{owner}", run_state_root(owner)):
+            if source.is_dir():
+                run_dir.joinpath(STATE_OWNER).parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(run_dir / STATE_OWNER, json.dumps({"run_id": run_id}).encode())
+                move_dir(source, target)
+                return target
     return None
+
+
+def _state_owner(run_dir: Path) -> list[int]:
+    """The run id :data:`STATE_OWNER` names, if it is readable (else none)."""
+    try:
+        return [int(json.loads((run_dir / STATE_OWNER).read_text())["run_id"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def keep_client_state(run_id: int, run_dir: Path) -> Path | None:
@@ -402,6 +425,5 @@ def keep_client_state(run_id: int, run_dir: Path) -> Path | None:
     if not source.is_dir():
         return None
     target = run_dir / "clients" / source.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(source, target)
+    move_dir(source, target)
     return target

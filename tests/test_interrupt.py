@@ -239,3 +239,64 @@ def test_after_sigkill_clean_removes_what_the_run_left_by_its_record(tmp_path):
     assert not record.path.exists() and records_dir() == record.path.parent
     assert not run_state_root(record.run_id).exists()
     assert list((out / "clients" / f"run-{record.run_id}").glob("*/ledger.sqlite"))
+
+
+def test_a_resume_killed_before_its_first_round_leaves_the_clients_state_findable(tmp_path):
+    """Run A is killed, resume B takes A's client state and is killed before it finishes a
+    round (the checkpoint still names A), `fedmoe clean` moves B's state into the run
+    folder; resume C must continue that state — the clients' ledgers and experts — not
+    start the clients afresh (their ledgers would under-count what they spent)."""
+    from clients.state import run_state_root
+    from simulations.runner import STATE_OWNER, carry_client_state
+
+    run_dir = tmp_path / "run"
+    ledger = run_state_root(1) / "partition-0" / "ledger.sqlite"  # run A's, in the temp dir
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(b"spent")
+    assert carry_client_state(1, 2, run_dir) == run_state_root(2)  # resume B
+    assert (run_state_root(2) / "partition-0" / "ledger.sqlite").read_bytes() == b"spent"
+    assert json.loads((run_dir / STATE_OWNER).read_text()) == {"run_id": 2}
+    (run_dir / "clients").mkdir(exist_ok=True)  # B killed; `fedmoe clean` moves its state
+    run_state_root(2).rename(run_dir / "clients" / "run-2")
+    target = carry_client_state(1, 3, run_dir)  # resume C: the checkpoint still names A
+    assert target == run_state_root(3)
+    assert (target / "partition-0" / "ledger.sqlite").read_bytes() == b"spent"
+    assert not (run_dir / "clients" / "run-2").exists()
+    assert carry_client_state(1, 3, run_dir) is None  # already there: nothing moves
+
+
+def test_move_dir_across_file_systems_leaves_the_target_absent_or_complete(tmp_path,
+                                                                           monkeypatch):
+    """Across file systems (no rename) the copy goes to <target>.partial first: a kill
+    during the copy leaves no target, only the complete source."""
+    import errno
+
+    from fedmoe import storage
+
+    source, target = tmp_path / "a", tmp_path / "b" / "run-5"
+    (source / "c").mkdir(parents=True)
+    (source / "c" / "ledger.sqlite").write_bytes(b"x" * 100)
+    real_rename = os.rename
+
+    def cross_device(src, dst):
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "cross-device link")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(storage.os, "rename", cross_device)
+    killed = {"on": True}
+
+    def rename_or_die(src, dst):
+        if killed["on"] and Path(src).name.endswith(".partial"):
+            raise KeyboardInterrupt  # killed after the copy, before the rename
+        return cross_device(src, dst)
+
+    monkeypatch.setattr(storage.os, "rename", rename_or_die)
+    with pytest.raises(KeyboardInterrupt):
+        storage.move_dir(source, target)
+    assert not target.exists() and (source / "c" / "ledger.sqlite").exists()
+    assert target.with_name("run-5.partial").exists()  # the interrupted copy
+    killed["on"] = False
+    storage.move_dir(source, target)  # again, uninterrupted: the stale .partial is replaced
+    assert (target / "c" / "ledger.sqlite").read_bytes() == b"x" * 100
+    assert not source.exists() and not target.with_name("run-5.partial").exists()

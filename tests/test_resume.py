@@ -267,7 +267,7 @@ def _simulate(*args, killer=False):
 
 
 def _client_ledgers(out: Path) -> dict[str, dict]:
-    [run] = (out / "clients").iterdir()  # the clients' state of the (last) run id
+    [run] = [p for p in (out / "clients").iterdir() if p.is_dir()]  # the (last) run id's
     return {p.name: ledgers(p) for p in sorted(run.iterdir())}
 
 
