@@ -149,8 +149,8 @@ def build_config(args: argparse.Namespace) -> FedMoEConfig:
     if differ:
         raise ConfigError(f"--resume {resume}: the run config differs from the run folder's in "
                           f"{len(differ)} key(s): {'; '.join(differ)}. A run continues with its "
-                          "own config (σ was calibrated for it); drop these keys, or start a "
-                          "new run with --out")
+                          "own config (σ was calibrated for it, its checkpoint holds its "
+                          "state); drop these keys, or start a new run with --out")
     if args.clients is None:
         args.clients = checkpoint.num_clients
     return given

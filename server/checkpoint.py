@@ -193,7 +193,8 @@ def prepare_run_folder(
         raise CheckpointError(
             f"--resume {run_dir}: the run config differs from the run folder's in "
             f"{len(differ)} key(s): {'; '.join(differ)}. A run continues with its own config "
-            "(σ was calibrated for it); drop these keys, or start a new run with --out")
+            "(σ was calibrated for it, its checkpoint holds its state); drop these keys, or "
+            "start a new run with --out")
     if num_clients is not None and checkpoint.num_clients not in (None, num_clients):
         raise CheckpointError(f"--resume {run_dir}: that run simulated {checkpoint.num_clients} "
                               f"clients, not {num_clients}; give --clients "

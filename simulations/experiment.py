@@ -225,6 +225,12 @@ def parse_grid(raw: dict[str, Any], name: str = "grid") -> Grid:
                                 f" exceeds [experiment] clients = {exp['clients']}: the server "
                                 "would wait forever; lower min-available-clients")
             runs.append(Run(labels, config, exp["clients"]))
+    used = {r.config.method for r in runs}
+    for method in per_method:
+        if method not in used:  # its keys were never checked against a run: say so
+            raise GridError(f"{name}: [method.{method}] applies to no run (no cell has method "
+                            f"= '{method}'); remove the table or put '{method}' on the "
+                            "method axis")
     configs = [json.dumps([r.config.to_run_config(), r.clients], sort_keys=True, default=str)
                for r in runs]
     if len(set(configs)) != len(configs):

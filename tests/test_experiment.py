@@ -399,3 +399,14 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     text = result_keys(FedMoEConfig(model="tmoe"))
     assert text["unigram-prior"] is True
     assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))
+
+
+@pytest.mark.parametrize("table", [{"server-momentum": "abc"}, {"server-momentum": 0.5},
+                                   {"learning-rate": -1.0}])
+def test_a_method_table_no_run_uses_is_refused_whatever_it_holds(table):
+    """A [method.*] table for a method no cell trains was never checked against a run: it
+    is refused (valid values or not), naming the table and the fix."""
+    raw = {"experiment": {"clients": 3, "seeds": [1]}, "base": {"num-server-rounds": 1},
+           "grid": {"method": ["local"]}, "method": {"fedavg": table}}
+    with pytest.raises(GridError, match=r"\[method\.fedavg\] applies to no run"):
+        parse_grid(raw)
