@@ -90,12 +90,16 @@ def _check_file(path: Path) -> None:
     """A ``--run-config`` TOML file must parse, with no number too large for a float
     (Flower would read ``1e400`` as inf: a non-private ``target-epsilon``)."""
     try:
-        loads_toml(path.read_text())
+        tables = [k for k, v in loads_toml(path.read_text()).items() if isinstance(v, dict)]
     except ConfigError as err:
         raise ConfigError(f"--run-config {str(path)!r}: {err}") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"--run-config {str(path)!r}: cannot read it as TOML ({err})") \
             from None
+    if tables:
+        raise ConfigError(f"--run-config {str(path)!r}: has the table(s) {tables}; a run-config "
+                          "file holds its keys at the top level, as `key = value` lines: drop "
+                          "the table header (e.g. [tool.flwr.app.config]) and keep its keys")
 
 
 def _check_token(item: str, key: str, value: str) -> None:

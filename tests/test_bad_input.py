@@ -142,6 +142,19 @@ def test_a_run_config_file_or_grid_file_with_such_a_number_is_refused(tmp_path):
     assert parse_overrides([str(file)]) == {"target-epsilon": math.inf}
 
 
+@pytest.mark.parametrize("text", [
+    "[tool.flwr.app.config]\nserver-momentum = 0.9\n",
+    "learning-rate = 0.5\n[extra]\nseed = 3\n",
+])
+def test_a_run_config_file_with_a_table_header_says_to_drop_it(tmp_path, text):
+    """A pyproject-style header would turn every key into 'tool.flwr.app.config.<key>',
+    refused as unknown without saying why: the message names the table and the fix."""
+    file = tmp_path / "rc.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match=r"rc.toml.*table\(s\).*drop the table header"):
+        parse_overrides([str(file)])
+
+
 def test_pyproject_defaults_read_the_same_with_fedmoe_strict_numbers():
     import tomllib
 
