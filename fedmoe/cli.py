@@ -145,16 +145,13 @@ def build_config(args: argparse.Namespace) -> FedMoEConfig:
         overrides[key] = value
     if resume is None:
         return FedMoEConfig.from_run_config(overrides)
-    from server.checkpoint import config_differences, load_checkpoint
+    from server.checkpoint import config_differences, differences_message, load_checkpoint
 
     checkpoint = load_checkpoint(Path(resume))
     given = FedMoEConfig.from_recorded({**checkpoint.config, **overrides, "resume": True})
     differ = config_differences(checkpoint.config, given)
     if differ:
-        raise ConfigError(f"--resume {resume}: the run config differs from the run folder's in "
-                          f"{len(differ)} key(s): {'; '.join(differ)}. A run continues with its "
-                          "own config (σ was calibrated for it, its checkpoint holds its "
-                          "state); drop these keys, or start a new run with --out")
+        raise ConfigError(differences_message(resume, differ))
     if args.clients is None:
         args.clients = checkpoint.num_clients
     return given

@@ -3,6 +3,7 @@ the run folder's write lock."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -51,7 +52,7 @@ def move_dir(source: Path, target: Path) -> None:
         os.rename(source, target)
         return
     except OSError as err:
-        if err.errno != 18:  # EXDEV: another file system
+        if err.errno != errno.EXDEV:  # another file system
             raise
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -157,6 +157,14 @@ def config_differences(saved: dict[str, Any], config: FedMoEConfig) -> list[str]
             and saved.get(key) != now.get(key)]
 
 
+def differences_message(run_dir: Path | str, differ: list[str]) -> str:
+    """The refusal of a resume whose config differs (``differ``: :func:`config_differences`)."""
+    return (f"--resume {run_dir}: the run config differs from the run folder's in "
+            f"{len(differ)} key(s): {'; '.join(differ)}. A run continues with its own config "
+            "(σ was calibrated for it, its checkpoint holds its state); drop these keys, or "
+            "start a new run with --out")
+
+
 def prepare_run_folder(
     run_dir: Path, config: FedMoEConfig, *, num_clients: int | None = None,
     engine: str | None = None,
@@ -190,11 +198,7 @@ def prepare_run_folder(
     checkpoint = load_checkpoint(run_dir)
     differ = config_differences(checkpoint.config, config)
     if differ:
-        raise CheckpointError(
-            f"--resume {run_dir}: the run config differs from the run folder's in "
-            f"{len(differ)} key(s): {'; '.join(differ)}. A run continues with its own config "
-            "(σ was calibrated for it, its checkpoint holds its state); drop these keys, or "
-            "start a new run with --out")
+        raise CheckpointError(differences_message(run_dir, differ))
     if num_clients is not None and checkpoint.num_clients not in (None, num_clients):
         raise CheckpointError(f"--resume {run_dir}: that run simulated {checkpoint.num_clients} "
                               f"clients, not {num_clients}; give --clients "

@@ -8,9 +8,9 @@ Adding or removing one record changes exactly one count by 1, so the L2 sensitiv
 under the add/remove adjacency Opacus' accountants use for DP-SGD, and the release is a
 Gaussian mechanism with noise multiplier σ_h. A record with L targets (``tmoe``'s
 next-byte windows: the unigram prior) adds its own target histogram scaled to unit L2
-norm (:func:`label_counts`): the same sensitivity, the same mechanism. In the accountant's terms it is one step at
-sample rate q = 1, the segment ``(σ_h, 1.0, 1)`` (RDP α/(2σ_h²) at every order α), so it is
-charged to the ledger like any DP-SGD round and composes with them. The counts are
+norm (:func:`label_counts`): the same sensitivity, the same mechanism. In the
+accountant's terms it is one step at sample rate q = 1, the segment ``(σ_h, 1.0, 1)``
+(RDP α/(2σ_h²) at every order α), so it is charged to the ledger like any DP-SGD round and composes with them. The counts are
 computed once per client (its first training round) and never again: the release is
 kept in the client's state, and everything computed from it afterwards (the shrinkage of
 :func:`shrink_counts`, the personal logits, the training that uses them) is
@@ -99,7 +99,8 @@ def histogram_size(counts: torch.Tensor, num_train: int, per_window: bool) -> fl
     the public ``num_train`` for a histogram of one label per record; for a histogram of
     windows (:func:`label_counts` of (N, L) targets), whose total mass is not public, the
     release's own total Σ c̃ (its noise std is σ_h·√C: 3 % of the mass of 320 64-byte
-    windows at ε = 8, about 20 % at ε = 1), at least 1. A function of the release and public values: post-processing."""
+    windows at ε = 8, about 20 % at ε = 1), at least 1. A function of the release and
+    public values: post-processing."""
     if not per_window:
         return float(num_train)
     return max(1.0, float(torch.as_tensor(counts, dtype=torch.float64).sum()))
