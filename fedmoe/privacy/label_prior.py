@@ -11,8 +11,8 @@ next-byte windows: the unigram prior) adds its own target histogram scaled to un
 norm (:func:`label_counts`): the same sensitivity, the same mechanism. In the
 accountant's terms it is one step at sample rate q = 1, the segment ``(σ_h, 1.0, 1)``
 (RDP α/(2σ_h²) at every order α), so it is charged to the ledger like any DP-SGD round
-and composes with them. The counts are computed once per client (its first training round) and never again: the release is
-kept in the client's state, and everything computed from it afterwards (the shrinkage of
+and composes with them. The counts are computed once per client (its first training
+round) and never again: the release is kept in the client's state, and everything computed from it afterwards (the shrinkage of
 :func:`shrink_counts`, the personal logits, the training that uses them) is
 post-processing of this release. With ``label-prior-shrinkage = "federation"`` the client
 also sends the release to the server — it is already accounted as released — which
