@@ -6,17 +6,17 @@ The release is the Gaussian mechanism on the class counts of the client's traini
 
 Adding or removing one record changes exactly one count by 1, so the L2 sensitivity is 1
 under the add/remove adjacency Opacus' accountants use for DP-SGD, and the release is a
-Gaussian mechanism with noise multiplier σ_h. A record with L targets (``tmoe``'s
-next-byte windows: the unigram prior) adds its own target histogram scaled to unit L2
-norm (:func:`label_counts`): the same sensitivity, the same mechanism. In the
-accountant's terms it is one step at sample rate q = 1, the segment ``(σ_h, 1.0, 1)``
-(RDP α/(2σ_h²) at every order α), so it is charged to the ledger like any DP-SGD round
-and composes with them. The counts are computed once per client (its first training
-round) and never again: the release is kept in the client's state, and everything computed from it afterwards (the shrinkage of
-:func:`shrink_counts`, the personal logits, the training that uses them) is
-post-processing of this release. With ``label-prior-shrinkage = "federation"`` the client
-also sends the release to the server — it is already accounted as released — which
-estimates how the clients' label distributions spread around the federation's
+Gaussian mechanism with noise multiplier σ_h. A record with L targets (``tmoe``'s next-
+byte windows: the unigram prior) adds its own target histogram scaled to unit L2 norm
+(:func:`label_counts`): the same sensitivity, the same mechanism. In the accountant's
+terms it is one step at sample rate q = 1, the segment ``(σ_h, 1.0, 1)`` (RDP α/(2σ_h²)
+at every order α), so it is charged to the ledger like any DP-SGD round and composes with
+them. The counts are computed once per client (its first training round) and never again:
+the release is kept in the client's state, and everything computed from it afterwards
+(the shrinkage of :func:`shrink_counts`, the personal logits, the training that uses
+them) is post-processing of this release. With ``label-prior-shrinkage = "federation"``
+the client also sends the release to the server — it is already accounted as released —
+which estimates how the clients' label distributions spread around the federation's
 (:func:`federation_prior`, empirical Bayes) and sends that estimate back with every
 message; each client then shrinks its own noisy counts towards the federation's
 distribution by as much as its noise and the federation's skew warrant
