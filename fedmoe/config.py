@@ -82,7 +82,8 @@ MAX_SEED = 2**32 - 1
 #: Run-config keys added after runs had been recorded, each with the value that means
 #: "as before the key existed" (:meth:`FedMoEConfig.from_recorded`).
 ADDED_KEYS: dict[str, Any] = {"score-scale": False, "server-momentum": 0.0,
-                              "server-learning-rate": 1.0, "unigram-prior": False}
+                              "server-learning-rate": 1.0, "unigram-prior": False,
+                              "ema-decay": 0.0}
 #: server-learning-rate's upper bound: a step 10x the aggregated update.
 MAX_SERVER_LR = 10.0
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
@@ -325,6 +326,14 @@ class FedMoEConfig:
         Post-processing of DP updates: no privacy cost.
     server_learning_rate : float (default: 1.0)
         η of that step, (0, 10]; β = 0 and η = 1 is the aggregate itself.
+    ema_decay : float (default: 0.5)
+        γ of the exponential moving average of the global model over rounds, w̄_t =
+        γ w̄_{t−1} + (1 − γ) w_t with w̄_1 = w_1 (parameter averaging; Polyak & Juditsky
+        1992; the EMA of De et al. 2022, arXiv:2204.13650, for DP-SGD): w̄_t is what the
+        clients evaluate each round and the run's final model (``global_model.pt``);
+        training continues from w_t. [0, 1), 0 = the last global model. Post-processing
+        of DP updates: no privacy cost. Chosen on a validation split (docs/results.md,
+        section 3.6).
     max_update_norm : float (default: 1000.0)
         A train reply whose update (its arrays minus the round's global arrays, L2 norm
         over all of them) is longer than this is dropped; (0, 10⁶].
@@ -412,6 +421,7 @@ class FedMoEConfig:
     trim_fraction: float = 0.2
     server_momentum: float = 0.0
     server_learning_rate: float = 1.0
+    ema_decay: float = 0.5
     max_update_norm: float = 1000.0
     min_train_replies: int = 1
     reply_timeout: float = 600.0
@@ -607,6 +617,9 @@ class FedMoEConfig:
              "server-momentum must be in [0, 1) (0 = no momentum; β ≥ 1 never forgets)"),
             (0.0 < self.server_learning_rate <= MAX_SERVER_LR,
              f"server-learning-rate must be in (0, {MAX_SERVER_LR:g}] (1 = the aggregate)"),
+            (0.0 <= self.ema_decay < 1.0,
+             "ema-decay must be in [0, 1) (0 = no averaging: the last global model; "
+             "γ ≥ 1 would never move from round 1's model)"),
             (0.0 < self.max_update_norm <= MAX_UPDATE_NORM,
              f"max-update-norm must be in (0, {MAX_UPDATE_NORM:g}]"),
             (1 <= self.min_train_replies <= MAX_CLIENTS,

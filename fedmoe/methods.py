@@ -123,7 +123,13 @@ TMOE_KEYS = frozenset({"unigram-prior"})
 #: before the key existed" (:data:`fedmoe.config.ADDED_KEYS`) they are left out of
 #: :func:`result_keys`, so a run recorded before keeps its id (and its noise draws, which
 #: a grid seeds from the id). ``score-scale`` predates this rule and stays in every id.
-ID_NEUTRAL_KEYS = ("server-momentum", "server-learning-rate", "unigram-prior")
+ID_NEUTRAL_KEYS = ("server-momentum", "server-learning-rate", "unigram-prior", "ema-decay")
+#: Run-config keys that change only what the server evaluates and releases as the run's
+#: model, never what a client trains or sends (``ema-decay``: the average is computed from
+#: the global models, training continues from the last one). Two runs that differ only in
+#: these train the same trajectory; a grid seeds both with the same DP noise
+#: (:func:`noise_keys`), so their difference is the key's effect alone.
+RELEASE_ONLY_KEYS = ("ema-decay",)
 
 
 def unread_keys(config: FedMoEConfig) -> frozenset[str]:
@@ -144,6 +150,15 @@ def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
     for key in ID_NEUTRAL_KEYS:
         if key in keys and keys[key] == ADDED_KEYS[key]:
             keys.pop(key)
+    return keys
+
+
+def noise_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
+    """:func:`result_keys` less :data:`RELEASE_ONLY_KEYS`: what determines the run's
+    training trajectory, from which a grid derives its DP noise seeds."""
+    keys = result_keys(config)
+    for key in RELEASE_ONLY_KEYS:
+        keys.pop(key, None)
     return keys
 
 

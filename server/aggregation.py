@@ -140,3 +140,27 @@ def server_step(
         velocity[key] = v
         out[key] = (base + learning_rate * v).astype(np.asarray(global_arrays[key]).dtype)
     return out
+
+
+def ema_step(average: dict[str, np.ndarray], arrays: Arrays, decay: float) -> None:
+    """Fold this round's global ``arrays`` into their exponential moving average, in place.
+
+    ``average`` (float64 per key) becomes γ · ``average`` + (1 − γ) · ``arrays`` with γ =
+    ``decay``; a key it does not hold yet starts at ``arrays`` (w̄_1 = w_1, no bias
+    towards the initial model). Source: parameter averaging, Polyak & Juditsky, "Acceleration
+    of stochastic approximation by averaging", SIAM J. Control Optim. 1992; the EMA form
+    used for DP-SGD by De et al., "Unlocking high-accuracy differentially private image
+    classification through scale", 2022 (arXiv:2204.13650). Under DP the last model carries
+    the noise of the last rounds nearly undamped; the average spreads it over ≈ (1 + γ)/(1 − γ)
+    rounds. Reads only the global models, themselves DP outputs: post-processing.
+    """
+    for key, value in arrays.items():
+        current = np.asarray(value, dtype=np.float64)
+        previous = average.get(key)
+        average[key] = (current.copy() if previous is None
+                        else decay * previous + (1.0 - decay) * current)
+
+
+def as_dtypes(average: Arrays, like: Arrays) -> dict[str, np.ndarray]:
+    """``average`` cast to the dtypes of ``like`` (the global arrays), key by key."""
+    return {k: np.asarray(v).astype(np.asarray(like[k]).dtype) for k, v in average.items()}

@@ -192,7 +192,8 @@ def _run_locked(
         strategy = FedMoE(config, book=book, on_round=on_round, on_checkpoint=track)
         first_round = 1
         if checkpoint is not None:
-            restore_strategy(strategy, checkpoint.strategy, checkpoint.velocity)
+            restore_strategy(strategy, checkpoint.strategy, checkpoint.velocity,
+                             checkpoint.average)
             first_round = resume_point(checkpoint, strategy, book)
             for record in strategy.history:  # the progress display counts them too
                 on_round(record)

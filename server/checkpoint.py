@@ -8,8 +8,9 @@ atomically (temp file, fsync, rename) after each round's evaluation, holds:
 - the strategy's state: every client's plan (σ, q, steps, δ: calibrated once per run), what
   each client declared, exclusions, the clients sent their label histogram (and, with
   ``label-prior-shrinkage = "federation"``, the histograms they released), the per-round
-  history (what ``results.json`` reports) and the sampling RNG's state, and the server
-  optimiser's momentum (``server-momentum``) per global array;
+  history (what ``results.json`` reports) and the sampling RNG's state, the server
+  optimiser's momentum (``server-momentum``) per global array, and the moving average of
+  the global arrays (``ema-decay``), the model the run releases;
 - Flower's run id (the simulated clients' state folder is named by it) and the number of
   simulated clients.
 
@@ -74,6 +75,7 @@ class Checkpoint:
     finished: bool
     wall_seconds: float
     velocity: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    average: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- writing, reading
@@ -83,18 +85,19 @@ def save_checkpoint(
     finished: bool = False, wall_seconds: float = 0.0,
 ) -> Path:
     """Write ``<run_dir>/checkpoint.npz`` atomically (a crash leaves the old one or the new)."""
-    keys, moving = list(arrays), sorted(strategy.velocity)
+    keys, moving, averaged = list(arrays), sorted(strategy.velocity), sorted(strategy.average)
     meta = {
         "format": FORMAT, "fedmoe": fedmoe_version(), "round": server_round,
         "config": strategy.config.to_run_config(), "strategy": strategy_state(strategy),
         "run_id": run_id, "num_clients": num_clients, "engine": engine, "finished": finished,
-        "keys": keys, "velocity_keys": moving,
+        "keys": keys, "velocity_keys": moving, "average_keys": averaged,
         "wall_seconds": wall_seconds,
     }
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
              **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)},
-             **{f"v{i}": strategy.velocity[k] for i, k in enumerate(moving)})
+             **{f"v{i}": strategy.velocity[k] for i, k in enumerate(moving)},
+             **{f"m{i}": strategy.average[k] for i, k in enumerate(averaged)})
     path = Path(run_dir) / CHECKPOINT
     write_atomic(path, buffer.getvalue())
     return path
@@ -122,10 +125,12 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             arrays = {k: data[f"a{i}"] for i, k in enumerate(meta["keys"])}
             # written before server-momentum existed: no velocity (none was kept then)
             velocity = {k: data[f"v{i}"] for i, k in enumerate(meta.get("velocity_keys", []))}
+            # written before ema-decay existed: no average (the run released its last model)
+            average = {k: data[f"m{i}"] for i, k in enumerate(meta.get("average_keys", []))}
         checkpoint = Checkpoint(int(meta["round"]), arrays, dict(meta["config"]),
                                 dict(meta["strategy"]), meta["run_id"], meta["num_clients"],
                                 meta["engine"], bool(meta["finished"]),
-                                float(meta["wall_seconds"]), velocity)
+                                float(meta["wall_seconds"]), velocity, average)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
@@ -237,10 +242,13 @@ def strategy_state(strategy: FedMoE) -> dict[str, Any]:
 
 
 def restore_strategy(strategy: FedMoE, state: dict[str, Any],
-                     velocity: dict[str, np.ndarray] | None = None) -> None:
-    """Put ``state`` (:func:`strategy_state`) and the server optimiser's ``velocity``
-    (:attr:`Checkpoint.velocity`) back into a fresh strategy."""
+                     velocity: dict[str, np.ndarray] | None = None,
+                     average: dict[str, np.ndarray] | None = None) -> None:
+    """Put ``state`` (:func:`strategy_state`), the server optimiser's ``velocity``
+    (:attr:`Checkpoint.velocity`) and the moving ``average`` of the global arrays
+    (:attr:`Checkpoint.average`) back into a fresh strategy."""
     strategy.velocity = {k: np.asarray(v, dtype=np.float64) for k, v in (velocity or {}).items()}
+    strategy.average = {k: np.asarray(v, dtype=np.float64) for k, v in (average or {}).items()}
     strategy.plans = {c: ClientPlan(**{**p, "prior": tuple(map(tuple, p["prior"]))})
                       for c, p in state["plans"].items()}
     strategy.declared = {c: ClientInfo(**{**i, "history": tuple(map(tuple, i["history"]))})

@@ -26,6 +26,10 @@ construction and weighted averaging are Flower's; FedMoE adds
   :func:`server.aggregation.aggregate`), only with at least ``min-train-replies`` valid
   replies (else the global model stays as it was), then the server optimiser's step
   (``server-momentum``, ``server-learning-rate``: :func:`server.aggregation.server_step`);
+- the released model (``ema-decay``): the exponential moving average of the global models
+  after each round (:func:`server.aggregation.ema_step`) is what the clients evaluate and
+  what the run returns as its final model, while training goes on from the last global
+  model (:meth:`FedMoE.released`);
 - bounded waits: ``reply-timeout`` for every round's replies (a reply not back in time is
   counted as a timeout) and for ``min-available-clients`` nodes to connect (the run then
   stops saying how many came); while it waits it logs why;
@@ -103,7 +107,7 @@ from fedmoe.records import (
     server_message,
     update_bytes,
 )
-from server.aggregation import aggregate, check_update, server_step
+from server.aggregation import aggregate, as_dtypes, check_update, ema_step, server_step
 
 #: Relative difference between a client's reported ε and the server's that is flagged.
 MISMATCH_TOLERANCE = 1e-6
@@ -213,6 +217,9 @@ class FedMoE(FedAvg):
         self._global: dict[str, np.ndarray] = {}
         #: The server optimiser's momentum per global array (``server-momentum``; float64).
         self.velocity: dict[str, np.ndarray] = {}
+        #: The exponential moving average of the global arrays after each round
+        #: (``ema-decay``; float64; empty until the first aggregation or with γ = 0).
+        self.average: dict[str, np.ndarray] = {}
         #: node -> client of this round's train messages (to count the missing replies)
         self._sent: dict[int, str] = {}
         self._upload = Codec.upload(config)
@@ -267,6 +274,7 @@ class FedMoE(FedAvg):
         t_start = time.time()
         for current_round in range(first_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            arrays = self.begin_phase(current_round, arrays)
             messages = list(self.configure_train(current_round, arrays, ConfigRecord(), grid))
             if not messages:
                 log(WARNING, "fedmoe: training stops before round %s: %s", current_round,
@@ -279,7 +287,8 @@ class FedMoE(FedAvg):
                 result.arrays = arrays = agg_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[current_round] = train_metrics
-            evaluate_metrics = self._evaluate(current_round, arrays, grid, timeout)
+            evaluate_metrics = self._evaluate(current_round, self.released(arrays), grid,
+                                              timeout)
             evaluated = True
             if evaluate_metrics is not None:
                 result.evaluate_metrics_clientapp[current_round] = evaluate_metrics
@@ -287,8 +296,31 @@ class FedMoE(FedAvg):
                 self.on_checkpoint(current_round, arrays)
         if not evaluated:  # stopped before any training: report the initial model
             self._evaluate(0, arrays, grid, timeout)
+        result.arrays = self.released(arrays)
         log(INFO, "Strategy finished in %.2fs", time.time() - t_start)
         return result
+
+    def begin_phase(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The global arrays round ``server_round`` trains from: ``arrays``, unless the
+        round starts a new phase (``tmoe``'s first fine-tuning round). Then the new task
+        starts from the model the old one released (:meth:`released`: the pretrained
+        average), with no momentum (:attr:`velocity`) and no average from the old task."""
+        c = self.config
+        if server_round <= 1 or c.phase(server_round) == c.phase(server_round - 1):
+            return arrays
+        arrays = self.released(arrays)
+        self.velocity, self.average = {}, {}
+        return arrays
+
+    def released(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the run evaluates and releases after a round whose global arrays are
+        ``arrays``: their exponential moving average over the rounds (``ema-decay`` γ > 0,
+        :attr:`average`), in the arrays' dtypes; ``arrays`` themselves with γ = 0 or
+        before any aggregation."""
+        if not self.average:
+            return arrays
+        return ArrayRecord({k: Array(v) for k, v in as_dtypes(
+            self.average, {k: a.numpy() for k, a in arrays.items()}).items()})
 
     def _evaluate(
         self, server_round: int, arrays: ArrayRecord, grid: Grid, timeout: float
@@ -534,9 +566,6 @@ class FedMoE(FedAvg):
                 "model stays as it was", server_round, len(valid),
                 "y" if len(valid) == 1 else "ies", self.config.min_train_replies)
             return None, None
-        if server_round > 1 and self.config.phase(server_round) != self.config.phase(
-                server_round - 1):
-            self.velocity = {}  # tmoe's new task: no momentum from the old one
         arrays = self._aggregate(valid)
         if arrays is None:
             return None, None
@@ -620,6 +649,8 @@ class FedMoE(FedAvg):
                 "model stays as it was", c.aggregation, len(valid))
             return None
         self.velocity = velocity
+        if c.ema_decay > 0:
+            ema_step(self.average, combined, c.ema_decay)
         return ArrayRecord({k: Array(v) for k, v in combined.items()})
 
     def ledger_epsilons(self, clients: Iterable[str] | None = None) -> dict[str, float]:

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe.config import METHODS, ConfigError, FedMoEConfig, loads_toml
-from fedmoe.methods import result_keys
+from fedmoe.methods import noise_keys, result_keys
 from fedmoe.storage import write_atomic
 
 ROW, CSV, REPORT = "row.json", "results.csv", "report.md"
@@ -114,7 +114,17 @@ class Run:
     def run_id(self) -> str:
         """Hash of everything that determines the run's result (for a baseline, the keys
         only fedmoe's models read are left out: :func:`fedmoe.methods.result_keys`)."""
-        keys = result_keys(self.config)
+        return self._hash(result_keys(self.config))
+
+    @property
+    def noise_id(self) -> str:
+        """Hash of what determines the run's training trajectory
+        (:func:`fedmoe.methods.noise_keys`): the seed of its DP noise under
+        ``seeded-noise``. It equals :attr:`run_id` unless a release-only key (``ema-decay``)
+        is set, so runs that differ only in one share their noise draws."""
+        return self._hash(noise_keys(self.config))
+
+    def _hash(self, keys: dict[str, Any]) -> str:
         keys.pop("run-dir")
         blob = json.dumps({"config": keys, "clients": self.clients}, sort_keys=True,
                           default=str)
@@ -134,7 +144,7 @@ class Grid:
     jobs: int = 1
     threads: int = 1
     source: dict[str, Any] = field(default_factory=dict)
-    #: inline runs draw their DP noise from seeds derived from the run id
+    #: inline runs draw their DP noise from seeds derived from :attr:`Run.noise_id`
     #: (:func:`fedmoe.privacy.dp.simulation_noise`): a run repeats exactly
     seeded_noise: bool = True
 
@@ -312,8 +322,8 @@ def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1,
             seeded_noise: bool = False) -> dict[str, Any]:
     """Run one federation from scratch in ``run_dir`` and return its ``results.csv`` row
     (also written to ``run_dir/row.json``, which marks the run finished). With
-    ``seeded_noise`` (inline only) its DP noise comes from seeds derived from the run id,
-    so running it again gives the same row."""
+    ``seeded_noise`` (inline only) its DP noise comes from seeds derived from the run's
+    :attr:`Run.noise_id`, so running it again gives the same row."""
     import logging
     import warnings
 
@@ -333,7 +343,7 @@ def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1,
 
         from fedmoe.privacy.dp import simulation_noise
 
-        with simulation_noise(int(run.run_id, 16)) if seeded_noise else nullcontext():
+        with simulation_noise(int(run.noise_id, 16)) if seeded_noise else nullcontext():
             inline = run_inline(config, run.clients)
         results, wall, client = inline.results, inline.wall_seconds, inline.client_time.total
     else:

@@ -16,7 +16,7 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook
 from fedmoe.records import ARRAYS, METRICS, ReplyError, TrainReport, to_arrays
 from fedmoe.roles import split_state_dict
 from fedmoe.models import model_for
-from server.aggregation import aggregate, check_update, server_step
+from server.aggregation import aggregate, as_dtypes, check_update, ema_step, server_step
 from server.strategy import FedMoE
 from tests.helpers import SMALL, LocalGrid
 
@@ -114,8 +114,41 @@ def test_no_momentum_and_step_one_is_the_aggregate_bit_for_bit():
         np.testing.assert_allclose(out[key], 0.5 * (replies[0][key] + combined[key]), rtol=1e-6)
 
 
+def test_ema_is_the_moving_average_of_the_global_models_against_a_naive_loop():
+    """w̄_1 = w_1, w̄_t = γ w̄_{t-1} + (1 − γ) w_t, in plain float64 Python; the cast back
+    gives the global arrays' dtype, and the last model is not the average."""
+    gamma = 0.5
+    rng = np.random.default_rng(7)
+    models = [{"w": rng.normal(size=(2, 3)).astype(np.float32),
+               "b": rng.normal(size=(3,)).astype(np.float32)} for _ in range(5)]
+    average: dict = {}
+    naive = {k: [float(v) for v in models[0][k].ravel()] for k in models[0]}
+    for t, model in enumerate(models):
+        ema_step(average, model, gamma)
+        if t:
+            naive = {k: [gamma * a + (1 - gamma) * float(v)
+                         for a, v in zip(naive[k], model[k].ravel(), strict=True)]
+                     for k in model}
+        for key in model:
+            assert average[key].dtype == np.float64
+            np.testing.assert_allclose(average[key].ravel(), naive[key], rtol=1e-12)
+    cast = as_dtypes(average, models[-1])
+    assert all(cast[k].dtype == np.float32 for k in cast)
+    assert not np.allclose(cast["w"], models[-1]["w"])
+    # the weights: round t counts (1 − γ) γ^(T−t), round 1 γ^(T−1); they sum to 1
+    weights = [gamma ** 4] + [(1 - gamma) * gamma ** (4 - t) for t in range(1, 5)]
+    np.testing.assert_allclose(average["w"], sum(w * m["w"].astype(np.float64)
+                                                for w, m in zip(weights, models, strict=True)),
+                               rtol=1e-12)
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("aggregation", "mean", "aggregation must be one of"),
+    ("ema-decay", 1.0, "ema-decay must be in"),
+    ("ema-decay", -0.1, "ema-decay must be in"),
+    ("ema-decay", math.nan, "ema-decay"),
+    ("ema-decay", math.inf, "ema-decay"),
+    ("ema-decay", "0.5", "ema-decay"),
     ("trim-fraction", 0.5, "trim-fraction must be in"),
     ("server-momentum", 1.0, "server-momentum must be in"),
     ("server-momentum", -0.1, "server-momentum must be in"),

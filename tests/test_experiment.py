@@ -9,6 +9,7 @@ import pytest
 
 from fedmoe.cli import main
 from fedmoe.config import FedMoEConfig
+from fedmoe.methods import result_keys
 from simulations.experiment import CSV, REPORT, ROW, GridError, load_grid, parse_grid, read_csv
 from simulations.report import ACCURACY_PLOT, ROUNDS_PLOT, SPREAD_PLOT, mean_std, report_markdown
 
@@ -391,14 +392,31 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     a key only tmoe reads is no part of another model's id."""
     from fedmoe.methods import ID_NEUTRAL_KEYS, result_keys
 
-    keys = result_keys(FedMoEConfig())
+    keys = result_keys(FedMoEConfig(ema_decay=0.0))
     assert not set(ID_NEUTRAL_KEYS) & set(keys)
-    assert result_keys(FedMoEConfig(unigram_prior=False)) == keys  # lmoe does not read it
-    moving = result_keys(FedMoEConfig(server_momentum=0.9, server_learning_rate=0.5))
+    assert result_keys(FedMoEConfig(ema_decay=0.0, unigram_prior=False)) == keys  # lmoe
+    assert result_keys(FedMoEConfig()) == {**keys, "ema-decay": 0.5}  # today's default
+    moving = result_keys(FedMoEConfig(ema_decay=0.0, server_momentum=0.9,
+                                      server_learning_rate=0.5))
     assert moving == {**keys, "server-momentum": 0.9, "server-learning-rate": 0.5}
     text = result_keys(FedMoEConfig(model="tmoe"))
     assert text["unigram-prior"] is True
     assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))
+
+
+def test_runs_that_differ_only_in_ema_decay_share_their_noise_not_their_id():
+    """ema-decay changes what the server releases, not what clients train: two runs that
+    differ only in it are different runs (ids) with the same DP noise draws (noise ids),
+    so a grid's paired difference is the average's effect alone; at 0 (no averaging) the
+    id is that of a run recorded before the key existed."""
+    raw = {"experiment": {"clients": 3, "seeds": [1]}, "base": {"num-server-rounds": 1},
+           "grid": {"ema-decay": [0.0, 0.5, 0.9]}}
+    none, half, most = parse_grid(raw).runs
+    assert len({none.run_id, half.run_id, most.run_id}) == 3
+    assert none.noise_id == half.noise_id == most.noise_id == none.run_id
+    assert "ema-decay" not in result_keys(none.config)
+    other = parse_grid({**raw, "grid": {"ema-decay": [0.5], "learning-rate": [0.25]}}).runs[0]
+    assert other.noise_id != half.noise_id  # a key that changes training changes the noise
 
 
 @pytest.mark.parametrize("table", [{"server-momentum": "abc"}, {"server-momentum": 0.5},

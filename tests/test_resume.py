@@ -140,6 +140,38 @@ def test_a_resumed_run_continues_the_server_momentum(tmp_path, monkeypatch):
         np.testing.assert_array_equal(steps[0][0][key], value)
 
 
+def test_a_resumed_run_continues_the_moving_average(tmp_path, monkeypatch):
+    """The moving average of the global models (ema-decay) is part of the checkpoint: the
+    resumed round 3 folds its model into the average the crashed run had after round 2,
+    and the resumed run's final model is that average, not a fresh one."""
+    run_dir = tmp_path / "average"
+    config = CONFIG.replace(run_dir=str(run_dir), num_server_rounds=3, ema_decay=0.5)
+    steps: list[tuple[dict, dict]] = []  # (average before, after) per round
+    step = strategy_module.ema_step
+
+    def spy(average, arrays, decay):
+        before = {k: v.copy() for k, v in average.items()}
+        step(average, arrays, decay)
+        steps.append((before, {k: v.copy() for k, v in average.items()}))
+
+    monkeypatch.setattr(strategy_module, "ema_step", spy)
+    _run_until_crash(monkeypatch, config, 3)
+    assert len(steps) == 2 and not steps[0][0]  # rounds 1, 2; round 1 starts the average
+    after_2 = steps[-1][1]
+    saved = load_checkpoint(run_dir).average
+    assert saved.keys() == after_2.keys() and saved
+    for key, value in after_2.items():
+        np.testing.assert_array_equal(saved[key], value)
+    steps.clear()
+    run_inline(config.replace(resume=True), 3)
+    assert len(steps) == 1  # round 3 only
+    for key, value in after_2.items():
+        np.testing.assert_array_equal(steps[0][0][key], value)
+    final = torch.load(run_dir / "global_model.pt", weights_only=True)
+    for key, value in steps[0][1].items():
+        np.testing.assert_allclose(final[key].numpy(), value, rtol=1e-6, atol=1e-7)
+
+
 def test_a_round_charged_when_the_server_died_stays_spent_and_is_not_rerun(tmp_path,
                                                                           monkeypatch):
     run_dir = tmp_path / "run"

@@ -389,3 +389,52 @@ def test_query_reply_numbers_out_of_range_are_refused(field, value):
     record[field] = value
     with pytest.raises(ReplyError, match="out of range"):
         ClientInfo.from_record(record)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
+def test_the_released_model_is_the_moving_average_of_the_global_models(book, gamma):
+    """ema-decay γ: every evaluation and the run's final model are w̄_t (w̄_1 = w_1, w̄_t =
+    γ w̄_{t-1} + (1 − γ) w_t, recomputed here in float64 from the aggregated models), while
+    each train round starts from the last global model w_{t-1}; γ = 0 releases w_t."""
+    config = SMALL.replace(ema_decay=gamma)
+    strategy = FedMoE(config, book=book)
+    trained, sent_train, sent_eval = [], [], []
+    aggregate, configure_train, configure_evaluate = (
+        strategy._aggregate, strategy.configure_train, strategy.configure_evaluate)
+
+    def numpy(arrays):
+        return {k: a.numpy().copy() for k, a in arrays.items()}
+
+    def spy_aggregate(valid):
+        out = aggregate(valid)
+        trained.append(numpy(out))
+        return out
+
+    def spy_train(server_round, arrays, *args):
+        sent_train.append(numpy(arrays))
+        return configure_train(server_round, arrays, *args)
+
+    def spy_evaluate(server_round, arrays, *args):
+        sent_eval.append(numpy(arrays))
+        return configure_evaluate(server_round, arrays, *args)
+
+    strategy._aggregate, strategy.configure_train = spy_aggregate, spy_train
+    strategy.configure_evaluate = spy_evaluate
+    result = strategy.start(LocalGrid(3), initial(config), num_rounds=config.num_server_rounds)
+    rounds = config.num_server_rounds
+    assert len(trained) == len(sent_eval) == rounds == 3
+    average = {k: v.astype(np.float64) for k, v in trained[0].items()}
+    for t in range(rounds):
+        if t:
+            average = {k: gamma * average[k] + (1 - gamma) * trained[t][k].astype(np.float64)
+                       for k in average}
+            for key in trained[t]:  # training goes on from the last global model
+                np.testing.assert_array_equal(sent_train[t][key], trained[t - 1][key])
+        for key in average:
+            np.testing.assert_allclose(sent_eval[t][key], average[key], rtol=1e-6, atol=1e-7)
+            assert sent_eval[t][key].dtype == trained[t][key].dtype
+    final = numpy(result.arrays)
+    for key in average:
+        np.testing.assert_allclose(final[key], average[key], rtol=1e-6, atol=1e-7)
+    moved = any(not np.allclose(final[k], trained[-1][k]) for k in final)
+    assert moved == (gamma > 0)

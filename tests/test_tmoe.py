@@ -378,27 +378,52 @@ def test_a_tmoe_client_refuses_a_histogram_request_in_a_round_that_trains_on_lab
 
 
 @pytest.mark.slow
-def test_server_momentum_starts_afresh_when_fine_tuning_begins(tmp_path, monkeypatch):
-    """FedAvgM's velocity of the pretraining rounds must not push the fine-tuning rounds
-    (a new task, the language-model head frozen): round 2 starts from zero velocity."""
+def test_fine_tuning_starts_from_the_released_pretrained_model_afresh(tmp_path, monkeypatch):
+    """At the switch to fine-tuning (a new task, the language-model head frozen) training
+    starts from the model pretraining released — the moving average of its global models
+    (ema-decay) — with no FedAvgM velocity and no average from pretraining: round 3
+    trains from ½(w_1 + w_2) and releases its own w_3 at first."""
     from fedmoe.config import FedMoEConfig
     from server import strategy as strategy_module
     from simulations.inline import run_inline
 
-    before: list[dict] = []
+    before: list[dict] = []  # velocity before each server step
+    trained: list[dict] = []  # global arrays after each round's aggregation
+    sent: list[dict] = []  # global arrays of each round's train messages
+    released: list[dict] = []  # what each round evaluates
     step = strategy_module.server_step
+    numpy = lambda arrays: {k: a.numpy().copy() for k, a in arrays.items()}  # noqa: E731
 
     def spy(global_arrays, combined, velocity, momentum, learning_rate):
         before.append({k: v.copy() for k, v in velocity.items()})
-        return step(global_arrays, combined, velocity, momentum, learning_rate)
+        out = step(global_arrays, combined, velocity, momentum, learning_rate)
+        trained.append({k: np.asarray(v).copy() for k, v in out.items()})
+        return out
+
+    class Spied(strategy_module.FedMoE):
+        def configure_train(self, server_round, arrays, *args):
+            sent.append(numpy(arrays))
+            return super().configure_train(server_round, arrays, *args)
+
+        def configure_evaluate(self, server_round, arrays, *args):
+            released.append(numpy(arrays))
+            return super().configure_evaluate(server_round, arrays, *args)
 
     monkeypatch.setattr(strategy_module, "server_step", spy)
-    config = FedMoEConfig(model="tmoe", num_server_rounds=3, pretrain_rounds=1,
+    monkeypatch.setattr("server.app.FedMoE", Spied)
+    config = FedMoEConfig(model="tmoe", num_server_rounds=4, pretrain_rounds=2,
                           max_windows=40, target_epsilon=8.0, server_momentum=0.9,
-                          run_dir=str(tmp_path / "run"))
+                          ema_decay=0.5, run_dir=str(tmp_path / "run"))
     run_inline(config, 2)
-    assert len(before) == 3
-    assert not before[0] and not before[1]  # round 1: nothing yet; round 2: reset
-    moving = {k for k, v in before[2].items() if np.any(v)}  # round 3 carries round 2's on
+    assert len(before) == len(trained) == len(sent) == len(released) == 4
+    assert not before[0] and any(np.any(v) for v in before[1].values())
+    assert not before[2]  # round 3, the first fine-tuning round: momentum reset
+    moving = {k for k, v in before[3].items() if np.any(v)}  # round 4 carries round 3's on
     assert moving and all(not k.startswith("lm_head.") for k in moving)
-    assert not np.any(before[2]["lm_head.weight"])  # frozen in fine-tuning: it stays put
+    assert not np.any(before[3]["lm_head.weight"])  # frozen in fine-tuning: it stays put
+    for key, w1 in trained[0].items():
+        pretrained = (0.5 * w1.astype(np.float64) + 0.5 * trained[1][key]).astype(w1.dtype)
+        np.testing.assert_allclose(released[1][key], pretrained, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(sent[2][key], released[1][key])  # trains from it
+        np.testing.assert_array_equal(released[2][key], trained[2][key])  # a new average
+    assert any(not np.array_equal(sent[2][k], trained[1][k]) for k in sent[2])
