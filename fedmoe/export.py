@@ -1,6 +1,6 @@
 """``fedmoe export``: a client's personalised model for inference, optionally compressed.
 
-The personalised model is the run's final global ``shared``+``gate`` tensors
+The personalised model is the run's released global ``shared``+``gate`` tensors
 (``global_model.pt`` in the run folder) merged with the client's own ``local`` tensors (its
 local experts and label prior, from its state dir) — exactly the model its last evaluation
 scored. Compression, applied in this order when several are asked for:
@@ -51,7 +51,8 @@ from fedmoe.config import ConfigError, FedMoEConfig, NodeSettings
 from fedmoe.models.layers import set_use_local
 from fedmoe.roles import Role, merge_state_dict
 
-#: Written by the server next to ``results.json``: the final global shared+gate tensors.
+#: Written by the server next to ``results.json``: the released global shared+gate tensors
+#: (with ``ema-decay`` > 0 their moving average over rounds).
 GLOBAL_MODEL = "global_model.pt"
 FORMAT = "fedmoe-export-2"
 FORMAT_1 = "fedmoe-export-1"  # the whole module pickled; still loaded

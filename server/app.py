@@ -228,7 +228,8 @@ def _run_locked(
 
 
 def save_global_model(run_dir: Path, arrays: ArrayRecord) -> None:
-    """Write the final global shared+gate tensors (``global_model.pt``): with a client's
+    """Write the released global shared+gate tensors (``global_model.pt``; with
+    ``ema-decay`` > 0 their average over rounds, :meth:`FedMoE.released`): with a client's
     local tensors they give its personalised model (``fedmoe export``)."""
     buffer = io.BytesIO()
     torch.save(arrays.to_torch_state_dict(), buffer)
