@@ -8,6 +8,9 @@ mean ± std over seeds, in points, and its mean over all settings::
     python -m simulations.paired runs/select_federation --axis label-prior-shrinkage \\
         --base none --variant federation
 
+and its mean per ε when the grid has that axis; ``--where AXIS=VALUE`` (repeatable) keeps
+only the runs with that axis value first (``--where method=fedmoe``).
+
 ``--gaps``: per setting of the other axes (split, ε), the gap of ``fedmoe`` to the best
 other method — mean over seeds of fedmoe minus the highest mean of the others — in mean
 and worst-decile personalised accuracy, the best method named (the goal of issue 13)::
@@ -55,7 +58,7 @@ def paired_table(rows: list[dict[str, Any]], axis: str, base: str, variant: str)
             str(row[f"axis:{axis}"]), {})[int(row["seed"])] = row
     lines = [f"| {' | '.join(others)} | {base} | {variant} | Δ (points) | Δ worst decile | seeds |",
              "|---" * (len(others) + 5) + "|"]
-    every = []
+    every, by_epsilon = [], {}
     for setting, by_value in runs.items():
         if base not in by_value or variant not in by_value:
             raise ValueError(f"setting {setting}: no runs with {axis} = {base!r} and "
@@ -65,6 +68,8 @@ def paired_table(rows: list[dict[str, Any]], axis: str, base: str, variant: str)
         delta = [100 * (float(b[s][MEAN]) - float(a[s][MEAN])) for s in seeds]
         worst = [100 * (float(b[s][WORST]) - float(a[s][WORST])) for s in seeds]
         every += delta
+        if "target-epsilon" in others:
+            by_epsilon.setdefault(setting[others.index("target-epsilon")], []).extend(delta)
         (dm, ds), (wm, ws) = mean_std(delta), mean_std(worst)
         cells = [epsilon_label(float(v)) if o == "target-epsilon" else v
                  for o, v in zip(others, setting, strict=True)]
@@ -73,7 +78,37 @@ def paired_table(rows: list[dict[str, Any]], axis: str, base: str, variant: str)
     lines.append("")
     lines.append(f"Mean Δ over the {len(runs)} settings: {statistics.fmean(every):+.2f} points "
                  f"(mean personalised accuracy, paired by seed).")
+    if len(by_epsilon) > 1:
+        lines.append("Mean Δ per ε (its settings' seed pairs): " + ", ".join(
+            f"ε = {epsilon_label(float(e))}: {statistics.fmean(d):+.2f}"
+            for e, d in by_epsilon.items()) + ".")
     return "\n".join(lines)
+
+
+def where(rows: list[dict[str, Any]], conditions: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows whose axis value label matches every ``AXIS=VALUE`` of ``conditions``.
+
+    Raises
+    ------
+    ValueError
+        For a condition without ``=``, an axis the grid does not have, or one that keeps
+        no row (the values there are listed).
+    """
+    axes = _axes(rows)
+    for condition in conditions:
+        axis, sep, value = condition.partition("=")
+        if not sep:
+            raise ValueError(f"--where {condition!r}: write AXIS=VALUE, e.g. method=fedmoe")
+        if axis not in axes:
+            raise ValueError(f"--where {condition!r}: {axis!r} is not an axis of this grid; "
+                             f"its axes: {axes}")
+        kept = [r for r in rows if str(r[f"axis:{axis}"]) == value]
+        if not kept:
+            values = sorted({str(r[f"axis:{axis}"]) for r in rows})
+            raise ValueError(f"--where {condition!r}: no run has {axis} = {value!r}; its "
+                             f"values: {values}")
+        rows = kept
+    return rows
 
 
 def _mean(runs: dict[int, dict], seeds: Sequence[int]) -> str:
@@ -128,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", help="the value compared")
     parser.add_argument("--gaps", action="store_true",
                         help="fedmoe against the best other method per setting")
+    parser.add_argument("--where", action="append", default=[], metavar="AXIS=VALUE",
+                        help="only the runs with this axis value (repeatable), e.g. "
+                             "method=fedmoe")
     args = parser.parse_args(argv)
     if not (args.out / CSV).is_file():
         print(f"error: {args.out / CSV} does not exist (run fedmoe experiment first)",
@@ -135,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = read_csv(args.out / CSV)
     try:
+        rows = where(rows, args.where)
         if args.gaps:
             print(gaps_table(rows))
         elif args.axis and args.base and args.variant:

@@ -23,6 +23,7 @@ def test_paired_differences_are_per_seed_and_averaged_over_settings():
     assert lines[2] == "| iid | 8 | 0.850 (0.700) | 0.870 (0.800) | +2.0 ± 1.4 | +10.0 ± 0.0 | 2 |"
     assert lines[3] == "| iid | 1 | 0.500 (0.300) | 0.400 (0.300) | -10.0 ± 0.0 | +0.0 ± 0.0 | 1 |"
     assert "Mean Δ over the 2 settings: -2.00 points" in text  # (3 + 1 - 10) / 3 seeds-pairs
+    assert "ε = 8: +2.00, ε = 1: -10.00." in text  # (3 + 1) / 2 and -10 / 1
     with pytest.raises(ValueError, match="not an axis"):
         paired_table(rows, "seedless", "a", "b")
     with pytest.raises(ValueError, match="both"):
@@ -35,6 +36,28 @@ def test_gaps_name_the_best_other_method_and_the_best_worst_decile():
             _row("iid", 8.0, 1, 0.85, 0.85, method="local")]
     lines = gaps_table(rows).splitlines()
     assert lines[2] == "| iid | 8 | 0.900 (0.800) | fedavg 0.920 | -2.0 | -5.0 |"
+
+
+def test_where_keeps_the_runs_of_one_axis_value_and_names_a_bad_one(tmp_path, capsys):
+    from simulations.experiment import CSV, write_csv
+    from simulations.paired import where
+
+    rows = [_row("iid", 8.0, 1, 0.80, 0.6, method="fedmoe", ema="0"),
+            _row("iid", 8.0, 1, 0.84, 0.6, method="fedmoe", ema="0.5"),
+            _row("iid", 8.0, 1, 0.70, 0.5, method="fedavg", ema="0"),
+            _row("iid", 8.0, 1, 0.60, 0.5, method="fedavg", ema="0.5")]
+    assert where(rows, ["method=fedavg"]) == rows[2:]
+    assert where(rows, ["method=fedmoe", "ema=0.5"]) == [rows[1]]
+    for bad, match in [("method", "write AXIS=VALUE"), ("seed=1", "not an axis"),
+                       ("method=fedper", r"its values: \['fedavg', 'fedmoe'\]")]:
+        with pytest.raises(ValueError, match=match):
+            where(rows, [bad])
+    write_csv(tmp_path / CSV, rows)
+    assert main([str(tmp_path), "--axis", "ema", "--base", "0", "--variant", "0.5",
+                 "--where", "method=fedmoe"]) == 0
+    assert "Mean Δ over the 1 settings: +4.00 points" in capsys.readouterr().out
+    assert main([str(tmp_path), "--gaps", "--where", "method=local"]) == 2
+    assert "no run has method = 'local'" in capsys.readouterr().err
 
 
 def test_the_command_needs_a_results_csv(tmp_path, capsys):
