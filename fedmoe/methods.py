@@ -125,10 +125,10 @@ TMOE_KEYS = frozenset({"unigram-prior"})
 #: a grid seeds from the id). ``score-scale`` predates this rule and stays in every id.
 ID_NEUTRAL_KEYS = ("server-momentum", "server-learning-rate", "unigram-prior", "ema-decay")
 #: Run-config keys that change only what the server evaluates and releases as the run's
-#: model, never what a client trains or sends (``ema-decay``: the average is computed from
-#: the global models, training continues from the last one). Two runs that differ only in
-#: these train the same trajectory; a grid seeds both with the same DP noise
-#: (:func:`noise_keys`), so their difference is the key's effect alone.
+#: model (``ema-decay``: the average is computed from the global models, training
+#: continues from the last one) — except where :func:`noise_keys` says otherwise. Two runs
+#: that differ only in these train the same trajectory; a grid seeds both with the same DP
+#: noise, so their difference is the key's effect alone.
 RELEASE_ONLY_KEYS = ("ema-decay",)
 
 
@@ -155,8 +155,17 @@ def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
 
 def noise_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
     """:func:`result_keys` less :data:`RELEASE_ONLY_KEYS`: what determines the run's
-    training trajectory, from which a grid derives its DP noise seeds."""
+    training trajectory, from which a grid derives its DP noise seeds.
+
+    ``ema-decay`` stays where the average does reach training: a ``tmoe`` run that
+    switches from pretraining to fine-tuning (fine-tuning starts from the averaged
+    pretrained model) and a lossy ``download-codec`` (a train message is encoded
+    relative to what the client rebuilt from the evaluate message, which carries the
+    average)."""
     keys = result_keys(config)
+    switches = config.phase(1) != config.phase(config.num_server_rounds)
+    if switches or config.download_codec != "none":
+        return keys
     for key in RELEASE_ONLY_KEYS:
         keys.pop(key, None)
     return keys

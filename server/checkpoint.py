@@ -166,8 +166,9 @@ def differences_message(run_dir: Path | str, differ: list[str]) -> str:
     """The refusal of a resume whose config differs (``differ``: :func:`config_differences`)."""
     return (f"--resume {run_dir}: the run config differs from the run folder's in "
             f"{len(differ)} key(s): {'; '.join(differ)}. A run continues with its own config "
-            "(σ was calibrated for it, its checkpoint holds its state); drop these keys, or "
-            "start a new run with --out")
+            "(σ was calibrated for it, its checkpoint holds its state); give these keys the "
+            "run folder's values (a key added since that run was written: the value shown "
+            "for the run folder), or start a new run with --out")
 
 
 def prepare_run_folder(

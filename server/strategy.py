@@ -302,11 +302,16 @@ class FedMoE(FedAvg):
 
     def begin_phase(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """The global arrays round ``server_round`` trains from: ``arrays``, unless the
-        round starts a new phase (``tmoe``'s first fine-tuning round). Then the new task
-        starts from the model the old one released (:meth:`released`: the pretrained
-        average), with no momentum (:attr:`velocity`) and no average from the old task."""
+        round's phase is not that of the round that aggregated them (``tmoe``'s first
+        fine-tuning round, or the one after it when that round was lost to a crash or
+        not aggregated). Then the new task starts from the model the old one released
+        (:meth:`released`: the pretrained average), with no momentum (:attr:`velocity`)
+        and no average from the old task; once switched this changes nothing (the
+        average is then empty, so the released model is ``arrays``)."""
         c = self.config
-        if server_round <= 1 or c.phase(server_round) == c.phase(server_round - 1):
+        source = max((r.server_round for r in self.history
+                      if r.aggregated and r.server_round < server_round), default=1)
+        if c.phase(server_round) == c.phase(source):
             return arrays
         arrays = self.released(arrays)
         self.velocity, self.average = {}, {}

@@ -417,6 +417,40 @@ def test_runs_that_differ_only_in_ema_decay_share_their_noise_not_their_id():
     assert "ema-decay" not in result_keys(none.config)
     other = parse_grid({**raw, "grid": {"ema-decay": [0.5], "learning-rate": [0.25]}}).runs[0]
     assert other.noise_id != half.noise_id  # a key that changes training changes the noise
+    # where the average reaches training, γ stays in the noise id: a lossy download codec
+    # (train messages are encoded against the averaged evaluate message) and tmoe's switch
+    # to fine-tuning (it starts from the averaged pretrained model)
+    for base in ({"download-codec": "q8"},
+                 {"model": "tmoe", "num-server-rounds": 2, "pretrain-rounds": 1}):
+        a, b = parse_grid({**raw, "base": {**raw["base"], **base}}).runs[:2]
+        assert a.noise_id != b.noise_id
+    text = parse_grid({**raw, "base": {"model": "tmoe", "num-server-rounds": 2,
+                                       "pretrain-rounds": 2}}).runs  # no switch
+    assert text[0].noise_id == text[1].noise_id
+
+
+def test_a_grid_run_draws_its_noise_from_its_noise_id(tmp_path):
+    """End to end: two runs that differ only in ema-decay train the same round 1 with the
+    same noise draws (every client's update norm equal), and the released models differ
+    from round 2 on; a learning-rate change draws other noise."""
+    import json
+
+    from simulations.experiment import run_grid
+
+    raw = {"experiment": {"clients": 3, "seeds": [1]}, "base": {"num-server-rounds": 2},
+           "grid": {"ema-decay": [0.0, 0.5]}}
+    grid = parse_grid(raw)
+    run_grid(grid, tmp_path / "out")
+
+    def rounds(run):
+        return json.loads((tmp_path / "out" / "runs" / run.run_id / "results.json")
+                          .read_text())["rounds"]
+
+    none, half = (rounds(r) for r in grid.runs)
+    norms = [[c["update_norm"] for c in r["clients"]] for r in none]
+    assert norms == [[c["update_norm"] for c in r["clients"]] for r in half]
+    assert none[0]["clients"] == half[0]["clients"]  # round 1: w̄_1 = w_1, all equal
+    assert none[1]["clients"] != half[1]["clients"]  # round 2 evaluates the average
 
 
 @pytest.mark.parametrize("table", [{"server-momentum": "abc"}, {"server-momentum": 0.5},

@@ -147,10 +147,12 @@ def test_a_resumed_run_continues_the_moving_average(tmp_path, monkeypatch):
     run_dir = tmp_path / "average"
     config = CONFIG.replace(run_dir=str(run_dir), num_server_rounds=3, ema_decay=0.5)
     steps: list[tuple[dict, dict]] = []  # (average before, after) per round
+    models: list[dict] = []  # the global model each round folded in
     step = strategy_module.ema_step
 
     def spy(average, arrays, decay):
         before = {k: v.copy() for k, v in average.items()}
+        models.append({k: np.asarray(v).copy() for k, v in arrays.items()})
         step(average, arrays, decay)
         steps.append((before, {k: v.copy() for k, v in average.items()}))
 
@@ -158,10 +160,13 @@ def test_a_resumed_run_continues_the_moving_average(tmp_path, monkeypatch):
     _run_until_crash(monkeypatch, config, 3)
     assert len(steps) == 2 and not steps[0][0]  # rounds 1, 2; round 1 starts the average
     after_2 = steps[-1][1]
-    saved = load_checkpoint(run_dir).average
+    checkpoint = load_checkpoint(run_dir)
+    saved = checkpoint.average
     assert saved.keys() == after_2.keys() and saved
     for key, value in after_2.items():
         np.testing.assert_array_equal(saved[key], value)
+        np.testing.assert_array_equal(checkpoint.arrays[key], models[-1][key])  # w_2, not w̄_2
+    assert any(not np.allclose(checkpoint.arrays[k], saved[k]) for k in saved)
     steps.clear()
     run_inline(config.replace(resume=True), 3)
     assert len(steps) == 1  # round 3 only

@@ -438,3 +438,34 @@ def test_the_released_model_is_the_moving_average_of_the_global_models(book, gam
         np.testing.assert_allclose(final[key], average[key], rtol=1e-6, atol=1e-7)
     moved = any(not np.allclose(final[k], trained[-1][k]) for k in final)
     assert moved == (gamma > 0)
+
+
+def test_the_phase_switch_follows_the_round_that_made_the_arrays(book):
+    """tmoe, 2 pretraining rounds: fine-tuning starts from the released (averaged)
+    pretrained model with no momentum or average — in round 3, or in round 4 when round 3
+    was lost to a crash (resume_point lists it, not aggregated) — and, once switched,
+    later rounds train from the arrays as they are."""
+    from server.strategy import RoundRecord
+
+    config = SMALL.replace(model="tmoe", num_server_rounds=6, pretrain_rounds=2,
+                           ema_decay=0.5)
+    w = {"a": np.ones((2,), np.float32)}
+    arrays = ArrayRecord({k: Array(v) for k, v in w.items()})
+    for lost in (False, True):
+        strategy = FedMoE(config, book=book)
+        strategy.history = [RoundRecord(1, aggregated=True), RoundRecord(2, aggregated=True)]
+        strategy.average, strategy.velocity = {"a": np.full(2, 0.25)}, {"a": np.full(2, 3.0)}
+        assert strategy.begin_phase(2, arrays) is arrays  # still pretraining
+        first = 3
+        if lost:
+            strategy.history.append(RoundRecord(3))  # charged, never finished
+            first = 4
+        out = strategy.begin_phase(first, arrays)
+        np.testing.assert_array_equal(out["a"].numpy(), np.full(2, 0.25, np.float32))
+        assert out["a"].numpy().dtype == np.float32
+        assert not strategy.average and not strategy.velocity
+        strategy.history.append(RoundRecord(first))  # not aggregated either (no replies)
+        assert strategy.begin_phase(first + 1, out) is out  # idempotent after the switch
+        strategy.history.append(RoundRecord(first + 1, aggregated=True))
+        strategy.average = {"a": np.full(2, 7.0)}
+        assert strategy.begin_phase(first + 2, out) is out and strategy.average

@@ -165,7 +165,9 @@ def simulation_noise(seed: int) -> Iterator[None]:
     Noise an adversary can predict protects nothing: a deployment must never run inside
     this block. The ClientApp and the ServerApp never call it (tested); ``fedmoe
     experiment`` uses it for its inline runs (``[experiment] seeded-noise``), seeded from
-    each run's id, and tests use it for figures that must not move with the noise.
+    each run's noise id (``simulations.experiment.Run.noise_id``: the run's id less the keys
+    that change only what the server releases), and tests use it for figures that must not
+    move with the noise.
 
     Raises
     ------
