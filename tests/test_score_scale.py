@@ -177,8 +177,8 @@ def test_a_checkpoint_written_before_the_scale_resumes_with_its_own_model(tmp_pa
     resumed = FedMoEConfig.from_recorded({**old, "resume": True})
     assert not resumed.score_scale
     assert config_differences(old, resumed) == []
-    assert config_differences(old, FedMoEConfig(resume=True)) == [
-        "score-scale (run folder: False, now: True)"]
+    assert config_differences(old, FedMoEConfig(resume=True)) == [  # today's defaults
+        "ema-decay (run folder: 0.0, now: 0.5)", "score-scale (run folder: False, now: True)"]
 
 
 def test_a_message_of_a_server_before_the_scale_builds_the_model_it_sends():
