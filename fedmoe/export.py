@@ -123,8 +123,9 @@ def find_client_dir(run_dir: Path, client: str) -> Path:
     """
     if not (run_dir / GLOBAL_MODEL).is_file():
         raise ExportError(f"{run_dir} has no {GLOBAL_MODEL}: pass the folder of a finished "
-                          "run (runs written before fedmoe kept the final model cannot be "
-                          "exported)")
+                          "run. A run interrupted before its last round has none yet: finish "
+                          f"it with `fedmoe simulate --resume {run_dir}` (runs written before "
+                          "fedmoe kept the final model cannot be exported)")
     found = sorted(p.parent for p in (run_dir / "clients").rglob(LOCAL_FILE)
                    if p.parent.name == client)
     if len(found) != 1:

@@ -220,7 +220,8 @@ def test_folder_without_a_global_model_is_refused(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{}")
     assert main(["export", str(tmp_path), "--client", "partition-0", "--out",
                  str(tmp_path / "x.pt")]) == 2
-    assert GLOBAL_MODEL in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert GLOBAL_MODEL in err and f"fedmoe simulate --resume {tmp_path}" in err
 
 
 def test_export_files_of_the_first_format_still_load(tmp_path):
