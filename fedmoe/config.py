@@ -434,7 +434,7 @@ class FedMoEConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         self._resolve_own_defaults()
-        errors = _finite_errors(self)
+        errors = self._with_ranges(_finite_errors(self))
         if not errors:
             errors = [_given(self, msg) for ok, msg in self._range_checks() if not ok]
             errors += self._method_errors()
@@ -444,6 +444,25 @@ class FedMoEConfig:
             errors = self._model_errors()
         if errors:
             raise ConfigError("invalid run config: " + "; ".join(errors))
+
+    def _with_ranges(self, errors: list[str]) -> list[str]:
+        """Each "<key> must be a finite number" of ``errors`` followed by what that key's
+        range check says (its valid values: the fix), where it has one."""
+        if not errors:
+            return errors
+        checks = [msg for _, msg in self._range_checks()] + [
+            msg for _, msg in self._server_checks()] + self._method_errors()
+        ranges = {msg.split(" ", 1)[0]: msg.split(" ", 1)[1] for msg in checks
+                  if " must be " in msg}
+        out = []
+        for error in errors:
+            key = error.split(" ", 1)[0]
+            if key in ranges:
+                where = ranges[key].removeprefix("must be ").removeprefix("finite and ")
+                error = error.replace(" must be a finite number,",
+                                      f" must be a finite number {where},")
+            out.append(error)
+        return out
 
     def _resolve_own_defaults(self) -> None:
         """Replace each :data:`OWN_DEFAULTS` key given as 0 by the model's own value, and

@@ -118,6 +118,7 @@ def test_cli_rejects_bad_config_before_starting(argv, message, capsys, tmp_path)
 # ---------------------------------------------------------------- bounds on every key
 import dataclasses
 import math
+import re
 
 from fedmoe.config import MAX_PARAMETERS, parameter_count
 from fedmoe.models import build_model, run_overrides
@@ -137,8 +138,11 @@ def test_every_float_key_refuses_non_finite_values(key, value):
     if key == "target-epsilon" and value == math.inf:  # the one allowed: a non-private run
         assert not FedMoEConfig.from_run_config({key: value}).private
         return
-    with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number") as err:
         FedMoEConfig.from_run_config({key: value})
+    # the message gives the fix: the key's valid range, as its range check words it
+    assert re.search(rf"{key} must be a finite number (in|>|<|at)[^,]*[\])0-9]", str(err.value)), \
+        str(err.value)
 
 
 @pytest.mark.parametrize("key", INT_KEYS)
