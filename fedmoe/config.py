@@ -450,8 +450,7 @@ class FedMoEConfig:
         range check says (its valid values: the fix), where it has one."""
         if not errors:
             return errors
-        checks = [msg for _, msg in self._range_checks()] + [
-            msg for _, msg in self._server_checks()] + self._method_errors()
+        checks = [msg for _, msg in self._range_checks()] + self._method_errors()
         ranges = {msg.split(" ", 1)[0]: msg.split(" ", 1)[1] for msg in checks
                   if " must be " in msg}
         out = []

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmoe.compression import Codec
 from fedmoe.config import ADDED_KEYS, METHODS, FedMoEConfig
 from fedmoe.models import model_for, unigram_prior_applies
 from fedmoe.models.prior import label_priors
@@ -164,7 +165,7 @@ def noise_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
     average)."""
     keys = result_keys(config)
     switches = config.phase(1) != config.phase(config.num_server_rounds)
-    if switches or config.download_codec != "none":
+    if switches or not Codec.download(config).lossless:
         return keys
     for key in RELEASE_ONLY_KEYS:
         keys.pop(key, None)
