@@ -13,7 +13,7 @@
   (:mod:`fedmoe.export`), and prints its size, latency and accuracy against the
   uncompressed model.
 
-Exit codes: 0 done, 2 bad input (reported before anything starts), 130 Ctrl-C.
+Exit codes: 0 done, 2 bad input (reported before anything starts), 130 Ctrl-C or SIGTERM.
 - ``fedmoe experiment GRID.toml --out DIR [--jobs N]`` runs a grid of federations
   (methods × ε × partitioners × seeds × any key; :mod:`simulations.experiment`), resumably,
   into ``DIR/results.csv``, ``DIR/report.md`` and plots.
@@ -257,7 +257,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    """``fedmoe simulate``: 0 when done, 2 for bad input (nothing started), 130 on Ctrl-C."""
+    """``fedmoe simulate``: 0 when done, 2 for bad input (nothing started), 130 on Ctrl-C
+    or SIGTERM."""
     from fedmoe.storage import RunFolderBusy
     from simulations.runner import SimulationInterrupted, run
 

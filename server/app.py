@@ -49,7 +49,21 @@ class RunListener(Protocol):
 
 
 class RunInterrupted(Exception):
-    """The run was asked to stop (Ctrl-C in ``fedmoe simulate``) while waiting for clients."""
+    """The run was asked to stop (Ctrl-C or SIGTERM in ``fedmoe simulate``) while waiting
+    for clients."""
+
+
+class StopRequest(threading.Event):
+    """An :class:`threading.Event` that ends a run early; :meth:`request` sets it and names
+    who asked (``cause``, e.g. ``"Ctrl-C"`` or ``"SIGTERM"``), for the report's stop reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cause = "stop requested"
+
+    def request(self, cause: str) -> None:
+        self.cause = cause
+        self.set()
 
 
 class StoppableGrid(Grid):
@@ -61,7 +75,7 @@ class StoppableGrid(Grid):
     it is still waiting for. Everything else is the wrapped grid's.
     """
 
-    def __init__(self, grid: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
+    def __init__(self, grid: Grid, stop: StopRequest, poll_interval: float = 0.1) -> None:
         self.grid, self.stop, self.poll_interval = grid, stop, poll_interval
 
     def set_run(self, run: Run) -> None:
@@ -120,7 +134,7 @@ class StoppableGrid(Grid):
 
 def run_federation(
     grid: Grid, config: FedMoEConfig, listener: RunListener | None = None,
-    run_id: int | None = None, *, stop: threading.Event | None = None,
+    run_id: int | None = None, *, stop: StopRequest | None = None,
     num_clients: int | None = None, engine: str | None = None,
 ) -> dict[str, Any]:
     """Run FedMoE on ``grid`` until the planned rounds are done, no client can afford
@@ -152,7 +166,7 @@ def run_federation(
 
 def _run_locked(
     grid: Grid, config: FedMoEConfig, run_dir: Path, checkpoint: Checkpoint | None,
-    listener: RunListener | None, run_id: int | None, stop: threading.Event | None,
+    listener: RunListener | None, run_id: int | None, stop: StopRequest | None,
     simulation: tuple[int | None, str | None],
 ) -> dict[str, Any]:
     start = time.time() - (checkpoint.wall_seconds if checkpoint else 0.0)
@@ -165,7 +179,7 @@ def _run_locked(
         config.num_server_rounds, config.target_epsilon, run_dir,
         f"; resuming after round {checkpoint.server_round}" if checkpoint else "")
     if stop is not None or hasattr(grid, "push_messages"):  # Flower's grids: logged waits
-        grid = StoppableGrid(grid, stop or threading.Event())
+        grid = StoppableGrid(grid, stop or StopRequest())
     if listener:
         listener.started(config, run_dir)
     finished: set[int] = set()
@@ -210,7 +224,8 @@ def _run_locked(
                           if r.server_round not in finished]
             strategy.history = [r for r in strategy.history if r.server_round in finished]
             strategy.stop_reason = (
-                "interrupted (Ctrl-C)" + (f" during round {unfinished[0]}" if unfinished else "")
+                f"interrupted ({stop.cause if stop is not None else 'stop requested'})"
+                + (f" during round {unfinished[0]}" if unfinished else "")
                 + f"; the report covers the {len(strategy.history)} finished round(s)")
             log(WARNING, "fedmoe: %s", strategy.stop_reason)
         if not interrupted:  # --resume of this folder is refused from now on
@@ -238,7 +253,7 @@ def save_global_model(run_dir: Path, arrays: ArrayRecord) -> None:
 
 def make_server_app(
     config: FedMoEConfig | None = None, listener: RunListener | None = None,
-    *, stop: threading.Event | None = None,
+    *, stop: StopRequest | None = None,
     on_run_id: Callable[[int], None] | None = None,
     num_clients: int | None = None, engine: str | None = None,
 ) -> ServerApp:

@@ -31,6 +31,10 @@ from server.strategy import RoundRecord
 
 #: This engine's name in a checkpoint (a run resumes only on the engine that ran it).
 ENGINE = "flower"
+#: The signals that stop a simulation gracefully (the report of the finished rounds is
+#: written, Ray is stopped), with the name the report gives each: Ctrl-C, and the SIGTERM
+#: of ``kill``, ``timeout`` and batch schedulers. A second one aborts at once.
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class ProgressListener:
@@ -152,8 +156,30 @@ def client_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def _ray_init_args(verbose: bool) -> dict[str, Any]:
+    """``ray.init`` arguments: Flower's (no dashboard), and Ray's forwarding of what its
+    actors log ("Manually terminating ClientAppActor" at every shutdown) to this terminal
+    only with ``--verbose`` (a client's failure is in results.json either way)."""
+    return {"include_dashboard": False, "log_to_driver": verbose}
+
+
+def _start_ray(verbose: bool) -> None:
+    """Start Ray as Flower's simulation backend would (``RayBackend.init_ray``: this
+    process's ``sys.path`` passed on to the workers), so that it is started in the main
+    thread before ``run_simulation``, which then finds it running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    path = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        path = f"{path}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = path
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, **_ray_init_args(verbose))
+
+
 class SimulationInterrupted(Exception):
-    """Ctrl-C stopped the run; the report of the finished rounds is at ``results_path``."""
+    """Ctrl-C or SIGTERM stopped the run; the report of the finished rounds is at ``results_path``."""
 
     def __init__(self, results_path: Path, results: dict[str, Any]) -> None:
         super().__init__(f"interrupted; the report of the finished rounds is {results_path}")
@@ -273,16 +299,16 @@ def run(config: FedMoEConfig, num_clients: int, *, verbose: bool = False) -> dic
 
     Everything that can be checked is checked first (:func:`preflight`), and what an
     earlier, killed run left behind is removed (:func:`simulations.leftovers.clean_leftovers`).
-    Ctrl-C stops the run within seconds: the round in progress is abandoned, the report of
-    the finished rounds is written, Ray is stopped, and :class:`SimulationInterrupted` is
-    raised. A second Ctrl-C aborts at once.
+    Ctrl-C or SIGTERM (:data:`STOP_SIGNALS`) stops the run within seconds: the round in
+    progress is abandoned, the report of the finished rounds is written, Ray is stopped,
+    and :class:`SimulationInterrupted` is raised. A second one aborts at once.
 
     Raises
     ------
     ConfigError
         If the run could never start (bad client count, run folder or data split).
     SimulationInterrupted
-        After Ctrl-C, once the partial report is written.
+        After Ctrl-C or SIGTERM, once the partial report is written.
     """
     from fedmoe.storage import run_folder_lock
     from server.checkpoint import prepare_run_folder
@@ -299,7 +325,7 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from server.app import make_server_app
+    from server.app import StopRequest, make_server_app
     from simulations.leftovers import Recorder, clean_leftovers
 
     # piped output (CI logs, make run | tee) gets a width that fits the per-client table
@@ -313,18 +339,19 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     listener = ProgressListener(console)
-    stop = threading.Event()
+    stop = StopRequest()
 
-    def on_sigint(signum: int, frame: Any) -> None:
+    def on_stop_signal(signum: int, frame: Any) -> None:
+        cause = STOP_SIGNALS[signum]
         if stop.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C: abort now
-        stop.set()
-        print("\nfedmoe: stopping (Ctrl-C again to abort): writing the report of the finished "
-              "rounds…", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt  # a second stop signal: abort now
+        stop.request(cause)
+        print(f"\nfedmoe: stopping ({cause}; {cause} again to abort): writing the report of "
+              "the finished rounds…", file=sys.stderr, flush=True)
 
     # Python lets only the main thread set signal handlers; run() elsewhere keeps Python's
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    previous = {s: signal.signal(s, on_stop_signal) for s in STOP_SIGNALS} if main else {}
     recorder = Recorder(Path(config.run_dir).resolve())
     previous_run = _checkpoint_run_id(config)
 
@@ -339,12 +366,20 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
                                            num_clients=num_clients, engine=ENGINE),
                 client_app=client_app,
                 num_supernodes=num_clients,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                "init_args": _ray_init_args(verbose)},
+            if main:
+                # ray.init replaces this process's SIGTERM handler twice (its own exit, then
+                # the core worker's abort: exit -6, no report); started here, before
+                # run_simulation (which then uses it), the stop handlers go back on top
+                _start_ray(verbose)
+                for sig in STOP_SIGNALS:
+                    signal.signal(sig, on_stop_signal)
                 verbose_logging=verbose,
             )
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if listener.results is not None:
             kept = keep_client_state(listener.results["run_id"], listener.results_path.parent)
             if kept:

@@ -16,7 +16,7 @@ from uuid import uuid4
 import pytest
 
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
-from server.app import RunInterrupted, StoppableGrid, run_federation
+from server.app import RunInterrupted, StoppableGrid, StopRequest, run_federation
 from simulations.leftovers import RunRecord, clean_leftovers, records_dir, start_time
 from tests.helpers import SMALL, LocalGrid
 
@@ -46,7 +46,7 @@ class PushGrid(LocalGrid):
 
 
 def test_stoppable_grid_gives_up_waiting_as_soon_as_stop_is_set():
-    stop = threading.Event()
+    stop = StopRequest()
     grid = StoppableGrid(PushGrid(2, deliver=False), stop)  # replies never come
     from tests.helpers import message
 
@@ -61,7 +61,7 @@ def test_stoppable_grid_gives_up_waiting_as_soon_as_stop_is_set():
 class StopAfter:
     """A listener that asks the run to stop once round ``n`` has finished."""
 
-    def __init__(self, n: int, stop: threading.Event) -> None:
+    def __init__(self, n: int, stop: StopRequest) -> None:
         self.n, self.stop, self.finished_with = n, stop, None
 
     def started(self, config, run_dir) -> None:
@@ -69,7 +69,7 @@ class StopAfter:
 
     def round_finished(self, record) -> None:
         if record.server_round == self.n:
-            self.stop.set()
+            self.stop.request("SIGTERM")
 
     def finished(self, results, path) -> None:
         self.finished_with = (results, path)
@@ -77,14 +77,14 @@ class StopAfter:
 
 def test_stop_writes_the_report_of_the_finished_rounds(tmp_path):
     config = SMALL.replace(num_server_rounds=3, run_dir=str(tmp_path / "run"))
-    stop = threading.Event()
+    stop = StopRequest()
     listener = StopAfter(1, stop)
     results = run_federation(PushGrid(3), config, listener, run_id=1, stop=stop)
 
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk == results and listener.finished_with is not None
     assert [r["round"] for r in results["rounds"]] == [1]
-    assert "interrupted (Ctrl-C) during round 2" in results["privacy"]["stopped"]
+    assert "interrupted (SIGTERM) during round 2" in results["privacy"]["stopped"]
     assert len(results["final"]["clients"]) == 3
     # the stop came before round 2 was sent: no ledger charges it, and the ledger, read
     # back, agrees with the report (a round sent before a stop would stay charged)
@@ -183,15 +183,16 @@ def _alive(record: RunRecord) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("system_temp_dir")
-def test_ctrl_c_stops_promptly_writes_the_report_and_exits_130(tmp_path):
+@pytest.mark.parametrize("sig, cause", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_stop_signal_stops_promptly_writes_the_report_and_exits_130(tmp_path, sig, cause):
     out = tmp_path / "run"
     proc = _start(out)
     try:
         record = _wait_for_training(proc)
         time.sleep(3)  # mid-run
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         sent = time.monotonic()
-        _, err = proc.communicate(timeout=60)
+        out_text, err = proc.communicate(timeout=60)
         assert time.monotonic() - sent < 30
     finally:
         if proc.poll() is None:
@@ -200,7 +201,9 @@ def test_ctrl_c_stops_promptly_writes_the_report_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted; report of the" in err
     results = json.loads((out / "results.json").read_text())
-    assert "interrupted (Ctrl-C)" in results["privacy"]["stopped"]
+    assert f"interrupted ({cause})" in results["privacy"]["stopped"]
+    assert f"stopping ({cause}" in err
+    assert "Manually terminating" not in out_text + err  # Ray's actor logs: only --verbose
     finished = [r["round"] for r in results["rounds"]]
     assert finished == list(range(1, len(finished) + 1)) and len(finished) < 200
     assert not _alive(record)  # no Ray process of its own left
