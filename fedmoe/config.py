@@ -83,7 +83,7 @@ MAX_SEED = 2**32 - 1
 #: "as before the key existed" (:meth:`FedMoEConfig.from_recorded`).
 ADDED_KEYS: dict[str, Any] = {"score-scale": False, "server-momentum": 0.0,
                               "server-learning-rate": 1.0, "unigram-prior": False,
-                              "ema-decay": 0.0}
+                              "ema-decay": 0.0, "feature-bounds": ""}
 #: server-learning-rate's upper bound: a step 10x the aggregated update.
 MAX_SERVER_LR = 10.0
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
@@ -146,6 +146,28 @@ def loads_toml(text: str) -> dict[str, Any]:
     import tomllib
 
     return tomllib.loads(text, parse_float=_float_literal)
+
+
+def parse_range(spec: str) -> tuple[float, float] | None:
+    """``feature-bounds`` ``"LOW:HIGH"`` -> (low, high), or None if ``spec`` is not two numbers joined by ``:``
+    (then it names a bounds file).
+
+    Raises
+    ------
+    ValueError
+        For two numbers that are not finite or with low ≥ high.
+    """
+    low, sep, high = spec.partition(":")
+    try:
+        bounds = float(low), float(high)
+    except ValueError:
+        return None
+    if not sep:
+        return None
+    if not (math.isfinite(bounds[0]) and math.isfinite(bounds[1]) and bounds[0] < bounds[1]):
+        raise ValueError(f"feature-bounds {spec!r}: LOW:HIGH needs finite numbers with "
+                         "LOW < HIGH, e.g. '0:255'")
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -249,6 +271,13 @@ class FedMoEConfig:
     label_column : str (default: "label")
         The label column of a CSV file or saved Hugging Face dataset (a node's
         ``label-column`` node-config key overrides it for its own file).
+    feature_bounds : str (default: "")
+        Users' data files: each feature's public range, mapped to [0, 1] (values outside
+        clipped) before training — ``"LOW:HIGH"`` for every feature (e.g. ``"0:255"``), or
+        the path of a CSV file ``feature,low,high`` with a row per feature (column name or
+        0-based index). Public knowledge of the domain, not read from the data: no privacy
+        cost (:func:`fedmoe.data.files.scale_to_bounds`). Empty: features as in the file
+        (a warning names features beyond ±100).
     partitioner : str (default: "dirichlet")
         ``iid`` or ``dirichlet`` (flwr-datasets partitioners).
     dirichlet_alpha : float (default: 0.5)
@@ -402,6 +431,7 @@ class FedMoEConfig:
     num_features: int = 0
     num_classes: int = 0
     label_column: str = "label"
+    feature_bounds: str = ""
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
@@ -565,6 +595,10 @@ class FedMoEConfig:
              f"{self.data} has {EMBEDDED_SHAPE[0]} features and {EMBEDDED_SHAPE[1]} classes: "
              "leave num-features and num-classes at 0"),
             (bool(self.label_column.strip()), "label-column must name a column, e.g. 'label'"),
+            (not self.feature_bounds or self.dataset == "node" or self.is_file_data,
+             f"feature-bounds scales users' data files; dataset '{self.data}' is built in "
+             "(already scaled): leave feature-bounds empty"),
+            *self._bounds_checks(),
             (self.partitioner in PARTITIONERS, f"partitioner must be one of {PARTITIONERS}"),
             (0.0 < self.dirichlet_alpha <= MAX_ALPHA,
              f"dirichlet-alpha must be in (0, {MAX_ALPHA:g}] (larger is closer to IID; "
@@ -625,6 +659,15 @@ class FedMoEConfig:
             ),
         ]
         return [msg for ok, msg in checks if not ok]
+
+    def _bounds_checks(self) -> list[tuple[bool, str]]:
+        """A ``feature-bounds`` range LOW:HIGH is checked here; a bounds file when the data
+        is read (:func:`fedmoe.data.files.feature_bounds`), also before anything starts."""
+        try:
+            parse_range(self.feature_bounds)
+        except ValueError as err:
+            return [(False, str(err))]
+        return []
 
     def _server_checks(self) -> list[tuple[bool, str]]:
         """(ok, message) for the aggregation, reply-validation and waiting keys."""

@@ -237,6 +237,12 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
                           "for deployments; to try a data file here use dataset='csv:PATH' "
                           "(or npz:, images:, hf:)")
     config = with_data_shape(config)  # a data file: read (and checked) once, here
+    if config.is_file_data and not config.feature_bounds:
+        from fedmoe.data.files import load_file, scale_warning
+
+        warning = scale_warning(config.dataset, load_file(config.dataset, config.label_column))
+        if warning:
+            print(f"fedmoe: warning: {warning}", file=sys.stderr)
     sizes = check_split(config, num_clients)
     if config.batch_size and sizes:
         smallest = min(train for train, _ in sizes)
@@ -361,13 +367,6 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
             carry_client_state(previous_run, run_id, Path(config.run_dir))
     try:
         with recorder:
-            run_simulation(
-                server_app=make_server_app(config, listener, stop=stop, on_run_id=on_run_id,
-                                           num_clients=num_clients, engine=ENGINE),
-                client_app=client_app,
-                num_supernodes=num_clients,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                "init_args": _ray_init_args(verbose)},
             if main:
                 # ray.init replaces this process's SIGTERM handler twice (its own exit, then
                 # the core worker's abort: exit -6, no report); started here, before
@@ -375,6 +374,13 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
                 _start_ray(verbose)
                 for sig in STOP_SIGNALS:
                     signal.signal(sig, on_stop_signal)
+            run_simulation(
+                server_app=make_server_app(config, listener, stop=stop, on_run_id=on_run_id,
+                                           num_clients=num_clients, engine=ENGINE),
+                client_app=client_app,
+                num_supernodes=num_clients,
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                "init_args": _ray_init_args(verbose)},
                 verbose_logging=verbose,
             )
     finally:

@@ -399,6 +399,9 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     moving = result_keys(FedMoEConfig(ema_decay=0.0, server_momentum=0.9,
                                       server_learning_rate=0.5))
     assert moving == {**keys, "server-momentum": 0.9, "server-learning-rate": 0.5}
+    scaled = result_keys(FedMoEConfig(ema_decay=0.0, dataset="csv:/x.csv",
+                                      feature_bounds="0:255"))
+    assert scaled["feature-bounds"] == "0:255"  # a run with bounds is another run
     text = result_keys(FedMoEConfig(model="tmoe"))
     assert text["unigram-prior"] is True
     assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))

@@ -337,3 +337,138 @@ def test_server_plans_a_pinned_node_at_its_delta_and_leaves_out_a_bad_file(tmp_p
         strategy.discover(LocalGrid(2, node_configs=nodes), [10], 1)
         assert "δ=0.001" in strategy.excluded["a"] and "target-delta=0.0001" in \
             strategy.excluded["a"]
+
+
+# ---------------------------------------------------------------------- feature bounds
+def wide(n: int = 60):
+    """Two features of very different public ranges: a count in [0, 4000], a share."""
+    rng = np.random.default_rng(3)
+    y = np.arange(n) % 2
+    x = np.column_stack([rng.uniform(0, 4000, n), rng.uniform(0, 1, n)])
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def test_feature_bounds_map_each_public_range_to_unit_and_clip(tmp_path):
+    x, y = wide()
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    bounds = tmp_path / "bounds.csv"
+    bounds.write_text("feature,low,high\nshare,0,2\narea,1000,3000\n")  # any order, by name
+    got = load_file(f"csv:{path}", "label", str(bounds))
+    # the naive formula per element: (clip(x, lo, hi) - lo) / (hi - lo)
+    want = np.column_stack([(np.clip(x[:, 0], 1000, 3000) - 1000) / 2000, x[:, 1] / 2])
+    np.testing.assert_allclose(got.x, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got.y, y)
+    whole = load_file(f"csv:{path}", "label", "0:4000")  # one range for every feature
+    np.testing.assert_allclose(whole.x, x / 4000, rtol=1e-6, atol=1e-7)
+    np.savez(tmp_path / "d.npz", x=x, y=y)  # no names: rows by 0-based index
+    (tmp_path / "idx.csv").write_text("feature,low,high\n0,1000,3000\n1,0,2\n")
+    np.testing.assert_allclose(load_file(f"npz:{tmp_path / 'd.npz'}", "label",
+                                         str(tmp_path / "idx.csv")).x, want, rtol=1e-6,
+                               atol=1e-7)
+    assert load_file(f"csv:{path}").x.max() > 1000  # the cached raw read is unchanged
+
+
+@pytest.mark.parametrize("text, match", [
+    ("name,lo,hi\narea,0,1\nshare,0,1\n", "header must be feature,low,high"),
+    ("feature,low,high\narea,0,4000\n", r"no bounds for 1 feature\(s\) \(share\)"),
+    ("feature,low,high\narea,0,4000\nshare,0,1\nsize,0,1\n", "'size' is not in the data"),
+    ("feature,low,high\narea,0,4000\narea,0,1\nshare,0,1\n", "listed twice"),
+    ("feature,low,high\narea,0,4000\nshare,1,1\n", "finite low < high"),
+    ("feature,low,high\narea,0,inf\nshare,0,1\n", "finite low < high"),
+    ("feature,low,high\narea,zero,4000\nshare,0,1\n", "must be numbers"),
+    ("feature,low,high\narea,0\nshare,0,1\n", "each row is feature,low,high"),
+    ("feature,low,high\narea,0,4000\n7,0,1\n", "'7' is not in the data"),
+])
+def test_every_fault_of_a_bounds_file_is_one_clear_error(tmp_path, text, match):
+    x, y = wide()
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    bounds = tmp_path / "bounds.csv"
+    bounds.write_text(text)
+    with pytest.raises(DataFileError, match=match) as err:
+        load_file(f"csv:{path}", "label", str(bounds))
+    assert str(bounds) in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["5:1", "3:3", "0:inf", "nan:1", "-inf:0"])
+def test_a_bad_bounds_range_is_refused_by_the_config(spec):
+    with pytest.raises(ConfigError, match="LOW < HIGH"):
+        FedMoEConfig(dataset="csv:/x.csv", feature_bounds=spec)
+
+
+def test_feature_bounds_need_a_data_file():
+    with pytest.raises(ConfigError, match="leave feature-bounds empty"):
+        FedMoEConfig(feature_bounds="0:1")
+    FedMoEConfig(dataset="node", num_features=2, num_classes=2, feature_bounds="0:1")
+
+
+def test_simulation_and_node_train_on_the_scaled_features(tmp_path):
+    x, y = wide(n=90)
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    config = with_data_shape(FedMoEConfig(dataset=f"csv:{path}", model="lmoe",
+                                          feature_bounds="0:4000"))
+    for p in range(3):
+        data = load_client_data(config, p, 3)
+        both = torch.cat([data.train.tensors[0], data.test.tensors[0]])
+        assert 0 <= both.min() and both.max() <= 1
+    node = FedMoEConfig(dataset="node", num_features=2, num_classes=2, model="lmoe",
+                        feature_bounds="0:4000")
+    data = load_node_data(node, str(path))
+    assert data.train.tensors[0].max() <= 1
+
+
+def test_unscaled_features_warn_naming_the_columns_and_the_fix(tmp_path):
+    from fedmoe.data import DataScaleWarning, _warn_once
+    from fedmoe.data.files import scale_warning
+
+    x, y = wide()
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    spec = f"csv:{path}"
+    message = scale_warning(spec, load_file(spec))
+    assert message and "1 feature(s)" in message and "area up to" in message
+    assert "feature-bounds" in message and "share" not in message.split("(")[1]
+    assert scale_warning(spec, load_file(spec, "label", "0:4000")) is None
+    _warn_once.cache_clear()
+    node = FedMoEConfig(dataset="node", num_features=2, num_classes=2, model="lmoe")
+    with pytest.warns(DataScaleWarning, match="area up to"):
+        load_node_data(node, str(path))
+
+
+def test_simulate_refuses_an_incomplete_bounds_file_before_it_starts(tmp_path, capsys):
+    from fedmoe.cli import main
+
+    x, y = wide()
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    bounds = tmp_path / "b.csv"
+    bounds.write_text("feature,low,high\narea,0,4000\n")
+    assert main(["simulate", "--clients", "3", "--out", str(tmp_path / "run"),
+                 "--run-config", f"dataset='csv:{path}' feature-bounds='{bounds}'"]) == 2
+    err = capsys.readouterr().err
+    assert "no bounds for 1 feature(s) (share)" in err and str(bounds) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_preflight_prints_the_scale_warning_once_the_data_is_read(tmp_path, capsys):
+    from simulations.runner import preflight
+
+    x, y = wide()
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    preflight(FedMoEConfig(dataset=f"csv:{path}", run_dir=str(tmp_path / "a")), 3)
+    err = capsys.readouterr().err
+    assert err.startswith("fedmoe: warning: ") and "area up to" in err
+    preflight(FedMoEConfig(dataset=f"csv:{path}", run_dir=str(tmp_path / "b"),
+                           feature_bounds="0:4000"), 3)
+    assert capsys.readouterr().err == ""
+
+
+def test_tabular_bounds_round_away_from_the_data(tmp_path):
+    from simulations.tabular import main, outward
+
+    assert [outward(v, True) for v in (2501, 0.43, 1.0, 0.0, -0.57)] == [3000, 0.5, 1, 0, -0.5]
+    assert [outward(v, False) for v in (143.5, 0.43, -0.57, 7)] == [100, 0.4, -0.6, 7]
+    assert main([str(tmp_path)]) == 0
+    for name in ("cancer", "wine"):
+        data = load_file(f"csv:{tmp_path / name}.csv")
+        scaled = load_file(f"csv:{tmp_path / name}.csv", "label",
+                           str(tmp_path / f"{name}_bounds.csv"))
+        assert np.array_equal(scaled.y, data.y)
+        assert scaled.x.min() >= 0 and scaled.x.max() <= 1 and scaled.x.max() > 0.5

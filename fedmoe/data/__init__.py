@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedmoe.config import EMBEDDED_SHAPE, ConfigError, FedMoEConfig
-from fedmoe.data.files import DataFileError, check_shape, infer_spec, load_file
+from fedmoe.data.files import DataFileError, check_shape, infer_spec, load_file, scale_warning
 
 if TYPE_CHECKING:  # Hugging Face `datasets` is slow to import; load it only to partition.
     from datasets import Dataset
@@ -55,10 +55,10 @@ SYNTHETIC_FEATURES, SYNTHETIC_CLASSES = 64, 10
 
 
 def load_embedded(name: str, synthetic_samples: int = 20000,
-                  label_column: str = "label") -> Dataset:
+                  label_column: str = "label", feature_bounds: str = "") -> Dataset:
     """An embedded data set, or a user's data file ``KIND:PATH``
-    (:func:`fedmoe.data.files.load_file`), as a Hugging Face ``Dataset`` with ``x``
-    (features) and ``label``.
+    (:func:`fedmoe.data.files.load_file`, scaled by ``feature_bounds``), as a Hugging Face
+    ``Dataset`` with ``x`` (features) and ``label``.
 
     Raises
     ------
@@ -68,7 +68,7 @@ def load_embedded(name: str, synthetic_samples: int = 20000,
     from datasets import Dataset
 
     if ":" in name:
-        arrays = load_file(name, label_column)
+        arrays = load_file(name, label_column, feature_bounds)
         return Dataset.from_dict({"x": arrays.x, "label": arrays.y})
     if name == "synthetic":
         x, y = synthetic_classification(synthetic_samples)
@@ -98,10 +98,11 @@ def synthetic_classification(samples: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
-@lru_cache(maxsize=2)
-def _source(name: str, synthetic_samples: int = 20000, label_column: str = "label") -> Dataset:
+@lru_cache(maxsize=4)
+def _source(name: str, synthetic_samples: int = 20000, label_column: str = "label",
+            feature_bounds: str = "") -> Dataset:
     """:func:`load_embedded`, loaded once per process (every client message reads it)."""
-    return load_embedded(name, synthetic_samples, label_column)
+    return load_embedded(name, synthetic_samples, label_column, feature_bounds)
 
 
 #: The fewest examples a client may hold (train + test): below it a client has too little
@@ -249,7 +250,7 @@ def with_data_shape(config: FedMoEConfig) -> FedMoEConfig:
     """
     if not config.is_file_data:
         return config
-    arrays = load_file(config.dataset, config.label_column)
+    arrays = load_file(config.dataset, config.label_column, config.feature_bounds)
     features = config.num_features or arrays.num_features
     classes = config.num_classes or max(arrays.num_classes, 2)
     check_shape(config.dataset.partition(":")[2], arrays, features, classes)
@@ -259,6 +260,17 @@ def with_data_shape(config: FedMoEConfig) -> FedMoEConfig:
 def model_shape(config: FedMoEConfig) -> tuple[int, int]:
     """(input features, classes) of a classification run's model."""
     return (config.num_features or EMBEDDED_SHAPE[0], config.num_classes or EMBEDDED_SHAPE[1])
+
+
+class DataScaleWarning(UserWarning):
+    """A data file's features are far from unit scale and no ``feature-bounds`` is given
+    (:func:`fedmoe.data.files.scale_warning`)."""
+
+
+@lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    """Issue a :class:`DataScaleWarning` once per process (every message reloads the data)."""
+    warnings.warn(message, DataScaleWarning, stacklevel=3)
 
 
 def load_node_data(config: FedMoEConfig, data_path: str, label_column: str = "",
@@ -277,7 +289,9 @@ def load_node_data(config: FedMoEConfig, data_path: str, label_column: str = "",
         raise DataFileError(f"data-path {data_path}: this run's model '{config.model}' does "
                             "not train on users' data files; use lmoe, moe or hmoe")
     spec = infer_spec(data_path)
-    arrays = load_file(spec, label_column or config.label_column)
+    arrays = load_file(spec, label_column or config.label_column, config.feature_bounds)
+    if not config.feature_bounds and (warning := scale_warning(spec, arrays)):
+        _warn_once(warning)
     check_shape(spec.partition(":")[2], arrays, *model_shape(config))
     n = len(arrays.y)
     _, num_test = split_sizes(n, config.test_fraction)
@@ -365,7 +379,8 @@ def digit_tasks(
 
 def _digits(config: FedMoEConfig, partition_id: int, num_partitions: int) -> ClientData:
     rows = _partition(config, num_partitions)[partition_id]
-    part = _source(config.data, config.synthetic_samples, config.label_column).select(rows)
+    part = _source(config.data, config.synthetic_samples, config.label_column,
+                   config.feature_bounds).select(rows)
     split = part.train_test_split(test_size=config.test_fraction, seed=config.seed)
     return ClientData(_tensors(split["train"]), _tensors(split["test"]))
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmoe.config import FILE_KINDS, ConfigError
+from fedmoe.config import FILE_KINDS, ConfigError, parse_range
 
 #: The fewest rows a data file may hold: a client needs a train and a test split.
 MIN_ROWS = 10
@@ -45,10 +45,13 @@ class DataFileError(ConfigError):
 
 @dataclass(frozen=True)
 class LabelledArrays:
-    """A data file's examples: ``x`` (N, F) float32 features, ``y`` (N,) int64 labels."""
+    """A data file's examples: ``x`` (N, F) float32 features, ``y`` (N,) int64 labels;
+    ``names``: the F feature columns' names where the file has them (CSV, a saved dataset
+    of scalar columns), else None."""
 
     x: np.ndarray
     y: np.ndarray
+    names: tuple[str, ...] | None = None
 
     @property
     def num_features(self) -> int:
@@ -76,8 +79,10 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     return kind, Path(path).expanduser()
 
 
-def load_file(spec: str, label_column: str = "label") -> LabelledArrays:
-    """Read and check the data file ``spec`` (``KIND:PATH``); cached per process.
+def load_file(spec: str, label_column: str = "label", feature_bounds: str = "") -> LabelledArrays:
+    """Read and check the data file ``spec`` (``KIND:PATH``); cached per process. With
+    ``feature_bounds`` (the run config's ``feature-bounds``), each feature is mapped from
+    its public range [low, high] to [0, 1], values outside it clipped (:func:`scale_to_bounds`).
 
     Returns
     -------
@@ -87,10 +92,12 @@ def load_file(spec: str, label_column: str = "label") -> LabelledArrays:
     Raises
     ------
     DataFileError
-        For every fault the module docstring lists, naming the file and the fix.
+        For every fault the module docstring lists, and for bounds that cannot be used,
+        naming the file and the fix.
     """
     kind, path = parse_spec(spec)
-    return _load(kind, str(path.resolve()), label_column)
+    arrays = _load(kind, str(path.resolve()), label_column)
+    return scale_to_bounds(arrays, feature_bounds, path) if feature_bounds else arrays
 
 
 @lru_cache(maxsize=16)
@@ -106,11 +113,12 @@ def _load(kind: str, path: str, label_column: str) -> LabelledArrays:
     elif kind != "hf" and where.is_dir():
         raise DataFileError(f"{where}: is a folder; {kind}:PATH names a file")
     reader = {"csv": _read_csv, "npz": _read_npz, "images": _read_images, "hf": _read_hf}[kind]
-    x, y = reader(where, label_column)
-    return _checked(where, x, y)
+    x, y, names = reader(where, label_column)
+    return _checked(where, x, y, names)
 
 
-def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> LabelledArrays:
+def _checked(path: Path, x: np.ndarray, y: np.ndarray,
+             names: list[str] | None = None) -> LabelledArrays:
     """Check what every reader returns: rows, finiteness, integer labels, two classes."""
     if len(x) == 0:
         raise DataFileError(f"{path}: holds no examples; give a file with at least "
@@ -138,7 +146,8 @@ def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> LabelledArrays:
     if len(classes) < 2:
         raise DataFileError(f"{path}: every example has label {int(classes[0])}; a classifier "
                             "needs examples of at least 2 classes")
-    return LabelledArrays(np.ascontiguousarray(x, dtype=np.float32), y)
+    return LabelledArrays(np.ascontiguousarray(x, dtype=np.float32), y,
+                          tuple(names) if names is not None else None)
 
 
 def _integer_labels(path: Path, y: np.ndarray) -> np.ndarray:
@@ -156,7 +165,11 @@ def _integer_labels(path: Path, y: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- readers
-def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+#: What every reader returns: features, labels and the feature columns' names (or None).
+Read = tuple[np.ndarray, np.ndarray, "list[str] | None"]
+
+
+def _read_csv(path: Path, label_column: str) -> Read:
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -187,10 +200,11 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
                     "a number; every column must be numeric (encode categories as numbers, "
                     "or drop the column)") from None
     label = header.index(label_column)
-    return np.delete(values, label, axis=1), values[:, label]
+    return (np.delete(values, label, axis=1), values[:, label],
+            [h for j, h in enumerate(header) if j != label])
 
 
-def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_npz(path: Path, label_column: str) -> Read:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             missing = [k for k in ("x", "y") if k not in arrays.files]
@@ -198,7 +212,7 @@ def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
                 raise DataFileError(
                     f"{path}: lacks array(s) {missing} (it holds {arrays.files}); save with "
                     "numpy.savez(path, x=features, y=labels)")
-            return np.asarray(arrays["x"]), np.asarray(arrays["y"])
+            return np.asarray(arrays["x"]), np.asarray(arrays["y"]), None
     except DataFileError:
         raise
     except (OSError, ValueError, EOFError) as err:
@@ -206,7 +220,7 @@ def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
                             "numpy.savez(path, x=features, y=labels)") from None
 
 
-def _read_images(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_images(path: Path, label_column: str) -> Read:
     from PIL import Image, UnidentifiedImageError
 
     folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -237,7 +251,7 @@ def _read_images(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]
     if not xs:
         raise DataFileError(f"{path}: its class folders hold no image files "
                             f"({', '.join(IMAGE_SUFFIXES)})")
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), None
 
 
 def _folder_labels(names: list[str]) -> dict[str, int]:
@@ -247,7 +261,7 @@ def _folder_labels(names: list[str]) -> dict[str, int]:
     return {n: i for i, n in enumerate(sorted(names))}
 
 
-def _read_hf(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_hf(path: Path, label_column: str) -> Read:
     from datasets import Dataset, DatasetDict, load_from_disk
 
     try:
@@ -267,6 +281,7 @@ def _read_hf(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
             "it, or set label-column to the column holding the labels")
     columns = data.with_format("numpy")[:]
     y = np.asarray(columns[label_column])
+    names = None
     if "x" in data.column_names:
         x = _numeric(path, "x", columns["x"])
     else:
@@ -276,7 +291,7 @@ def _read_hf(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         if x.ndim > 2:
             raise DataFileError(f"{path}: columns hold arrays; put the feature vector in one "
                                 "column named 'x'")
-    return x, y
+    return x, y, names
 
 
 def _numeric(path: Path, name: str, values: object) -> np.ndarray:
@@ -291,6 +306,111 @@ def _numeric(path: Path, name: str, values: object) -> np.ndarray:
         raise DataFileError(f"{path}: column {name!r} is of type {array.dtype}, not numeric; "
                             "encode it as numbers or drop it")
     return array
+
+
+# ---------------------------------------------------------------- feature bounds
+#: A data file without ``feature-bounds`` whose features reach beyond this magnitude gets
+#: a warning (:func:`scale_warning`): DP-SGD clips each example's gradient to C, and a
+#: linear model's gradient grows with the features, so a feature in the thousands (an
+#: area, an income) takes all of it and the others learn nothing.
+SCALE_WARNING_LIMIT = 100.0
+
+
+def feature_bounds(spec: str, num_features: int,
+                   names: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The public range of each of ``num_features`` features, from ``feature-bounds``:
+    ``"LOW:HIGH"`` for all, or the path of a CSV file with a header ``feature,low,high`` and
+    one row per feature, ``feature`` its column name (files with names: ``names``) or its
+    0-based index. Returns (low, high), each (num_features,) float64.
+
+    Raises
+    ------
+    DataFileError
+        Naming the bounds file and the fix: unreadable, another header, a value that is not
+        a number, low ≥ high, a feature not in the data, one listed twice or one missing.
+    """
+    whole = parse_range(spec) if ":" in spec else None
+    if whole is not None:
+        return np.full(num_features, whole[0]), np.full(num_features, whole[1])
+    path = Path(spec).expanduser()
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataFileError(f"feature-bounds {path}: cannot be read ({err}); give LOW:HIGH "
+                            "for every feature, or a CSV file with a header "
+                            "feature,low,high") from None
+    if not rows or [c.strip().lower() for c in rows[0]] != ["feature", "low", "high"]:
+        raise DataFileError(f"feature-bounds {path}: the header must be feature,low,high "
+                            "(one row per feature: its column name or 0-based index, then "
+                            "its public lowest and highest value)")
+    index = {name: j for j, name in enumerate(names or ())}
+    low, high = np.full(num_features, np.nan), np.full(num_features, np.nan)
+    for line, row in enumerate(rows[1:], start=2):
+        where = f"feature-bounds {path}, line {line}"
+        if len(row) != 3:
+            raise DataFileError(f"{where}: {len(row)} fields; each row is feature,low,high")
+        name = row[0].strip()
+        j = index.get(name, int(name) if name.isdigit() else None)
+        if j is None or not 0 <= j < num_features:
+            known = (f"the data's columns: {', '.join(names[:12])}"
+                     f"{', ...' if len(names) > 12 else ''}" if names
+                     else f"indices 0..{num_features - 1}")
+            raise DataFileError(f"{where}: feature {name!r} is not in the data ({known})")
+        if not np.isnan(low[j]):
+            raise DataFileError(f"{where}: feature {name!r} is listed twice")
+        try:
+            low[j], high[j] = float(row[1]), float(row[2])
+        except ValueError:
+            raise DataFileError(f"{where}: low and high must be numbers, got "
+                                f"{row[1].strip()!r}, {row[2].strip()!r}") from None
+        if not (np.isfinite([low[j], high[j]]).all() and low[j] < high[j]):
+            raise DataFileError(f"{where}: feature {name!r} needs finite low < high, got "
+                                f"{low[j]:g}, {high[j]:g}")
+    missing = np.flatnonzero(np.isnan(low))
+    if len(missing):
+        shown = [names[j] if names else str(j) for j in missing[:8]]
+        raise DataFileError(f"feature-bounds {path}: no bounds for {len(missing)} feature(s) "
+                            f"({', '.join(shown)}{', ...' if len(missing) > 8 else ''}); "
+                            "every feature needs a row")
+    return low, high
+
+
+def scale_to_bounds(arrays: LabelledArrays, spec: str, path: Path) -> LabelledArrays:
+    """Each feature mapped from its public range [low, high] (:func:`feature_bounds`) to
+    [0, 1] by (x − low)/(high − low), values outside the range clipped to it. The bounds
+    are public (the user's knowledge of the domain, not read from the data), so the map is
+    the same data-independent function of every record: it costs no privacy.
+
+    Raises
+    ------
+    DataFileError
+        If the bounds cannot be used (:func:`feature_bounds`), naming ``path``'s data too.
+    """
+    try:
+        low, high = feature_bounds(spec, arrays.num_features, arrays.names)
+    except ValueError as err:  # LOW:HIGH that is not a range
+        raise DataFileError(str(err)) from None
+    scaled = (np.clip(arrays.x.astype(np.float64), low, high) - low) / (high - low)
+    return LabelledArrays(scaled.astype(np.float32), arrays.y, arrays.names)
+
+
+def scale_warning(spec: str, arrays: LabelledArrays) -> str | None:
+    """A warning for a data file used without ``feature-bounds`` whose features reach
+    beyond ±:data:`SCALE_WARNING_LIMIT`, naming the largest ones and the fix; else None.
+    Read from the local data for the data owner's own console or log, never sent."""
+    peak = np.abs(arrays.x).max(axis=0)  # (F,)
+    off = np.flatnonzero(peak > SCALE_WARNING_LIMIT)
+    if not len(off):
+        return None
+    worst = off[np.argsort(-peak[off])][:3]
+    named = ", ".join(f"{arrays.names[j] if arrays.names else f'feature {j}'} up to "
+                      f"{peak[j]:,.4g}" for j in worst)
+    return (f"{spec}: {len(off)} feature(s) reach beyond ±{SCALE_WARNING_LIMIT:g} ({named}). "
+            "DP-SGD clips each example's gradient to max-grad-norm, so the largest features "
+            "take all of it and the model learns little from the rest: give every feature's "
+            "public range with feature-bounds ('LOW:HIGH', or a CSV file feature,low,high), "
+            "or scale the file to about [0, 1] with bounds you know without the data")
 
 
 def check_shape(path: str, data: LabelledArrays, num_features: int, num_classes: int) -> None:
