@@ -472,3 +472,15 @@ def test_tabular_bounds_round_away_from_the_data(tmp_path):
                            str(tmp_path / f"{name}_bounds.csv"))
         assert np.array_equal(scaled.y, data.y)
         assert scaled.x.min() >= 0 and scaled.x.max() <= 1 and scaled.x.max() > 0.5
+
+
+def test_a_spreadsheets_byte_order_mark_is_read_as_nothing(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM: the first column keeps its name."""
+    x, y = wide()
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    bounds = tmp_path / "bounds.csv"
+    bounds.write_bytes(b"\xef\xbb\xbffeature,low,high\narea,0,4000\nshare,0,1\n")
+    got = load_file(f"csv:{path}", "label", str(bounds))
+    assert got.names == ("area", "share")
+    np.testing.assert_allclose(got.x[:, 0], x[:, 0] / 4000, rtol=1e-6, atol=1e-7)

@@ -97,7 +97,7 @@ def load_file(spec: str, label_column: str = "label", feature_bounds: str = "") 
     """
     kind, path = parse_spec(spec)
     arrays = _load(kind, str(path.resolve()), label_column)
-    return scale_to_bounds(arrays, feature_bounds, path) if feature_bounds else arrays
+    return scale_to_bounds(arrays, feature_bounds) if feature_bounds else arrays
 
 
 @lru_cache(maxsize=16)
@@ -171,7 +171,7 @@ Read = tuple[np.ndarray, np.ndarray, "list[str] | None"]
 
 def _read_csv(path: Path, label_column: str) -> Read:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as err:
         raise DataFileError(f"{path}: cannot be read as UTF-8 CSV ({err})") from None
@@ -334,7 +334,7 @@ def feature_bounds(spec: str, num_features: int,
         return np.full(num_features, whole[0]), np.full(num_features, whole[1])
     path = Path(spec).expanduser()
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
             rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError) as err:
         raise DataFileError(f"feature-bounds {path}: cannot be read ({err}); give LOW:HIGH "
@@ -376,7 +376,7 @@ def feature_bounds(spec: str, num_features: int,
     return low, high
 
 
-def scale_to_bounds(arrays: LabelledArrays, spec: str, path: Path) -> LabelledArrays:
+def scale_to_bounds(arrays: LabelledArrays, spec: str) -> LabelledArrays:
     """Each feature mapped from its public range [low, high] (:func:`feature_bounds`) to
     [0, 1] by (x − low)/(high − low), values outside the range clipped to it. The bounds
     are public (the user's knowledge of the domain, not read from the data), so the map is
@@ -385,7 +385,7 @@ def scale_to_bounds(arrays: LabelledArrays, spec: str, path: Path) -> LabelledAr
     Raises
     ------
     DataFileError
-        If the bounds cannot be used (:func:`feature_bounds`), naming ``path``'s data too.
+        If the bounds cannot be used (:func:`feature_bounds`).
     """
     try:
         low, high = feature_bounds(spec, arrays.num_features, arrays.names)
