@@ -740,6 +740,28 @@ class FedMoEConfig:
         """The Opacus grad-sample mode this run uses (resolving ``auto``)."""
         return FASTEST[self.model][1] if self.grad_sample_mode == "auto" else self.grad_sample_mode
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but almost certainly not what was meant, each with the
+        fix (``fedmoe simulate`` prints them before it starts; nothing is refused).
+
+        - ``ema-decay`` so close to 1 that the released average is still mostly the first
+          round's model at the end: w_1's weight in w̄_T is γ^(T−1) over the T rounds of
+          a phase (``tmoe`` restarts the average when fine-tuning starts).
+        """
+        notes = []
+        phases = ([self.pretrain_rounds, self.num_server_rounds - self.pretrain_rounds]
+                  if self.phase(1) != self.phase(self.num_server_rounds)
+                  else [self.num_server_rounds])
+        rounds = min(phases)
+        if rounds > 1 and self.ema_decay ** (rounds - 1) > 0.5:
+            notes.append(
+                f"ema-decay={self.ema_decay:g}: after {rounds} round(s) the released model "
+                f"is still {self.ema_decay ** (rounds - 1):.0%} the first round's (its weight "
+                f"in the average is ema-decay^{rounds - 1}); use ema-decay ≤ "
+                f"{math.floor(1000 * 0.5 ** (1 / (rounds - 1))) / 1000:.3f} for {rounds} "
+                "rounds, or more rounds")
+        return notes
+
     def phase(self, server_round: int) -> str:
         """``pretrain`` (next-token) or ``finetune`` for ``tmoe``; ``train`` otherwise."""
         if self.model != "tmoe":

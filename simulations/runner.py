@@ -236,6 +236,8 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
         raise ConfigError("dataset 'node' makes every SuperNode read its own data-path: it is "
                           "for deployments; to try a data file here use dataset='csv:PATH' "
                           "(or npz:, images:, hf:)")
+    for note in config.warnings():
+        print(f"fedmoe: warning: {note}", file=sys.stderr)
     config = with_data_shape(config)  # a data file: read (and checked) once, here
     if config.is_file_data and not config.feature_bounds:
         from fedmoe.data.files import load_file, scale_warning

@@ -169,6 +169,36 @@ def test_server_keys_are_bounded(key, value, match):
         FedMoEConfig.from_run_config({key: value})
 
 
+@pytest.mark.parametrize("gamma, rounds, warned", [
+    (0.99, 20, True), (0.97, 20, True), (0.96, 20, False), (0.5, 20, False), (0.0, 20, False),
+    (0.75, 2, True), (0.5, 2, False), (0.93, 10, True),  # 0.5^(1/9) = 0.92587: "≤ 0.925"
+    (0.999, 1, False),  # one round: w̄_1 = w_1 for any γ
+])
+def test_an_ema_decay_that_keeps_the_first_model_warns_with_the_largest_useful(gamma, rounds,
+                                                                               warned):
+    """Valid, and not refused, but the released model is still mostly w_1: γ^(T−1) > ½."""
+    notes = FedMoEConfig(ema_decay=gamma, num_server_rounds=rounds).warnings()
+    assert bool(notes) == warned == (rounds > 1 and gamma ** (rounds - 1) > 0.5)
+    if warned:
+        [note] = notes
+        bound = math.floor(1000 * 0.5 ** (1 / (rounds - 1))) / 1000  # rounded down
+        assert f"ema-decay={gamma:g}" in note and f"≤ {bound:.3f}" in note
+        assert FedMoEConfig(ema_decay=bound, num_server_rounds=rounds).warnings() == []
+
+
+def test_tmoe_warns_for_the_shorter_phase_the_average_restarts_in():
+    config = FedMoEConfig(model="tmoe", ema_decay=0.95, num_server_rounds=30, pretrain_rounds=5)
+    [note] = config.warnings()  # 0.95^4 = 0.81 in the 5 pretraining rounds
+    assert "after 5 round(s)" in note and "81%" in note
+
+
+def test_simulate_prints_the_config_warnings_before_it_starts(tmp_path, capsys):
+    from simulations.runner import preflight
+
+    preflight(FedMoEConfig(ema_decay=0.99, run_dir=str(tmp_path / "run")), 3)
+    assert "fedmoe: warning: ema-decay=0.99" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ the fuzz
 @pytest.fixture(scope="module")
 def first_round(tmp_path_factory):
