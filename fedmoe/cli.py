@@ -28,10 +28,12 @@ Every run-config key of :class:`fedmoe.config.FedMoEConfig` can be set with
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import re
+import signal
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -262,6 +264,8 @@ def simulate(args: argparse.Namespace) -> int:
     from fedmoe.storage import RunFolderBusy
     from simulations.runner import SimulationInterrupted, run
 
+    # Outside the run (set-up, the last clean-up) SIGTERM is Ctrl-C too: "interrupted", 130
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         config = build_config(args)
         run(config, args.clients or 10, verbose=args.verbose)
@@ -277,6 +281,8 @@ def simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fedmoe: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, term)
     return 0
 
 
@@ -350,7 +356,7 @@ def export(args: argparse.Namespace) -> int:
         results = export_client(args.run_dir, args.client, args.out,
                                 num_partitions=args.num_partitions, int8=args.int8,
                                 prune=args.prune, distill_hidden=args.distill)
-    except ExportError as err:
+    except (ExportError, ConfigError) as err:  # ConfigError: the run's data or bounds file
         print(f"fedmoe: error: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -407,5 +413,20 @@ def budget(folder: Path, *, as_json: bool = False) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``fedmoe`` command: :func:`main`, then exit without waiting for threads that
+    cannot end. After an abort (a second Ctrl-C or SIGTERM) a worker thread of Flower's
+    simulation engine can stay blocked on a Ray actor that is gone, and the interpreter
+    would wait for it forever at exit; everything fedmoe writes is on disk by then (the
+    ledgers and the report are written before :func:`main` returns)."""
+    code = main()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

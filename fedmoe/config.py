@@ -166,7 +166,7 @@ def parse_range(spec: str) -> tuple[float, float] | None:
         return None
     if not (math.isfinite(bounds[0]) and math.isfinite(bounds[1]) and bounds[0] < bounds[1]):
         raise ValueError(f"feature-bounds {spec!r}: LOW:HIGH needs finite numbers with "
-                         "LOW < HIGH, e.g. '0:255'")
+                         "LOW < HIGH, e.g. '0:100'")
     return bounds
 
 
@@ -273,9 +273,9 @@ class FedMoEConfig:
         ``label-column`` node-config key overrides it for its own file).
     feature_bounds : str (default: "")
         Users' data files: each feature's public range, mapped to [0, 1] (values outside
-        clipped) before training — ``"LOW:HIGH"`` for every feature (e.g. ``"0:255"``), or
-        the path of a CSV file ``feature,low,high`` with a row per feature (column name or
-        0-based index). Public knowledge of the domain, not read from the data: no privacy
+        clipped) before training — ``"LOW:HIGH"`` for every feature (e.g. ``"0:100"``), or
+        the path of a CSV file ``feature,low,high`` with a row per feature (column name;
+        0-based index for files without names). Not for image folders (already [0, 1]). Public knowledge of the domain, not read from the data: no privacy
         cost (:func:`fedmoe.data.files.scale_to_bounds`). Empty: features as in the file
         (a warning names features beyond ±100).
     partitioner : str (default: "dirichlet")

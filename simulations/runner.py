@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ ENGINE = "flower"
 #: written, Ray is stopped), with the name the report gives each: Ctrl-C, and the SIGTERM
 #: of ``kill``, ``timeout`` and batch schedulers. A second one aborts at once.
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+#: A stop signal this soon after the first is the same request (``timeout`` and batch
+#: schedulers signal the process and then its whole group), not a second one.
+STOP_REPEAT_SECONDS = 1.0
 
 
 class ProgressListener:
@@ -349,11 +353,18 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
     listener = ProgressListener(console)
     stop = StopRequest()
 
+    first: list[float] = []  # when the first stop signal came
+
     def on_stop_signal(signum: int, frame: Any) -> None:
         cause = STOP_SIGNALS[signum]
         if stop.is_set():
+            if time.monotonic() - first[0] < STOP_REPEAT_SECONDS:
+                return  # the same request again (`timeout` signals the child, then its group)
             raise KeyboardInterrupt  # a second stop signal: abort now
+        first.append(time.monotonic())
         stop.request(cause)
+        if not verbose:  # dying actors' errors (a signal to the whole group) are expected now
+            logging.getLogger("flwr").setLevel(logging.CRITICAL)
         print(f"\nfedmoe: stopping ({cause}; {cause} again to abort): writing the report of "
               "the finished rounds…", file=sys.stderr, flush=True)
 
@@ -386,15 +397,18 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
                 verbose_logging=verbose,
             )
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if listener.results is not None:
-            kept = keep_client_state(listener.results["run_id"], listener.results_path.parent)
-            if kept:
-                listener.console.print(f"simulated clients' state (ledgers, local experts): "
-                                       f"{kept}")
-        for line in recorder.finish():
-            logging.getLogger(__name__).info("ended leftover Ray process %s", line)
+        try:  # the stop handlers stay until the clean-up is done: a signal in it aborts it
+            if listener.results is not None:
+                kept = keep_client_state(listener.results["run_id"],
+                                         listener.results_path.parent)
+                if kept:
+                    listener.console.print(f"simulated clients' state (ledgers, local "
+                                           f"experts): {kept}")
+            for line in recorder.finish():
+                logging.getLogger(__name__).info("ended leftover Ray process %s", line)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if listener.results is None:
         raise RuntimeError("the simulation ended without results; rerun with --verbose for logs")
     if stop.is_set():

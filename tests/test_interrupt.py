@@ -183,14 +183,21 @@ def _alive(record: RunRecord) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("system_temp_dir")
-@pytest.mark.parametrize("sig, cause", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
-def test_a_stop_signal_stops_promptly_writes_the_report_and_exits_130(tmp_path, sig, cause):
+@pytest.mark.parametrize("sig, cause, repeat", [
+    (signal.SIGINT, "Ctrl-C", False), (signal.SIGTERM, "SIGTERM", False),
+    (signal.SIGTERM, "SIGTERM", True),  # `timeout`: the process, then its group, at once
+])
+def test_a_stop_signal_stops_promptly_writes_the_report_and_exits_130(tmp_path, sig, cause,
+                                                                      repeat):
     out = tmp_path / "run"
     proc = _start(out)
     try:
         record = _wait_for_training(proc)
         time.sleep(3)  # mid-run
         proc.send_signal(sig)
+        if repeat:
+            time.sleep(0.1)
+            proc.send_signal(sig)  # the same request, not an abort
         sent = time.monotonic()
         out_text, err = proc.communicate(timeout=60)
         assert time.monotonic() - sent < 30
@@ -215,6 +222,31 @@ def test_a_stop_signal_stops_promptly_writes_the_report_and_exits_130(tmp_path, 
     kept = out / "clients" / f"run-{record.run_id}"
     for client in kept.iterdir():
         assert cli(["budget", str(client), "--json"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("system_temp_dir")
+def test_a_second_stop_signal_aborts_at_once(tmp_path):
+    """A second SIGTERM (after the repeat window) aborts within seconds, even where a
+    thread of Flower's engine is left waiting on a dead Ray actor: exit 130, or killed by
+    the signal itself where it comes while Ray shuts down (Ray's core puts the default
+    action back then; what a kill leaves, the next run or `fedmoe clean` ends)."""
+    proc = _start(tmp_path / "run")
+    try:
+        _wait_for_training(proc)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - sent < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (130, -signal.SIGTERM), err
+    assert proc.returncode == -signal.SIGTERM or "fedmoe: interrupted" in err
 
 
 @pytest.mark.slow

@@ -484,3 +484,53 @@ def test_a_spreadsheets_byte_order_mark_is_read_as_nothing(tmp_path):
     got = load_file(f"csv:{path}", "label", str(bounds))
     assert got.names == ("area", "share")
     np.testing.assert_allclose(got.x[:, 0], x[:, 0] / 4000, rtol=1e-6, atol=1e-7)
+
+
+def test_bounds_name_columns_in_a_file_with_names_and_indices_in_one_without(tmp_path):
+    x, y = wide()
+    digits = write_csv(tmp_path / "d.csv", x, y, header=["1", "0", "label"])  # names look
+    bounds = tmp_path / "b.csv"                                         # like indices
+    bounds.write_text("feature,low,high\n0,0,1\n1,0,4000\n")
+    got = load_file(f"csv:{digits}", "label", str(bounds))
+    np.testing.assert_allclose(got.x[:, 0], x[:, 0] / 4000, rtol=1e-6, atol=1e-7)  # "1"
+    same = write_csv(tmp_path / "a.csv", x, y, header=["a", "a", "label"])
+    with pytest.raises(DataFileError, match="more than one column named 'a'"):
+        load_file(f"csv:{same}", "label", str(bounds))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    bounds.write_text("feature,low,high\n0,0,4000\n\u00b2,0,1\n")  # a digit, not ASCII
+    with pytest.raises(DataFileError, match="'\u00b2' is not in the data"):
+        load_file(f"npz:{tmp_path / 'd.npz'}", "label", str(bounds))
+
+
+@pytest.mark.parametrize("spec", ["0:1:2", "0:", " ", "255"])
+def test_a_broken_range_is_named_as_one(tmp_path, spec):
+    x, y = wide()
+    path = write_csv(tmp_path / "d.csv", x, y)
+    with pytest.raises(DataFileError, match="not a range LOW:HIGH"):
+        load_file(f"csv:{path}", "label", spec)
+
+
+def test_image_folders_refuse_bounds(tmp_path):
+    from PIL import Image
+
+    for label in (0, 1):
+        (tmp_path / "img" / str(label)).mkdir(parents=True)
+        for i in range(6):
+            image = Image.new("L", (4, 4), color=40 * i + label)
+            image.save(tmp_path / "img" / str(label) / f"{i}.png")
+    assert load_file(f"images:{tmp_path / 'img'}").x.max() <= 1
+    with pytest.raises(DataFileError, match="pixels in \\[0, 1\\] already"):
+        load_file(f"images:{tmp_path / 'img'}", "label", "0:255")
+
+
+def test_export_names_a_data_or_bounds_file_it_cannot_use(monkeypatch, tmp_path, capsys):
+    import fedmoe.export
+    from fedmoe.cli import main
+
+    def gone(*args, **kwargs):
+        raise DataFileError("feature-bounds '/gone.csv': not a range LOW:HIGH ...")
+
+    monkeypatch.setattr(fedmoe.export, "export_client", gone)
+    assert main(["export", str(tmp_path), "--client", "partition-0",
+                 "--out", str(tmp_path / "m.pt")]) == 2
+    assert capsys.readouterr().err.startswith("fedmoe: error: feature-bounds '/gone.csv'")

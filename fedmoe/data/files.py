@@ -96,6 +96,9 @@ def load_file(spec: str, label_column: str = "label", feature_bounds: str = "") 
         naming the file and the fix.
     """
     kind, path = parse_spec(spec)
+    if feature_bounds and kind == "images":
+        raise DataFileError(f"{path}: an image folder is read as pixels in [0, 1] already; "
+                            "leave feature-bounds empty")
     arrays = _load(kind, str(path.resolve()), label_column)
     return scale_to_bounds(arrays, feature_bounds) if feature_bounds else arrays
 
@@ -320,8 +323,8 @@ def feature_bounds(spec: str, num_features: int,
                    names: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
     """The public range of each of ``num_features`` features, from ``feature-bounds``:
     ``"LOW:HIGH"`` for all, or the path of a CSV file with a header ``feature,low,high`` and
-    one row per feature, ``feature`` its column name (files with names: ``names``) or its
-    0-based index. Returns (low, high), each (num_features,) float64.
+    one row per feature, ``feature`` its column name where the file has names (``names``),
+    else its 0-based index. Returns (low, high), each (num_features,) float64.
 
     Raises
     ------
@@ -332,26 +335,37 @@ def feature_bounds(spec: str, num_features: int,
     whole = parse_range(spec) if ":" in spec else None
     if whole is not None:
         return np.full(num_features, whole[0]), np.full(num_features, whole[1])
-    path = Path(spec).expanduser()
+    path = Path(spec.strip()).expanduser()
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
             rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError) as err:
-        raise DataFileError(f"feature-bounds {path}: cannot be read ({err}); give LOW:HIGH "
-                            "for every feature, or a CSV file with a header "
-                            "feature,low,high") from None
+        raise DataFileError(f"feature-bounds {spec!r}: not a range LOW:HIGH (two numbers, "
+                            f"e.g. '0:100') and not a readable bounds file ({err}); give one "
+                            "range for every feature, or the path of a CSV file with a "
+                            "header feature,low,high") from None
     if not rows or [c.strip().lower() for c in rows[0]] != ["feature", "low", "high"]:
-        raise DataFileError(f"feature-bounds {path}: the header must be feature,low,high "
-                            "(one row per feature: its column name or 0-based index, then "
-                            "its public lowest and highest value)")
+        raise DataFileError(f"feature-bounds {path}: the header must be feature,low,high, "
+                            f"got {','.join(rows[0]) if rows else 'an empty file'!r} (one row "
+                            "per feature: its column name, or its 0-based index in a file "
+                            "without names, then its public lowest and highest value, "
+                            "comma-separated)")
     index = {name: j for j, name in enumerate(names or ())}
+    if names and len(index) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataFileError(f"feature-bounds {path}: the data has more than one column named "
+                            f"{', '.join(map(repr, twice))}; rename them so that each bounds "
+                            "row names one column")
     low, high = np.full(num_features, np.nan), np.full(num_features, np.nan)
     for line, row in enumerate(rows[1:], start=2):
         where = f"feature-bounds {path}, line {line}"
         if len(row) != 3:
             raise DataFileError(f"{where}: {len(row)} fields; each row is feature,low,high")
         name = row[0].strip()
-        j = index.get(name, int(name) if name.isdigit() else None)
+        if names:  # a file with column names is keyed by them (a name may be "1")
+            j = index.get(name)
+        else:
+            j = int(name) if name.isascii() and name.isdigit() else None
         if j is None or not 0 <= j < num_features:
             known = (f"the data's columns: {', '.join(names[:12])}"
                      f"{', ...' if len(names) > 12 else ''}" if names
