@@ -60,9 +60,10 @@ class StopRequest(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self.cause = "stop requested"
+        self.at: float | None = None  # time.monotonic() of the request
 
     def request(self, cause: str) -> None:
-        self.cause = cause
+        self.cause, self.at = cause, time.monotonic()
         self.set()
 
 

@@ -183,7 +183,8 @@ def _start_ray(verbose: bool) -> None:
 
 
 class SimulationInterrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the run; the report of the finished rounds is at ``results_path``."""
+    """Ctrl-C or SIGTERM stopped the run; the report of the finished rounds is at
+    ``results_path``."""
 
     def __init__(self, results_path: Path, results: dict[str, Any]) -> None:
         super().__init__(f"interrupted; the report of the finished rounds is {results_path}")
@@ -353,15 +354,12 @@ def _run(config: FedMoEConfig, num_clients: int, *, verbose: bool) -> dict[str, 
     listener = ProgressListener(console)
     stop = StopRequest()
 
-    first: list[float] = []  # when the first stop signal came
-
     def on_stop_signal(signum: int, frame: Any) -> None:
         cause = STOP_SIGNALS[signum]
         if stop.is_set():
-            if time.monotonic() - first[0] < STOP_REPEAT_SECONDS:
+            if time.monotonic() - stop.at < STOP_REPEAT_SECONDS:
                 return  # the same request again (`timeout` signals the child, then its group)
             raise KeyboardInterrupt  # a second stop signal: abort now
-        first.append(time.monotonic())
         stop.request(cause)
         if not verbose:  # dying actors' errors (a signal to the whole group) are expected now
             logging.getLogger("flwr").setLevel(logging.CRITICAL)

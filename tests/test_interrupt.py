@@ -176,6 +176,26 @@ def _wait_for_training(proc: subprocess.Popen, timeout: float = 240) -> RunRecor
     raise AssertionError("the run did not start training in time")
 
 
+def _signalled(out: Path, signals: list[tuple[float, int]]):
+    """Start a long run into ``out``; once it trains, send each signal after its wait (s);
+    return (process, run record, stdout, stderr) once it has exited, at most 30 s after the
+    last signal."""
+    proc = _start(out)
+    try:
+        record = _wait_for_training(proc)
+        for wait, sig in signals:
+            time.sleep(wait)
+            proc.send_signal(sig)
+        sent = time.monotonic()
+        out_text, err = proc.communicate(timeout=60)
+        assert time.monotonic() - sent < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, record, out_text, err
+
+
 def _alive(record: RunRecord) -> list[int]:
     return [int(p) for p, info in record.processes.items()
             if start_time(int(p)) == info["start"]]
@@ -190,21 +210,8 @@ def _alive(record: RunRecord) -> list[int]:
 def test_a_stop_signal_stops_promptly_writes_the_report_and_exits_130(tmp_path, sig, cause,
                                                                       repeat):
     out = tmp_path / "run"
-    proc = _start(out)
-    try:
-        record = _wait_for_training(proc)
-        time.sleep(3)  # mid-run
-        proc.send_signal(sig)
-        if repeat:
-            time.sleep(0.1)
-            proc.send_signal(sig)  # the same request, not an abort
-        sent = time.monotonic()
-        out_text, err = proc.communicate(timeout=60)
-        assert time.monotonic() - sent < 30
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # a repeat 0.1 s later is the same request, not an abort
+    proc, record, out_text, err = _signalled(out, [(3, sig)] + ([(0.1, sig)] if repeat else []))
     assert proc.returncode == 130, err
     assert "interrupted; report of the" in err
     results = json.loads((out / "results.json").read_text())
@@ -231,20 +238,7 @@ def test_a_second_stop_signal_aborts_at_once(tmp_path):
     thread of Flower's engine is left waiting on a dead Ray actor: exit 130, or killed by
     the signal itself where it comes while Ray shuts down (Ray's core puts the default
     action back then; what a kill leaves, the next run or `fedmoe clean` ends)."""
-    proc = _start(tmp_path / "run")
-    try:
-        _wait_for_training(proc)
-        time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        assert time.monotonic() - sent < 30
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc, _, _, err = _signalled(tmp_path / "run", [(2, signal.SIGTERM), (1.5, signal.SIGTERM)])
     assert proc.returncode in (130, -signal.SIGTERM), err
     assert proc.returncode == -signal.SIGTERM or "fedmoe: interrupted" in err
 
