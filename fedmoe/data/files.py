@@ -332,7 +332,7 @@ def feature_bounds(spec: str, num_features: int,
         Naming the bounds file and the fix: unreadable, another header, a value that is not
         a number, low ≥ high, a feature not in the data, one listed twice or one missing.
     """
-    whole = parse_range(spec) if ":" in spec else None
+    whole = parse_range(spec)  # None: not LOW:HIGH, so the path of a bounds file
     if whole is not None:
         return np.full(num_features, whole[0]), np.full(num_features, whole[1])
     path = Path(spec.strip()).expanduser()
