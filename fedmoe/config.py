@@ -149,8 +149,8 @@ def loads_toml(text: str) -> dict[str, Any]:
 
 
 def parse_range(spec: str) -> tuple[float, float] | None:
-    """``feature-bounds`` ``"LOW:HIGH"`` -> (low, high), or None if ``spec`` is not two numbers joined by ``:``
-    (then it names a bounds file).
+    """``feature-bounds`` ``"LOW:HIGH"`` -> (low, high), or None if ``spec`` is not two
+    numbers joined by ``:`` (then it names a bounds file).
 
     Raises
     ------
@@ -275,9 +275,10 @@ class FedMoEConfig:
         Users' data files: each feature's public range, mapped to [0, 1] (values outside
         clipped) before training — ``"LOW:HIGH"`` for every feature (e.g. ``"0:100"``), or
         the path of a CSV file ``feature,low,high`` with a row per feature (column name;
-        0-based index for files without names). Not for image folders (already [0, 1]). Public knowledge of the domain, not read from the data: no privacy
-        cost (:func:`fedmoe.data.files.scale_to_bounds`). Empty: features as in the file
-        (a warning names features beyond ±100).
+        0-based index for files without names). Not for image folders (already [0, 1]).
+        Public knowledge of the domain, not read from the data: no privacy cost
+        (:func:`fedmoe.data.files.scale_to_bounds`). Empty: features as in the file (a
+        warning names features beyond ±100).
     partitioner : str (default: "dirichlet")
         ``iid`` or ``dirichlet`` (flwr-datasets partitioners).
     dirichlet_alpha : float (default: 0.5)
