@@ -229,6 +229,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def legend(ax: Any, **kwargs: Any) -> None:
+    """``ax.legend(**kwargs)`` where ``ax`` has labelled artists; nothing where it has none
+    (a run stopped in round 1, a panel of a partial grid), which Matplotlib would warn
+    about ("No artists with labels found")."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def plot_progress(results: dict[str, Any], path: Path) -> None:
     """Mean personalised / global accuracy and max ε per round, side by side."""
     import matplotlib
@@ -243,12 +251,12 @@ def plot_progress(results: dict[str, Any], path: Path) -> None:
     ax_acc.plot(x, [r["personalized_accuracy_mean"] for r in rows], "o-", label="personalised")
     ax_acc.plot(x, [r["global_accuracy_mean"] for r in rows], "s--", label="global-only")
     ax_acc.set(xlabel="round", ylabel="mean test accuracy", ylim=(0, 1), title="Accuracy")
-    ax_acc.legend()
+    legend(ax_acc)
     ax_eps.plot(x, [r["epsilon_max"] for r in rows], "o-", color="tab:red")
     target = results["config"]["target-epsilon"]
     if target is not None and math.isfinite(target):
         ax_eps.axhline(target, color="grey", linestyle=":", label=f"budget ε={target:g}")
-        ax_eps.legend()
+        legend(ax_eps)
     ax_eps.set(xlabel="round", ylabel="ε spent (max over clients)",
                title="Privacy" if results["privacy"]["mode"] == "dp" else NON_PRIVATE_LABEL)
     for ax in (ax_acc, ax_eps):
@@ -281,7 +289,7 @@ def plot_privacy(book: LedgerBook, path: Path) -> None:
     ax.set(xlabel="round", ylabel="ε spent", title="Privacy spend per client (dotted: budget)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(book.clients()) <= 12:
-        ax.legend(fontsize="small", ncol=2)
+        legend(ax, fontsize="small", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -310,7 +318,7 @@ def plot_usage(results: dict[str, Any], path: Path) -> None:
            title="Expert usage (routing weight, all MoE layers and routers)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(shares) <= 16:
-        ax.legend(fontsize="x-small", ncol=4, loc="upper right")
+        legend(ax, fontsize="x-small", ncol=4, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe.config import METHODS
+from fedmoe.reporting import legend
 
 #: (column, title, format) of the report's tables, one table per setting each.
 TABLES = (
@@ -143,7 +144,7 @@ def plot_all(rows: list[dict[str, Any]], axes: Sequence[str], out: Path) -> None
         ax.set_xticks(range(len(epsilons)), [epsilon_label(e) for e in epsilons], fontsize=8)
         ax.set(xlabel="ε per client", ylabel="mean personalised accuracy", ylim=(0, 1),
                title=setting)
-        ax.legend(fontsize="small")
+        legend(ax, fontsize="small")
     _save(fig, out / ACCURACY_PLOT)
 
     # accuracy per round: rows = settings, columns = ε; a line per method (seed mean)
@@ -163,7 +164,7 @@ def plot_all(rows: list[dict[str, Any]], axes: Sequence[str], out: Path) -> None
             ax.set(title=f"{setting}\nε={epsilon_label(eps)}", xlabel="round", ylim=(0, 1))
             ax.title.set_fontsize(8)
         row_axes[0].set_ylabel("mean personalised acc.")
-        row_axes[0].legend(fontsize="x-small")
+        legend(row_axes[0], fontsize="x-small")
     _save(fig, out / ROUNDS_PLOT)
 
     # per-client spread: final per-client accuracies pooled over seeds, a box per method

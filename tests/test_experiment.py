@@ -4,6 +4,7 @@ import json
 import math
 import os
 import textwrap
+import warnings
 
 import pytest
 
@@ -132,6 +133,24 @@ def test_report_mean_and_std_over_seeds():
     assert "## split=iid" in report
     assert "| method | ε=∞ (non-private) | ε=8 |" in report
     assert "| fedavg | 0.950 ± 0.000 (n=1) | 0.900 ± 0.100 (n=3) |" in report
+
+
+def test_plots_of_a_partial_grid_draw_empty_panels_without_a_matplotlib_warning(tmp_path):
+    """A grid's report is rewritten after every run: while setting "iid" has only its
+    ε = 3 run, its ε = 8 panel (the one that carries the legend) has no line."""
+    from simulations.report import plot_all
+
+    def row(split, eps, acc):
+        return {"method": "fedmoe", "target-epsilon": eps, "axis:split": split,
+                "personalized_accuracy": acc, "round_accuracy": json.dumps([acc / 2, acc]),
+                "client_accuracy": json.dumps([acc - 0.1, acc + 0.1])}
+
+    rows = [row("dirichlet-0.5", 8.0, 0.9), row("iid", 3.0, 0.8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_all(rows, ["method", "target-epsilon", "split"], tmp_path)
+    for plot in (ACCURACY_PLOT, ROUNDS_PLOT, SPREAD_PLOT):
+        assert (tmp_path / plot).stat().st_size > 1000
 
 
 def test_inline_grid_turns_a_client_exception_into_an_error_reply(tmp_path):

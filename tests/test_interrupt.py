@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from uuid import uuid4
 
@@ -94,6 +95,20 @@ def test_stop_writes_the_report_of_the_finished_rounds(tmp_path):
             assert {r for r, _ in book.trajectory(client)} == {1}
     assert {p["client"]: p["rounds"] for p in results["privacy"]["clients"]} == {
         "partition-0": 1, "partition-1": 1, "partition-2": 1}
+
+
+def test_a_stop_in_round_1_writes_its_plots_without_a_matplotlib_warning(tmp_path):
+    """No round finished: the plots have no labelled line (Matplotlib warned "No artists
+    with labels found to put in legend" on the console of a run stopped in round 1)."""
+    config = SMALL.replace(num_server_rounds=2, run_dir=str(tmp_path / "run"))
+    stop = StopRequest()
+    stop.request("SIGINT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = run_federation(PushGrid(2), config, StopAfter(0, stop), run_id=1, stop=stop)
+    assert results["rounds"] == [] and "interrupted (SIGINT)" in results["privacy"]["stopped"]
+    for plot in ("progress.png", "privacy.png"):
+        assert (tmp_path / "run" / plot).stat().st_size > 1000
 
 
 def test_clients_that_take_no_part_are_listed_with_the_reason(tmp_path):
