@@ -80,8 +80,12 @@ class ProgressListener:
         acc = sum(e.personalized_accuracy for e in evals) / len(evals) if evals else float("nan")
         eps = max(record.epsilon.values(), default=0.0)  # the server's ledger
         phase = "" if record.phase == "train" else f"{record.phase} · "
+        perplexities = [d["personalized-perplexity"] for d in record.details.values()
+                        if "personalized-perplexity" in d]
+        score = (f"personalised perplexity {sum(perplexities) / len(perplexities):.2f}"
+                 if perplexities else f"personalised acc {acc:.3f}")  # a language model's
         status = (f"{phase}clients {len(record.train)}/{record.sampled} trained · "
-                  f"ε max {eps:.2f}{_reported_max(record)} · personalised acc {acc:.3f}")
+                  f"ε max {eps:.2f}{_reported_max(record)} · {score}")
         if record.rejected:
             status += f" · {len(record.rejected)} rejected"
         self.progress.update(self.task, advance=1, status=status)
@@ -90,6 +94,8 @@ class ProgressListener:
         self.results, self.results_path = results, results_path
         self.progress.stop()
         self.console.print(client_table(results))
+        if line := pretraining_line(results):
+            self.console.print(line)
         if results["privacy"]["stopped"]:
             self.console.print(f"[yellow]training stopped early: "
                                f"{results['privacy']['stopped']}[/yellow]")
@@ -100,6 +106,30 @@ class ProgressListener:
             f"ε max {final['epsilon_max']:.2f} · {results['wall_seconds']:.0f} s\n"
             f"results: {results_path}"
         )
+
+
+def pretraining_line(results: dict[str, Any]) -> str | None:
+    """The perplexities of a run's last pretraining round, for a run that fine-tuned after
+    it (the final table then shows the fine-tuned task's accuracy only): the means over
+    clients of the personalised, global-only and unigram perplexity, and how many clients'
+    personalised perplexity is below their own unigram model's. ``None`` for a run
+    without a pretraining round that reported perplexities, or one that ended in it."""
+    keys = ("personalized-perplexity", "global-perplexity", "unigram-perplexity")
+
+    def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+        return [c for c in record.get("clients", []) if all(k in c for k in keys)]
+
+    rounds = [r for r in results["rounds"] if r.get("phase") == "pretrain" and rows(r)]
+    if not rounds or rounds[-1] is results["rounds"][-1]:
+        return None
+    clients = rows(rounds[-1])
+    mine, glob, unigram = ([c[k] for c in clients] for k in keys)
+    below = sum(p < u for p, u in zip(mine, unigram, strict=True))
+    n = len(clients)
+    return (f"pretraining, its last round ({rounds[-1]['round']}): personalised perplexity "
+            f"{sum(mine) / n:.2f} · global-only {sum(glob) / n:.2f} · unigram "
+            f"{sum(unigram) / n:.2f} (means over clients) · {below}/{n} clients below their "
+            f"unigram perplexity")
 
 
 def _fmt(value: float | None) -> str:

@@ -89,6 +89,32 @@ def test_transformer_moe_pretrains_then_fine_tunes(tmp_path):
         assert 0 <= finetune.evaluate[client].personalized_accuracy <= 1
     assert len(finetune.train) == 2 and not finetune.rejected
 
+    # the terminal: the fine-tuned table shows accuracy, so the pretraining perplexities
+    # get a line of their own, and a pretraining round's progress shows its perplexity
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedmoe.reporting import build_results
+    from simulations.runner import ProgressListener, pretraining_line
+
+    results = build_results(config, strategy.history, 1.0, privacy=[])
+    mine = [d["personalized-perplexity"] for d in pretrain.details.values()]
+    unigram = [d["unigram-perplexity"] for d in pretrain.details.values()]
+    below = sum(p < u for p, u in zip(mine, unigram, strict=True))
+    line = pretraining_line(results)
+    assert f"last round (1): personalised perplexity {sum(mine) / 2:.2f}" in line
+    assert f"unigram {sum(unigram) / 2:.2f}" in line and f"{below}/2 clients below" in line
+    results["rounds"].pop()  # a run that ended in pretraining shows them in its table
+    assert pretraining_line(results) is None
+    listener = ProgressListener(Console(file=StringIO()))
+    listener.started(config, tmp_path)
+    listener.round_finished(pretrain)
+    status = listener.progress.tasks[0].fields["status"]
+    listener.progress.stop()
+    assert "pretrain · clients 2/2 trained" in status
+    assert f"personalised perplexity {sum(mine) / 2:.2f}" in status
+
 
 @pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
 @pytest.mark.parametrize("model", ["moe", "hmoe", "mtmoe"])
