@@ -86,19 +86,47 @@ def query(msg: Message, context: Context) -> Message:
         return opened
     node, store, (_, plan, config), data = opened
     try:
+        info = describe_client(node, store, config, data, plan.server_round)
+    except Refusal as refusal:
+        return _refuse(msg, refusal.code, refusal.reason)
+    return Message(RecordDict({CLIENT: info.to_record()}), reply_to=msg)
+
+
+class Refusal(Exception):
+    """Why a client will not take part: the error ``code`` of its reply and the ``reason``
+    the server logs."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def describe_client(node: NodeSettings, store: ClientStore, config: FedMoEConfig,
+                    data: ClientData, server_round: int = 1) -> ClientInfo:
+    """What a client's query reply says about it (:class:`~fedmoe.records.ClientInfo`):
+    its id, split sizes, own ε budget and its ledger's δ, accountant and history.
+
+    Raises
+    ------
+    Refusal
+        ``LEDGER_UNUSABLE`` if its ledger does not verify or is pinned to another δ or
+        accountant than the node config; ``DELTA_TOO_LARGE`` if the node's pinned δ is not
+        below 1/n of its train split.
+    """
+    try:
         ledger = store.ledger(node.client,
                               private=math.isfinite(node.budget(config.target_epsilon)))
     except LedgerError as err:
-        return _refuse(msg, LEDGER_UNUSABLE, str(err))
+        raise Refusal(LEDGER_UNUSABLE, str(err)) from err
     if ledger and node.pin_error(ledger.delta, ledger.accountant):
-        return _refuse(msg, LEDGER_UNUSABLE, f"{store.root}: its ledger was created at "
-                       f"δ={ledger.delta:g}, accountant {ledger.accountant!r}, but the node "
-                       f"config pins δ={node.delta:g}, accountant {node.accountant!r}; a "
-                       "ledger keeps the δ and accountant it was created with: pin those")
-    num_train, num_test = _split_sizes(config, node, data, plan.server_round)
+        raise Refusal(LEDGER_UNUSABLE, f"{store.root}: its ledger was created at "
+                      f"δ={ledger.delta:g}, accountant {ledger.accountant!r}, but the node "
+                      f"config pins δ={node.delta:g}, accountant {node.accountant!r}; a "
+                      "ledger keeps the δ and accountant it was created with: pin those")
+    num_train, num_test = _split_sizes(config, node, data, server_round)
     if node.delta and node.delta >= 1.0 / num_train:
-        return _refuse(msg, DELTA_TOO_LARGE, delta_error(node.delta, num_train, node.client))
-    info = ClientInfo(  # a pinned δ/accountant is what the server must plan this client at
+        raise Refusal(DELTA_TOO_LARGE, delta_error(node.delta, num_train, node.client))
+    return ClientInfo(  # a pinned δ/accountant is what the server must plan this client at
         client=node.client,
         num_train=num_train,
         epsilon_budget=node.epsilon_budget,
@@ -107,7 +135,6 @@ def query(msg: Message, context: Context) -> Message:
         history=tuple(ledger.history) if ledger else (),
         num_test=num_test,
     )
-    return Message(RecordDict({CLIENT: info.to_record()}), reply_to=msg)
 
 
 @app.train()

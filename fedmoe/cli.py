@@ -8,6 +8,10 @@
 - ``fedmoe clean`` removes what a killed ``fedmoe simulate`` left behind (its Ray
   processes, its clients' state in the temp dir), found by its recorded ids only.
 
+- ``fedmoe deploy init DIR`` writes a deployment's key material; ``fedmoe deploy check
+  --node-config "..." [--run-config "..."]`` checks a SuperNode's node config, data and
+  state dir against a run and prints the plan the server would make for it
+  (:mod:`clients.check`; nothing is sent).
 - ``fedmoe export RUN_DIR --client ID --out FILE [--int8] [--prune F] [--distill H]`` writes
   a client's personalised model for inference, optionally compressed
   (:mod:`fedmoe.export`), and prints its size, latency and accuracy against the
@@ -46,8 +50,9 @@ from fedmoe.privacy import LEDGER_FILE, LedgerBook, LedgerError
 _TOKEN = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
-def parse_overrides(items: list[str] | None) -> dict:
-    """Flower's ``--run-config`` syntax (``'k1=v1 k2="text"'`` or a TOML file), flattened.
+def parse_overrides(items: list[str] | None, flag: str = "--run-config") -> dict:
+    """Flower's ``--run-config`` syntax (``'k1=v1 k2="text"'`` or a TOML file), flattened;
+    ``flag`` names the option in messages (a SuperNode's ``--node-config`` has the same syntax).
 
     Every token must be a ``key=value`` pair Flower reads: Flower's parser silently drops
     the rest (``target-epsilon=``, a stray word), which would run with defaults.
@@ -64,58 +69,58 @@ def parse_overrides(items: list[str] | None) -> dict:
         if item.endswith(".toml"):
             path = Path(item).expanduser()
             if not path.is_file():
-                raise ConfigError(f"--run-config {item!r}: no such TOML file")
-            _check_file(path)
+                raise ConfigError(f"{flag} {item!r}: no such TOML file")
+            _check_file(path, flag)
             continue
         leftover = _TOKEN.sub(" ", item).split()
         if leftover:
             raise ConfigError(
-                f"--run-config {item!r}: cannot read {' '.join(map(repr, leftover))}; every "
+                f"{flag} {item!r}: cannot read {' '.join(map(repr, leftover))}; every "
                 "token must be key=value with a value (e.g. \"target-epsilon=3.0 "
                 "model='hmoe'\"; quote strings, no spaces around '=')"
             )
         for match in _TOKEN.finditer(item):
             key, value = match.groups()
-            _check_token(item, key, value)
+            _check_token(item, key, value, flag)
             if key in seen:
-                raise ConfigError(f"--run-config: {key} is given twice ({key}={seen[key]} and "
+                raise ConfigError(f"{flag}: {key} is given twice ({key}={seen[key]} and "
                                   f"{key}={value}); give it once")
             seen[key] = value
     try:
         return parse_config_args(items)
     except Exception as err:  # click.ClickException or a TOML error: say what to fix
         message = getattr(err, "message", None) or str(err)
-        raise ConfigError(f"cannot parse --run-config {items!r}: {message}") from err
+        raise ConfigError(f"cannot parse {flag} {items!r}: {message}") from err
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, flag: str) -> None:
     """A ``--run-config`` TOML file must parse, with no number too large for a float
     (Flower would read ``1e400`` as inf: a non-private ``target-epsilon``)."""
     try:
         tables = [k for k, v in loads_toml(path.read_text()).items() if isinstance(v, dict)]
     except ConfigError as err:
-        raise ConfigError(f"--run-config {str(path)!r}: {err}") from None
+        raise ConfigError(f"{flag} {str(path)!r}: {err}") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"--run-config {str(path)!r}: cannot read it as TOML ({err})") \
+        raise ConfigError(f"{flag} {str(path)!r}: cannot read it as TOML ({err})") \
             from None
     if tables:
-        raise ConfigError(f"--run-config {str(path)!r}: has the table(s) {tables}; a run-config "
+        raise ConfigError(f"{flag} {str(path)!r}: has the table(s) {tables}; a run-config "
                           "file holds its keys at the top level, as `key = value` lines: drop "
                           "the table header (e.g. [tool.flwr.app.config]) and keep its keys")
 
 
-def _check_token(item: str, key: str, value: str) -> None:
+def _check_token(item: str, key: str, value: str, flag: str) -> None:
     """One ``key=value`` token must be a TOML value Flower accepts (bool, int, float,
     string), and a number that fits a float (``1e400`` would read as inf)."""
     try:
         loads_toml(f"{key} = {value}")
     except ConfigError as err:
-        raise ConfigError(f"--run-config {item!r}: {key}={value}: {err}") from None
+        raise ConfigError(f"{flag} {item!r}: {key}={value}: {err}") from None
     except tomllib.TOMLDecodeError:
         hint = (f" (strings need quotes: {key}='{value}')"
                 if value.replace("-", "").replace("_", "").isalnum() else "")
         raise ConfigError(
-            f"--run-config {item!r}: cannot read {key}={value}{hint}; a value is a bool, int, "
+            f"{flag} {item!r}: cannot read {key}={value}{hint}; a value is a bool, int, "
             "float or quoted string"
         ) from None
 
@@ -215,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     ini.add_argument("--name", default="fedmoe", help="connection name (default: fedmoe)")
     ini.add_argument("--force", action="store_true",
                      help="replace existing key material (a new CA for every node)")
+    chk = dep_sub.add_parser("check", help="check a SuperNode's node config and data against "
+                             "a run, here and now (the plan the server would make; nothing "
+                             "is sent)")
+    chk.add_argument("--node-config", required=True, metavar="'K=V ...'",
+                     help="the node config the SuperNode will be started with")
+    chk.add_argument("--run-config", action="append", default=None, metavar="'K=V ...'",
+                     help="the run the coordinator will start (Flower syntax; repeatable), "
+                          "e.g. \"dataset='node' num-features=30 num-classes=2\"")
     ex = sub.add_parser("export", help="write a client's personalised model for inference, "
                                        "optionally compressed, with its size/latency/accuracy")
     ex.add_argument("run_dir", type=Path, help="a finished run folder")
@@ -246,7 +259,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "audit":
         return audit(args)
     if args.command == "deploy":
-        return deploy_init(args)
+        return deploy_check(args) if args.deploy_command == "check" else deploy_init(args)
     if args.command == "export":
         return export(args)
     if args.command == "experiment":
@@ -303,6 +316,48 @@ def deploy_init(args: argparse.Namespace) -> int:
           f"node.pub ({layout.nodes} nodes)\n"
           f"  flwr connection     {layout.connection}  (append to $FLWR_HOME/config.toml)\n"
           "next steps: docs/deployment.md")
+    return 0
+
+
+def deploy_check(args: argparse.Namespace) -> int:
+    """``fedmoe deploy check``: 0 when the node can take part in the run, 1 when the server
+    would give it no round (the reason printed), 2 for a node config, data file, state dir
+    or ledger it would refuse."""
+    from clients.app import Refusal
+    from clients.check import check_node
+    from fedmoe.config import NodeSettings
+
+    try:
+        config = FedMoEConfig.from_run_config(parse_overrides(args.run_config))
+        node = NodeSettings.from_node_config(parse_overrides([args.node_config],
+                                                             "--node-config"))
+        found = check_node(config, node)
+    except (ConfigError, LedgerError) as err:
+        print(f"fedmoe: error: {err}", file=sys.stderr)
+        return 2
+    except Refusal as refusal:
+        print(f"fedmoe: error: the node would refuse the run: {refusal.reason}",
+              file=sys.stderr)
+        return 2
+    where = f"state dir {found.state_dir}" if found.state_dir else "no state dir"
+    ledger = (f"its ledger has spent ε={found.spent:.3f}" if found.spent
+              else "no earlier spend")
+    print(f"client {found.client}: {found.num_train} train / {found.num_test} "
+          f"{config.evaluate_on} examples; {where}, {ledger} (checked here; nothing sent)")
+    for note in [*config.warnings(), *found.warnings]:
+        print(f"fedmoe: warning: {note}", file=sys.stderr)
+    plan = found.plan
+    if found.excluded or plan is None:
+        print(f"the server would give this client no round: {found.excluded}")
+        return 1
+    if not plan.private:
+        print(f"plan: non-private (ε=∞), {found.rounds} of {found.planned_rounds} rounds")
+        return 0
+    histogram = f", label histogram at σ_h={plan.prior_noise:.3f}" if plan.prior_noise else ""
+    print(f"plan: δ={plan.delta:g}, q={plan.sample_rate:g}, {plan.steps} DP-SGD steps a round "
+          f"at σ={plan.noise_multiplier:.4f}{histogram} ({plan.accountant}); budget "
+          f"ε={plan.budget:g} pays for {found.rounds} of the run's {found.planned_rounds} "
+          f"rounds; ε after the run {found.epsilon_after():.3f}")
     return 0
 
 

@@ -743,7 +743,8 @@ class FedMoEConfig:
 
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what was meant, each with the
-        fix (``fedmoe simulate`` prints them before it starts; nothing is refused).
+        fix (``fedmoe simulate`` and ``fedmoe deploy check`` print them before anything
+        starts, a deployment's ServerApp logs them; nothing is refused).
 
         - ``ema-decay`` so close to 1 that the released average is still mostly the first
           round's model at the end: w_1's weight in w̄_T is γ^(T−1) over the T rounds of

@@ -270,6 +270,9 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = config or FedMoEConfig.from_run_config(context.run_config)
+        if config is None:  # a deployment: what `fedmoe simulate` prints before it starts
+            for note in run_config.warnings():
+                log(WARNING, "fedmoe: warning: %s", note)
         if on_run_id is not None:
             on_run_id(context.run_id)
         run_federation(grid, run_config, listener, run_id=context.run_id, stop=stop,

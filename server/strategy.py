@@ -364,7 +364,7 @@ class FedMoE(FedAvg):
                 continue
             self.clients[node] = info.client
             self.declared[info.client] = info
-            self._plan(info)
+            self.plan_new_client(info)
 
     def _rejoin(self, node: int, info: ClientInfo) -> None:
         """A client planned before a resume comes back on a (new) node: it keeps its plan
@@ -373,8 +373,9 @@ class FedMoE(FedAvg):
         self.declared[info.client] = info
         log(INFO, "client %s is back (node %s), with its plan of this run", info.client, node)
 
-    def _plan(self, info: ClientInfo) -> None:
-        """Plan a new client against the server's own ledger (seeded with its earlier spend)."""
+    def plan_new_client(self, info: ClientInfo) -> None:
+        """Plan a new client against the server's own ledger (seeded with its earlier spend):
+        its plan goes to :attr:`plans`, or the reason it gets no rounds to :attr:`excluded`."""
         c, client = self.config, info.client
         budget = min(c.target_epsilon, info.epsilon_budget) if info.epsilon_budget > 0 \
             else c.target_epsilon
