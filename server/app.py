@@ -23,6 +23,7 @@ from flwr.supercore.run import Run
 
 from fedmoe.config import FedMoEConfig
 from fedmoe.data import with_data_shape
+from fedmoe.data.files import input_fingerprints
 from fedmoe.export import GLOBAL_MODEL
 from fedmoe.methods import method_model
 from fedmoe.privacy import LEDGER_FILE, LedgerBook
@@ -190,12 +191,14 @@ def _run_locked(
         if listener:
             listener.round_finished(record)
 
+    inputs = input_fingerprints(config)  # the data files read now, compared on resume
+
     with LedgerBook(run_dir / LEDGER_FILE) as book:
         def save(server_round: int, arrays: ArrayRecord, done: bool = False) -> None:
             save_checkpoint(run_dir, strategy, server_round,
                             {k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
                             num_clients=simulation[0], engine=simulation[1], finished=done,
-                            wall_seconds=time.time() - start)
+                            wall_seconds=time.time() - start, inputs=inputs)
 
         last = (checkpoint.server_round if checkpoint else 0, initial)
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from fedmoe.config import ADDED_KEYS, ConfigError, FedMoEConfig
+from fedmoe.data.files import input_fingerprints
 from fedmoe.methods import unread_keys
 from fedmoe.privacy import LEDGER_FILE, ClientPlan, LedgerBook
 from fedmoe.records import ClientInfo, EvalReport, TrainReport
@@ -76,22 +77,25 @@ class Checkpoint:
     wall_seconds: float
     velocity: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     average: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: run-config key -> SHA-256 of the file it names (:func:`~fedmoe.data.files.input_fingerprints`)
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- writing, reading
 def save_checkpoint(
     run_dir: Path, strategy: FedMoE, server_round: int, arrays: dict[str, np.ndarray], *,
     run_id: int | None, num_clients: int | None = None, engine: str | None = None,
-    finished: bool = False, wall_seconds: float = 0.0,
+    finished: bool = False, wall_seconds: float = 0.0, inputs: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``<run_dir>/checkpoint.npz`` atomically (a crash leaves the old one or the new)."""
+    """Write ``<run_dir>/checkpoint.npz`` atomically (a crash leaves the old one or the new).
+    ``inputs``: the fingerprints of the files the run config names, which a resume checks."""
     keys, moving, averaged = list(arrays), sorted(strategy.velocity), sorted(strategy.average)
     meta = {
         "format": FORMAT, "fedmoe": fedmoe_version(), "round": server_round,
         "config": strategy.config.to_run_config(), "strategy": strategy_state(strategy),
         "run_id": run_id, "num_clients": num_clients, "engine": engine, "finished": finished,
         "keys": keys, "velocity_keys": moving, "average_keys": averaged,
-        "wall_seconds": wall_seconds,
+        "wall_seconds": wall_seconds, "inputs": dict(inputs or {}),
     }
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -130,7 +134,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         checkpoint = Checkpoint(int(meta["round"]), arrays, dict(meta["config"]),
                                 dict(meta["strategy"]), meta["run_id"], meta["num_clients"],
                                 meta["engine"], bool(meta["finished"]),
-                                float(meta["wall_seconds"]), velocity, average)
+                                float(meta["wall_seconds"]), velocity, average,
+                                # written before inputs were fingerprinted: nothing to compare
+                                {str(k): str(v) for k, v in meta.get("inputs", {}).items()})
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
@@ -205,6 +211,16 @@ def prepare_run_folder(
     differ = config_differences(checkpoint.config, config)
     if differ:
         raise CheckpointError(differences_message(run_dir, differ))
+    changed = [key for key, then in checkpoint.inputs.items()
+               if input_fingerprints(config).get(key) != then]
+    if changed:
+        names = "; ".join(f"{key} = {config.to_run_config()[key]!r}" for key in changed)
+        raise CheckpointError(
+            f"--resume {run_dir}: the contents of the file(s) the run config names changed "
+            f"since the run started ({names}: SHA-256 {checkpoint.inputs[changed[0]][:12]}… "
+            f"then, {input_fingerprints(config).get(changed[0], 'none')[:12]}… now). The "
+            "rest of the run would train on other data than its first rounds, planned for "
+            "the old; put the file(s) back as they were, or start a new run with --out")
     if num_clients is not None and checkpoint.num_clients not in (None, num_clients):
         raise CheckpointError(f"--resume {run_dir}: that run simulated {checkpoint.num_clients} "
                               f"clients, not {num_clients}; give --clients "

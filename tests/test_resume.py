@@ -221,6 +221,35 @@ def test_an_existing_run_folder_is_refused_unless_resumed_with_the_same_config(t
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
+def test_a_resume_after_its_data_or_bounds_file_changed_is_refused(tmp_path, monkeypatch):
+    """The checkpoint records the SHA-256 of the files the run config names; a file edited
+    between the crash and the resume would silently change what the rest trains on."""
+    rng = np.random.default_rng(0)
+    data, bounds = tmp_path / "data.csv", tmp_path / "bounds.csv"
+    rows = [f"{a:.4f},{b:.4f},{y}" for (a, b), y in zip(rng.normal(size=(150, 2)) * 50,
+                                                         np.arange(150) % 2)]
+    data.write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    bounds.write_text("feature,low,high\na,-200,200\nb,-200,200\n")
+    run_dir = tmp_path / "run"
+    config = CONFIG.replace(run_dir=str(run_dir), dataset=f"csv:{data}",
+                            feature_bounds=str(bounds))
+    _run_until_crash(monkeypatch, config, 2)
+    assert set(load_checkpoint(run_dir).inputs) == {"dataset", "feature-bounds"}
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    resume = config.replace(resume=True)
+    original = data.read_bytes(), bounds.read_bytes()
+    for path, key in ((data, "dataset"), (bounds, "feature-bounds")):
+        path.write_bytes(path.read_bytes().replace(b"-200", b"-300") if path == bounds
+                         else path.read_bytes().replace(b",1\n", b",0\n", 1))
+        with pytest.raises(CheckpointError, match=f"changed since the run started \\({key} = "):
+            run_inline(resume, 3)
+        assert cli_main(["simulate", "--resume", str(run_dir)]) == 2
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+        data.write_bytes(original[0]), bounds.write_bytes(original[1])
+    results = run_inline(resume, 3).results  # the files as they were: it resumes
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("damage,match", [
     ("format", "checkpoint format 99, this fedmoe reads format 1"),
     ("version", "written by fedmoe 0.0.0-other"),

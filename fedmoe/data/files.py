@@ -25,13 +25,14 @@ model's (:func:`check_shape`).
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from fedmoe.config import FILE_KINDS, ConfigError, parse_range
+from fedmoe.config import FILE_KINDS, ConfigError, FedMoEConfig, parse_range
 
 #: The fewest rows a data file may hold: a client needs a train and a test split.
 MIN_ROWS = 10
@@ -425,6 +426,49 @@ def scale_warning(spec: str, arrays: LabelledArrays) -> str | None:
             "take all of it and the model learns little from the rest: give every feature's "
             "public range with feature-bounds ('LOW:HIGH', or a CSV file feature,low,high), "
             "or scale the file to about [0, 1] with bounds you know without the data")
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 (hex) of a data or bounds file's bytes; of a folder (an image folder, a saved
+    Hugging Face dataset), of each file's path relative to it and its bytes, in sorted order.
+
+    Raises
+    ------
+    DataFileError
+        If it (or a file in the folder) cannot be read.
+    """
+    digest = hashlib.sha256()
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file != path:
+                digest.update(f"\0{file.relative_to(path).as_posix()}\0".encode())
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                    digest.update(block)
+    except OSError as err:
+        raise DataFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    return digest.hexdigest()
+
+
+def input_fingerprints(config: FedMoEConfig) -> dict[str, str]:
+    """``{run-config key: sha256}`` of the files a simulation reads because its run config
+    names them: the data set of a ``KIND:PATH`` dataset, and the bounds file of a
+    ``feature-bounds`` that is not a range. A resumed run compares them with the ones its
+    checkpoint recorded (a file edited in between would silently change what the rest of
+    the run trains on). A deployment's data is on its nodes: none here.
+
+    Raises
+    ------
+    DataFileError
+        If a named file cannot be read.
+    """
+    if not config.is_file_data:
+        return {}
+    prints = {"dataset": fingerprint(parse_spec(config.dataset)[1])}
+    if config.feature_bounds and parse_range(config.feature_bounds) is None:
+        prints["feature-bounds"] = fingerprint(Path(config.feature_bounds.strip()).expanduser())
+    return prints
 
 
 def check_shape(path: str, data: LabelledArrays, num_features: int, num_classes: int) -> None:
