@@ -327,6 +327,11 @@ def deploy_check(args: argparse.Namespace) -> int:
     from clients.check import check_node
     from fedmoe.config import NodeSettings
 
+    if not args.run_config:
+        print("fedmoe: warning: no --run-config: checking against fedmoe's default run "
+              "(the built-in digits: 64 features, 10 classes); give the run config the "
+              "coordinator will start, e.g. --run-config \"dataset='node' num-features=30 "
+              "num-classes=2\"", file=sys.stderr)
     try:
         config = FedMoEConfig.from_run_config(parse_overrides(args.run_config))
         node = NodeSettings.from_node_config(parse_overrides([args.node_config],

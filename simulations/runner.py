@@ -42,10 +42,13 @@ STOP_REPEAT_SECONDS = 1.0
 
 
 class ProgressListener:
-    """Shows rounds, clients and ε as a run goes, and the per-client table at the end."""
+    """Shows rounds, clients and ε as a run goes, and the per-client table at the end: a
+    progress bar on a terminal, else (a log file, a pipe, a service manager) one line per
+    finished round."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        self.lines = not console.is_terminal  # a bar would be drawn once, at the end
         self.progress = Progress(
             TextColumn("[bold]round {task.completed}/{task.total}"),
             BarColumn(),
@@ -70,7 +73,8 @@ class ProgressListener:
             f"[bold]fedmoe[/bold] {model} on {config.data}: "
             f"{config.num_server_rounds} rounds, {privacy}, run folder {run_dir}"
         )
-        self.progress.start()
+        if not self.lines:
+            self.progress.start()
         self.task = self.progress.add_task(
             "rounds", total=config.num_server_rounds, status="starting clients…"
         )
@@ -89,10 +93,15 @@ class ProgressListener:
         if record.rejected:
             status += f" · {len(record.rejected)} rejected"
         self.progress.update(self.task, advance=1, status=status)
+        if self.lines:
+            task = self.progress.tasks[0]
+            self.console.print(f"round {record.server_round}/{task.total:.0f} · {status}",
+                               highlight=False)
 
     def finished(self, results: dict[str, Any], results_path: Path) -> None:
         self.results, self.results_path = results, results_path
-        self.progress.stop()
+        if not self.lines:
+            self.progress.stop()
         self.console.print(client_table(results))
         if line := pretraining_line(results):
             self.console.print(line)

@@ -1,6 +1,7 @@
 """The FedMoE strategy: discovery and planning, budget-aware sampling, the server ledger,
 the clean stop, reply validation and aggregation — against real in-process ClientApps."""
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from fedmoe.records import (
     to_arrays,
 )
 from fedmoe.roles import split_state_dict
-from server.strategy import FedMoE
+from server.strategy import FedMoE, RoundRecord
 from tests.helpers import SMALL, LocalGrid
 
 SMALL_ENTRY = LedgerEntry(1, 2.0, 0.25, 4)
@@ -469,3 +470,29 @@ def test_the_phase_switch_follows_the_round_that_made_the_arrays(book):
         strategy.history.append(RoundRecord(first + 1, aggregated=True))
         strategy.average = {"a": np.full(2, 7.0)}
         assert strategy.begin_phase(first + 2, out) is out and strategy.average
+
+
+def test_progress_is_a_line_per_round_where_the_output_is_not_a_terminal():
+    """Under nohup, a service manager or a pipe a progress bar is drawn once, at the end:
+    there each finished round prints its own line."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from simulations.runner import ProgressListener
+
+    for terminal in (False, True):
+        console = Console(file=StringIO(), width=200, force_terminal=terminal)
+        listener = ProgressListener(console)
+        listener.started(SMALL, Path("run"))
+        for r in (1, 2):
+            listener.round_finished(RoundRecord(server_round=r, sampled=3,
+                                                epsilon={"partition-0": 0.5 * r}))
+        listener.progress.stop()
+        out = console.file.getvalue()
+        lines = [line for line in out.splitlines() if line.startswith("round ")]
+        if terminal:  # the bar: no line of its own per round
+            assert "round 1/3 ·" not in out and "round 2/3 ·" not in out
+        else:
+            assert lines == [f"round {r}/{SMALL.num_server_rounds} · clients 0/3 trained · "
+                             f"ε max {0.5 * r:.2f} · personalised acc nan" for r in (1, 2)]
