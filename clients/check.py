@@ -128,14 +128,13 @@ def check_node(config: FedMoEConfig, node: NodeSettings) -> NodeCheck:
 
 
 def _scale_warning(config: FedMoEConfig, node: NodeSettings) -> list[str]:
-    """The unscaled-features warning the SuperNode would log (a file without
-    ``feature-bounds`` whose features go far beyond unit scale)."""
-    if config.feature_bounds:
-        return []
+    """The data-scale warning the SuperNode would log: features far beyond unit scale
+    without ``feature-bounds``, or bounds that clip many of a feature's values."""
     from fedmoe.data.files import infer_spec, load_file, scale_warning
 
     spec = infer_spec(node.data_path)
-    warning = scale_warning(spec, load_file(spec, node.label_column or config.label_column))
+    warning = scale_warning(spec, load_file(spec, node.label_column or config.label_column),
+                            config.feature_bounds)
     return [warning] if warning else []
 
 

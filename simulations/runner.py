@@ -283,10 +283,11 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
     for note in config.warnings():
         print(f"fedmoe: warning: {note}", file=sys.stderr)
     config = with_data_shape(config)  # a data file: read (and checked) once, here
-    if config.is_file_data and not config.feature_bounds:
+    if config.is_file_data:
         from fedmoe.data.files import load_file, scale_warning
 
-        warning = scale_warning(config.dataset, load_file(config.dataset, config.label_column))
+        warning = scale_warning(config.dataset, load_file(config.dataset, config.label_column),
+                                config.feature_bounds)
         if warning:
             print(f"fedmoe: warning: {warning}", file=sys.stderr)
     sizes = check_split(config, num_clients)

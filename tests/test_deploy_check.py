@@ -150,9 +150,9 @@ def test_the_command_prints_the_plan_and_what_should_not_be_left_so(data_file, t
     assert "pays for 5 of the run's 5 rounds; ε after the run" in out
     assert "no state-dir" in err and "not both pinned" in err and "feature-bounds" in err
     assert "ema-decay=0.99" in err  # the run config's own warnings too
-    # with the bounds the scale warning goes
+    # with bounds that hold every value (b: 5000 to 500149) the scale warning goes
     assert main(["deploy", "check", "--node-config", _flwr(conf), "--run-config",
-                 run + " feature-bounds='-1000:60000'"]) == 0
+                 run + " feature-bounds='-1000:600000'"]) == 0
     assert "feature-bounds" not in capsys.readouterr().err
     # a malformed node config is named as such
     assert main(["deploy", "check", "--node-config", "client-id=org"]) == 2

@@ -433,6 +433,41 @@ def test_unscaled_features_warn_naming_the_columns_and_the_fix(tmp_path):
         load_node_data(node, str(path))
 
 
+def test_bounds_that_clip_much_of_a_feature_warn_naming_it_and_its_share(tmp_path):
+    from fedmoe.data import DataScaleWarning, _warn_once
+    from fedmoe.data.files import CLIP_WARNING_SHARE, scale_warning
+    from simulations.runner import preflight
+
+    x, y = wide()  # area uniform in [0, 4000], share in [0, 1]
+    path = write_csv(tmp_path / "d.csv", x, y, header=["area", "share", "label"])
+    spec, raw = f"csv:{path}", load_file(f"csv:{path}")
+    bounds = tmp_path / "b.csv"
+    bounds.write_text("feature,low,high\narea,0,1000\nshare,0,1\n")  # a range in other units
+    outside = float((x[:, 0] > 1000).mean())
+    message = scale_warning(spec, raw, str(bounds))
+    assert message and "1 feature(s)" in message and f"area: {outside:.0%} outside [0, 1000]" \
+        in message and "share" not in message
+    assert scale_warning(spec, raw, "0:4000") is None  # the public range: nothing clipped
+    # the threshold: bounds that clip 4 of the 60 values (6.7 %) warn, 3 (5 %) do not
+    edge = np.sort(raw.x[:, 0].astype(np.float64))
+    assert CLIP_WARNING_SHARE == 0.05
+    assert scale_warning(spec, raw, f"0:{(edge[-5] + edge[-4]) / 2}") is not None
+    assert scale_warning(spec, raw, f"0:{(edge[-4] + edge[-3]) / 2}") is None
+    # where a user meets it: fedmoe simulate's pre-flight, a SuperNode's log
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        preflight(FedMoEConfig(dataset=spec, run_dir=str(tmp_path / "a"),
+                               feature_bounds=str(bounds)), 3)
+    assert "fedmoe: warning: " in err.getvalue() and "area: " in err.getvalue()
+    _warn_once.cache_clear()
+    node = FedMoEConfig(dataset="node", num_features=2, num_classes=2, model="lmoe",
+                        feature_bounds=str(bounds))
+    with pytest.warns(DataScaleWarning, match="outside their feature-bounds"):
+        load_node_data(node, str(path))
+
+
 def test_simulate_refuses_an_incomplete_bounds_file_before_it_starts(tmp_path, capsys):
     from fedmoe.cli import main
 

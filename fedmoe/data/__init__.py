@@ -263,8 +263,8 @@ def model_shape(config: FedMoEConfig) -> tuple[int, int]:
 
 
 class DataScaleWarning(UserWarning):
-    """A data file's features are far from unit scale and no ``feature-bounds`` is given
-    (:func:`fedmoe.data.files.scale_warning`)."""
+    """A data file's features are far from unit scale and no ``feature-bounds`` is given,
+    or its bounds clip many values (:func:`fedmoe.data.files.scale_warning`)."""
 
 
 @lru_cache(maxsize=64)
@@ -290,7 +290,9 @@ def load_node_data(config: FedMoEConfig, data_path: str, label_column: str = "",
                             "not train on users' data files; use lmoe, moe or hmoe")
     spec = infer_spec(data_path)
     arrays = load_file(spec, label_column or config.label_column, config.feature_bounds)
-    if not config.feature_bounds and (warning := scale_warning(spec, arrays)):
+    as_read = load_file(spec, label_column or config.label_column) if config.feature_bounds \
+        else arrays  # (cached) before the bounds' map, which the warning judges
+    if warning := scale_warning(spec, as_read, config.feature_bounds):
         _warn_once(warning)
     check_shape(spec.partition(":")[2], arrays, *model_shape(config))
     n = len(arrays.y)

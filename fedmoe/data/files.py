@@ -318,6 +318,10 @@ def _numeric(path: Path, name: str, values: object) -> np.ndarray:
 #: linear model's gradient grows with the features, so a feature in the thousands (an
 #: area, an income) takes all of it and the others learn nothing.
 SCALE_WARNING_LIMIT = 100.0
+#: ``feature-bounds`` that clip more than this share of a feature's values in a data file
+#: get a warning (:func:`scale_warning`): a public range that misses the data (another
+#: unit, another column's range) leaves that feature nearly constant after the map.
+CLIP_WARNING_SHARE = 0.05
 
 
 def feature_bounds(spec: str, num_features: int,
@@ -410,10 +414,21 @@ def scale_to_bounds(arrays: LabelledArrays, spec: str) -> LabelledArrays:
     return LabelledArrays(scaled.astype(np.float32), arrays.y, arrays.names)
 
 
-def scale_warning(spec: str, arrays: LabelledArrays) -> str | None:
-    """A warning for a data file used without ``feature-bounds`` whose features reach
-    beyond ±:data:`SCALE_WARNING_LIMIT`, naming the largest ones and the fix; else None.
-    Read from the local data for the data owner's own console or log, never sent."""
+def scale_warning(spec: str, arrays: LabelledArrays, bounds: str = "") -> str | None:
+    """A warning for a data file whose features are on a scale DP-SGD learns little from,
+    naming the worst ones and the fix; else None. Without ``bounds`` (``feature-bounds``):
+    features that reach beyond ±:data:`SCALE_WARNING_LIMIT`. With them (``arrays`` as read,
+    before the map): features with more than :data:`CLIP_WARNING_SHARE` of their values
+    outside their bounds, which the map clips to the bound. Read from the local data for
+    the data owner's own console or log, never sent.
+
+    Raises
+    ------
+    DataFileError
+        If the bounds cannot be used (:func:`feature_bounds`).
+    """
+    if bounds:
+        return _clip_warning(spec, arrays, bounds)
     peak = np.abs(arrays.x).max(axis=0)  # (F,)
     off = np.flatnonzero(peak > SCALE_WARNING_LIMIT)
     if not len(off):
@@ -426,6 +441,24 @@ def scale_warning(spec: str, arrays: LabelledArrays) -> str | None:
             "take all of it and the model learns little from the rest: give every feature's "
             "public range with feature-bounds ('LOW:HIGH', or a CSV file feature,low,high), "
             "or scale the file to about [0, 1] with bounds you know without the data")
+
+
+def _clip_warning(spec: str, arrays: LabelledArrays, bounds: str) -> str | None:
+    try:
+        low, high = feature_bounds(bounds, arrays.num_features, arrays.names)
+    except ValueError as err:  # LOW:HIGH that is not a range
+        raise DataFileError(str(err)) from None
+    outside = ((arrays.x < low) | (arrays.x > high)).mean(axis=0)  # (F,) share clipped
+    off = np.flatnonzero(outside > CLIP_WARNING_SHARE)
+    if not len(off):
+        return None
+    worst = off[np.argsort(-outside[off])][:3]
+    named = ", ".join(f"{arrays.names[j] if arrays.names else f'feature {j}'}: "
+                      f"{outside[j]:.0%} outside [{low[j]:g}, {high[j]:g}]" for j in worst)
+    return (f"{spec}: {len(off)} feature(s) have more than {CLIP_WARNING_SHARE:.0%} of their "
+            f"values outside their feature-bounds ({named}). Those values are clipped to the "
+            "bound, so the feature tells the model little: check the bounds (their units, or "
+            "a range meant for another column)")
 
 
 def fingerprint(path: Path) -> str:
