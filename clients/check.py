@@ -106,21 +106,23 @@ def check_node(config: FedMoEConfig, node: NodeSettings) -> NodeCheck:
         from server.strategy import FedMoE  # the server's planning, on a scratch ledger
 
         flwr_log = logging.getLogger("flwr")
-        level, flwr_log.level = flwr_log.level, logging.ERROR  # its log lines: the report's
+        level = flwr_log.level
+        flwr_log.setLevel(logging.ERROR)  # its log lines say what the report says
         try:
             with LedgerBook(Path(scratch) / "server-ledger.sqlite") as book:
                 strategy = FedMoE(config, book=book)
                 strategy.plan_new_client(info)
         finally:
             flwr_log.setLevel(level)
-        spent = epsilon(info.history, info.ledger_delta, info.ledger_accountant) \
-            if info.history else 0.0
+        ledger = ClientStore(root).ledger(  # verified by describe_client just now
+            node.client, private=math.isfinite(node.budget(config.target_epsilon)))
+        spent = ledger.spent() if ledger else 0.0
     plan = strategy.plans.get(info.client)
     if plan is not None and plan.private and not (node.delta and node.accountant):
-        warnings.append(f"delta and accountant are not both pinned: the node's ledger would "
-                        f"be created at the run's (δ={plan.delta:g}, {plan.accountant!r}); "
-                        f"pin them (delta={plan.delta:g} accountant='{plan.accountant}' in "
-                        "the node config) so that no later run can plan this node at others")
+        warnings.append(f"delta and accountant are not both pinned in the node config: this "
+                        f"run would plan the node at δ={plan.delta:g}, {plan.accountant!r}; "
+                        f"pin them (delta={plan.delta:g} accountant='{plan.accountant}') so "
+                        "that no later run can plan its ledger at others")
     return NodeCheck(info.client, info.num_train, info.num_test,
                      Path(node.state_dir).expanduser() if node.state_dir else None, spent,
                      plan, strategy.excluded.get(info.client),
