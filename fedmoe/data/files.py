@@ -406,10 +406,7 @@ def scale_to_bounds(arrays: LabelledArrays, spec: str) -> LabelledArrays:
     DataFileError
         If the bounds cannot be used (:func:`feature_bounds`).
     """
-    try:
-        low, high = feature_bounds(spec, arrays.num_features, arrays.names)
-    except ValueError as err:  # LOW:HIGH that is not a range
-        raise DataFileError(str(err)) from None
+    low, high = _bounds_of(spec, arrays)
     scaled = (np.clip(arrays.x.astype(np.float64), low, high) - low) / (high - low)
     return LabelledArrays(scaled.astype(np.float32), arrays.y, arrays.names)
 
@@ -430,13 +427,10 @@ def scale_warning(spec: str, arrays: LabelledArrays, bounds: str = "") -> str | 
     if bounds:
         return _clip_warning(spec, arrays, bounds)
     peak = np.abs(arrays.x).max(axis=0)  # (F,)
-    off = np.flatnonzero(peak > SCALE_WARNING_LIMIT)
-    if not len(off):
+    off, named = _worst(arrays, peak, SCALE_WARNING_LIMIT, lambda j: f" up to {peak[j]:,.4g}")
+    if not off:
         return None
-    worst = off[np.argsort(-peak[off])][:3]
-    named = ", ".join(f"{arrays.names[j] if arrays.names else f'feature {j}'} up to "
-                      f"{peak[j]:,.4g}" for j in worst)
-    return (f"{spec}: {len(off)} feature(s) reach beyond ±{SCALE_WARNING_LIMIT:g} ({named}). "
+    return (f"{spec}: {off} feature(s) reach beyond ±{SCALE_WARNING_LIMIT:g} ({named}). "
             "DP-SGD clips each example's gradient to max-grad-norm, so the largest features "
             "take all of it and the model learns little from the rest: give every feature's "
             "public range with feature-bounds ('LOW:HIGH', or a CSV file feature,low,high), "
@@ -444,21 +438,34 @@ def scale_warning(spec: str, arrays: LabelledArrays, bounds: str = "") -> str | 
 
 
 def _clip_warning(spec: str, arrays: LabelledArrays, bounds: str) -> str | None:
-    try:
-        low, high = feature_bounds(bounds, arrays.num_features, arrays.names)
-    except ValueError as err:  # LOW:HIGH that is not a range
-        raise DataFileError(str(err)) from None
+    low, high = _bounds_of(bounds, arrays)
     outside = ((arrays.x < low) | (arrays.x > high)).mean(axis=0)  # (F,) share clipped
-    off = np.flatnonzero(outside > CLIP_WARNING_SHARE)
-    if not len(off):
+    off, named = _worst(arrays, outside, CLIP_WARNING_SHARE,
+                        lambda j: f": {outside[j]:.0%} outside [{low[j]:g}, {high[j]:g}]")
+    if not off:
         return None
-    worst = off[np.argsort(-outside[off])][:3]
-    named = ", ".join(f"{arrays.names[j] if arrays.names else f'feature {j}'}: "
-                      f"{outside[j]:.0%} outside [{low[j]:g}, {high[j]:g}]" for j in worst)
-    return (f"{spec}: {len(off)} feature(s) have more than {CLIP_WARNING_SHARE:.0%} of their "
+    return (f"{spec}: {off} feature(s) have more than {CLIP_WARNING_SHARE:.0%} of their "
             f"values outside their feature-bounds ({named}). Those values are clipped to the "
             "bound, so the feature tells the model little: check the bounds (their units, or "
             "a range meant for another column)")
+
+
+def _bounds_of(spec: str, arrays: LabelledArrays) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`feature_bounds` for ``arrays``; a LOW:HIGH that is not a range as DataFileError."""
+    try:
+        return feature_bounds(spec, arrays.num_features, arrays.names)
+    except ValueError as err:
+        raise DataFileError(str(err)) from None
+
+
+def _worst(arrays: LabelledArrays, score: np.ndarray, limit: float,
+           describe) -> tuple[int, str]:
+    """How many features have ``score`` (F,) above ``limit``, and the three highest named,
+    each followed by ``describe(j)``."""
+    off = np.flatnonzero(score > limit)
+    worst = off[np.argsort(-score[off])][:3]
+    return len(off), ", ".join(f"{arrays.names[j] if arrays.names else f'feature {j}'}"
+                               f"{describe(j)}" for j in worst)
 
 
 def fingerprint(path: Path) -> str:
