@@ -89,6 +89,10 @@ def test_a_node_whose_budget_is_spent_is_excluded_for_the_servers_reason(data_fi
     assert found.excluded == server.excluded["org-0"]
     assert "exceeds its budget" in found.excluded and found.rounds == 0
     assert main(["deploy", "check", "--node-config", _flwr(conf), "--run-config", RUN_TEXT]) == 1
+    # the same state dir under another client-id: a fresh budget, which the check names
+    renamed = check_node(RUN, NodeSettings.from_node_config(conf | {"client-id": "org-9"}))
+    assert renamed.excluded is None and renamed.spent == 0
+    assert any("knows client(s) ['org-0'], not 'org-9'" in w for w in renamed.warnings)
 
 
 @pytest.mark.parametrize("extra,earlier,code,says", [
