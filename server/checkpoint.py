@@ -211,14 +211,14 @@ def prepare_run_folder(
     differ = config_differences(checkpoint.config, config)
     if differ:
         raise CheckpointError(differences_message(run_dir, differ))
-    changed = [key for key, then in checkpoint.inputs.items()
-               if input_fingerprints(config).get(key) != then]
+    now = input_fingerprints(config) if checkpoint.inputs else {}  # hashes each file once
+    changed = [key for key, then in checkpoint.inputs.items() if now.get(key) != then]
     if changed:
         names = "; ".join(f"{key} = {config.to_run_config()[key]!r}" for key in changed)
         raise CheckpointError(
             f"--resume {run_dir}: the contents of the file(s) the run config names changed "
             f"since the run started ({names}: SHA-256 {checkpoint.inputs[changed[0]][:12]}… "
-            f"then, {input_fingerprints(config).get(changed[0], 'none')[:12]}… now). The "
+            f"then, {now.get(changed[0], 'none')[:12]}… now). The "
             "rest of the run would train on other data than its first rounds, planned for "
             "the old; put the file(s) back as they were, or start a new run with --out")
     if num_clients is not None and checkpoint.num_clients not in (None, num_clients):
