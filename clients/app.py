@@ -109,8 +109,8 @@ def describe_client(node: NodeSettings, store: ClientStore, config: FedMoEConfig
     Raises
     ------
     Refusal
-        ``LEDGER_UNUSABLE`` if its ledger does not verify or is pinned to another δ or
-        accountant than the node config; ``DELTA_TOO_LARGE`` if the node's pinned δ is not
+        ``LEDGER_UNUSABLE`` if its ledger does not verify, is another client-id's, or is
+        pinned to another δ or accountant than the node config; ``DELTA_TOO_LARGE`` if the node's pinned δ is not
         below 1/n of its train split.
     """
     try:
@@ -169,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
         if pinned := node.pin_error(plan.delta, plan.accountant):
             return _refuse(msg, LEDGER_UNUSABLE, pinned)
         try:
-            with store.book() as book:
+            with store.book(node.client) as book:
                 book.open(node.client, budget=budget, delta=plan.delta,
                           accountant=plan.accountant)
                 for entry in plan.entries():  # write-ahead: histogram (if asked), round

@@ -23,7 +23,7 @@ from clients.app import Refusal, describe_client
 from clients.state import ClientStore
 from fedmoe.config import ConfigError, FedMoEConfig, NodeSettings
 from fedmoe.data import DataScaleWarning, load_client_data, load_node_data, with_data_shape
-from fedmoe.privacy import LEDGER_FILE, ClientPlan, LedgerBook
+from fedmoe.privacy import ClientPlan, LedgerBook
 from fedmoe.privacy.accountant import epsilon
 from fedmoe.privacy.label_prior import prior_segment
 
@@ -117,14 +117,6 @@ def check_node(config: FedMoEConfig, node: NodeSettings) -> NodeCheck:
         ledger = ClientStore(root).ledger(  # verified by describe_client just now
             node.client, private=math.isfinite(node.budget(config.target_epsilon)))
         spent = ledger.spent() if ledger else 0.0
-        if ledger is None and (root / LEDGER_FILE).is_file():
-            with LedgerBook(root / LEDGER_FILE, read_only=True) as held:
-                others = held.clients()
-            if others:
-                warnings.append(f"the ledger in {root} knows client(s) {others}, not "
-                                f"{node.client!r}: under a new client-id this node would start "
-                                "a fresh budget beside their spend; give it the client-id it "
-                                "had")
     plan = strategy.plans.get(info.client)
     if plan is not None and plan.private and not (node.delta and node.accountant):
         warnings.append(f"delta and accountant are not both pinned in the node config: this "

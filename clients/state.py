@@ -43,19 +43,26 @@ class ClientStore:
         self.root = Path(root)
         self._local = self.root / LOCAL_FILE
 
-    def book(self) -> LedgerBook:
-        """The client's privacy ledger book, created if this is its first round (use as a
+    def book(self, client: str) -> LedgerBook:
+        """``client``'s privacy ledger book, created if this is its first round (use as a
         context manager to close it).
 
         Raises
         ------
         LedgerError
-            If the ledger cannot be used (it is left as it is), or it is missing while the
+            If the ledger cannot be used (it is left as it is); if it is missing while the
             directory holds local experts: they prove earlier training, whose spend the
-            missing ledger recorded.
+            missing ledger recorded; or if it holds another client's ledger (a state dir
+            is one client's: under a new client-id the same data would get a fresh budget).
         """
         self._check_not_lost()
-        return LedgerBook(self.root / LEDGER_FILE)
+        book = LedgerBook(self.root / LEDGER_FILE)
+        try:
+            self._check_owner(book.clients(), client)
+        except LedgerError:
+            book.close()
+            raise
+        return book
 
     def ledger(self, client: str, *, private: bool = True) -> PrivacyLedger | None:
         """The client's own ledger, None before its first round; opened read-only (reading
@@ -72,7 +79,19 @@ class ClientStore:
         if not (self.root / LEDGER_FILE).exists():
             return None
         with LedgerBook(self.root / LEDGER_FILE, read_only=True) as book:
+            self._check_owner(book.clients(), client)
             return book.get(client)
+
+    def _check_owner(self, clients: list[str], client: str) -> None:
+        others = [c for c in clients if c != client]
+        if others:
+            raise LedgerError(
+                f"{self.root}: its ledger is client {others[0]!r}'s"
+                f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}, not "
+                f"{client!r}'s: a state dir keeps one client's ledger and local experts, and "
+                "the same data under a new client-id would start a fresh budget beside the "
+                f"spend recorded there. Give this node the client-id it had "
+                f"(client-id='{others[0]}'), or a new client its own state-dir")
 
     def _check_not_lost(self) -> None:
         if self._local.exists() and not (self.root / LEDGER_FILE).exists():

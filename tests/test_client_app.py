@@ -61,10 +61,24 @@ def test_local_experts_persist_and_epsilon_composes(tmp_path):
     assert {"prior.log_prior", "prior.counts", "prior.noise"} <= set(local_after_1)
     second = report_of(app(message(server_round=2), ctx))
     assert second.epsilon > first.epsilon
-    with store.book() as book:
+    with store.book("partition-0") as book:
         assert [e.server_round for e in book.get("partition-0").entries] == [1, 2]
     local_after_2 = store.load_local()
     assert any(not (local_after_2[k] == local_after_1[k]).all() for k in local_after_1)
+
+
+@pytest.mark.parametrize("kind", [MessageType.TRAIN, MessageType.EVALUATE])
+def test_a_state_dir_of_another_client_id_is_refused_and_left_as_it_is(tmp_path, kind):
+    """The same state dir (the same data) under a new client-id would open a fresh budget
+    beside the recorded spend: refused, naming the id it had, nothing written."""
+    report_of(app(message(server_round=1), context(state_dir=str(tmp_path))))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    renamed = context(state_dir=str(tmp_path), client_id="hospital-b")
+    reply = app(message(kind, server_round=2), renamed)
+    assert reply.has_error()
+    assert "client-id='partition-0'" in reply.error.reason
+    assert "'hospital-b'" in reply.error.reason
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_client_refuses_a_round_over_its_own_budget_even_if_the_server_asks(tmp_path):

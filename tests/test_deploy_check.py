@@ -89,15 +89,14 @@ def test_a_node_whose_budget_is_spent_is_excluded_for_the_servers_reason(data_fi
     assert found.excluded == server.excluded["org-0"]
     assert "exceeds its budget" in found.excluded and found.rounds == 0
     assert main(["deploy", "check", "--node-config", _flwr(conf), "--run-config", RUN_TEXT]) == 1
-    # the same state dir under another client-id: a fresh budget, which the check names
-    renamed = check_node(RUN, NodeSettings.from_node_config(conf | {"client-id": "org-9"}))
-    assert renamed.excluded is None and renamed.spent == 0
-    assert any("knows client(s) ['org-0'], not 'org-9'" in w for w in renamed.warnings)
 
 
 @pytest.mark.parametrize("extra,earlier,code,says", [
     ({"delta": 0.1}, 0, "DELTA_TOO_LARGE", "is not below 1/n"),
     ({"delta": 1e-5, "accountant": "rdp"}, 1, "LEDGER_UNUSABLE", "pins δ=1e-05"),  # at 1e-4
+    # the state dir of org-0 under a new name: a fresh budget for the same data
+    ({"client-id": "org-9"}, 1, "LEDGER_UNUSABLE", "Give this node the client-id it had "
+                                                   "(client-id='org-0')"),
 ])
 def test_a_node_that_would_refuse_the_run_is_refused_for_the_query_handlers_reason(
         data_file, tmp_path, extra, earlier, code, says):
