@@ -62,8 +62,7 @@ class NodeCheck:
         history = list(self.plan.prior)
         if self.plan.prior_noise:
             history.append(prior_segment(self.plan.prior_noise))
-        history.append((self.plan.noise_multiplier, self.plan.sample_rate,
-                        self.plan.steps * self.rounds))
+        history += self.plan.segments(self.rounds)
         return epsilon(history, self.plan.delta, self.plan.accountant)
 
 

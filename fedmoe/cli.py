@@ -359,8 +359,10 @@ def deploy_check(args: argparse.Namespace) -> int:
         print(f"plan: non-private (ε=∞), {found.rounds} of {found.planned_rounds} rounds")
         return 0
     histogram = f", label histogram at σ_h={plan.prior_noise:.3f}" if plan.prior_noise else ""
+    pretrain = (f" (rounds 1–{plan.pretrain_rounds} at σ={plan.pretrain_noise:.4f})"
+                if plan.pretrain_noise else "")
     print(f"plan: δ={plan.delta:g}, q={plan.sample_rate:g}, {plan.steps} DP-SGD steps a round "
-          f"at σ={plan.noise_multiplier:.4f}{histogram} ({plan.accountant}); budget "
+          f"at σ={plan.noise_multiplier:.4f}{pretrain}{histogram} ({plan.accountant}); budget "
           f"ε={plan.budget:g} pays for {found.rounds} of the run's {found.planned_rounds} "
           f"rounds; ε after the run {found.epsilon_after():.3f}")
     return 0

@@ -83,7 +83,7 @@ MAX_SEED = 2**32 - 1
 #: "as before the key existed" (:meth:`FedMoEConfig.from_recorded`).
 ADDED_KEYS: dict[str, Any] = {"score-scale": False, "server-momentum": 0.0,
                               "server-learning-rate": 1.0, "unigram-prior": False,
-                              "ema-decay": 0.0, "feature-bounds": ""}
+                              "ema-decay": 0.0, "feature-bounds": "", "pretrain-share": 0.0}
 #: server-learning-rate's upper bound: a step 10x the aggregated update.
 MAX_SERVER_LR = 10.0
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
@@ -253,6 +253,13 @@ class FedMoEConfig:
     pretrain_rounds : int (default: 10)
         ``tmoe``: rounds 1..N are next-token pretraining, the rest fine-tune a classifier
         (indentation level of the next line).
+    pretrain_share : float (default: 0)
+        ``tmoe`` with both phases and σ calibrated (``noise-multiplier`` = 0): the share of
+        each client's ε budget that its pretraining rounds would cost on their own (their σ
+        calibrated to it, as ``label-prior-share`` does for the histogram); fine-tuning's σ
+        is calibrated for what pretraining, the unigram histogram and earlier spend leave
+        (composed, not subtracted: :func:`fedmoe.privacy.plan.plan_client`). 0 = one σ
+        for every round. Other models ignore it.
     partial_labels : bool (default: true)
         ``mtmoe``: client p holds no labels for task ``p mod 3`` (when there are >= 2 clients).
     max_windows : int (default: 400)
@@ -426,6 +433,7 @@ class FedMoEConfig:
     num_always_on_experts: int = 1
     seq_len: int = 64
     pretrain_rounds: int = 10
+    pretrain_share: float = 0.0
     partial_labels: bool = True
     max_windows: int = 400
     dataset: str = "auto"
@@ -641,6 +649,8 @@ class FedMoEConfig:
              f"synthetic-samples must be in [100, {MAX_SYNTHETIC:,}]"),
             (0.0 <= self.label_prior_share <= 0.5,
              "label-prior-share must be in [0, 0.5] (0 = no label prior)"),
+            (0.0 <= self.pretrain_share < 1.0,
+             "pretrain-share must be in [0, 1) (0 = one σ for every round)"),
             (self.label_prior_shrinkage in PRIOR_SHRINKAGES,
              f"label-prior-shrinkage must be one of {PRIOR_SHRINKAGES}"),
             *self._server_checks(),

@@ -298,7 +298,7 @@ class RoundPlan:
     def for_training(cls, server_round: int, plan: ClientPlan, *,
                      with_prior: bool = False,
                      federation: FederationPrior | None = None) -> RoundPlan:
-        return cls(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps,
+        return cls(server_round, plan.noise_at(server_round), plan.sample_rate, plan.steps,
                    plan.delta, plan.accountant, plan.prior_noise if with_prior else 0.0,
                    federation)
 

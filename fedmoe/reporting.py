@@ -113,6 +113,7 @@ def privacy_rows(book: LedgerBook, plans: Mapping[str, ClientPlan] | None = None
         plan = (plans or {}).get(client)
         if plan is not None:
             row |= {"num_train": plan.num_train, "noise_multiplier": plan.noise_multiplier,
+                    "pretrain_noise_multiplier": plan.pretrain_noise,
                     "sample_rate": plan.sample_rate, "steps": plan.steps,
                     "rounds_allowed": plan.rounds_allowed}
         rows.append(row)

@@ -418,9 +418,10 @@ class FedMoE(FedAvg):
             self._exclude(client, str(err))
             return
         self.plans[client] = plan
-        log(INFO, "client %s: n=%s, δ=%g, q=%g, %s steps/round, σ=%.4f, budget ε=%g allows %s "
+        log(INFO, "client %s: n=%s, δ=%g, q=%g, %s steps/round, σ=%.4f%s, budget ε=%g allows %s "
             "round(s)", client, plan.num_train, plan.delta, plan.sample_rate, plan.steps,
-            plan.noise_multiplier, budget, plan.rounds_allowed)
+            plan.noise_multiplier, f" (pretraining σ={plan.pretrain_noise:.4f})"
+            if plan.pretrain_noise else "", budget, plan.rounds_allowed)
         if plan.rounds_allowed == 0:
             self._exclude(client, "its budget cannot pay for one round")
 

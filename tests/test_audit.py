@@ -271,9 +271,9 @@ def test_the_broken_pipelines_break_exactly_one_thing():
 
     plan = plan_client(small("moe", 1.0), "c", num_train=100, budget=1.0)
     sigma = plan.noise_multiplier
-    assert _dp_parameters(plan, 0.7, "none") == (sigma, 0.7)
-    assert _dp_parameters(plan, 0.7, "no-noise") == (0.0, 0.7)
-    noise, clip = _dp_parameters(plan, 0.7, "no-clipping")
+    assert _dp_parameters(plan, 1, 0.7, "none") == (sigma, 0.7)
+    assert _dp_parameters(plan, 1, 0.7, "no-noise") == (0.0, 0.7)
+    noise, clip = _dp_parameters(plan, 1, 0.7, "no-clipping")
     assert clip >= 1e9 * 0.7 and noise * clip == pytest.approx(sigma * 0.7, rel=1e-12)
 
 

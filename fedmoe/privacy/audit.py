@@ -377,14 +377,16 @@ def client_plan(config: FedMoEConfig, partition_id: int, num_partitions: int) ->
                        budget=config.target_epsilon, label_prior=has_label_prior(config))
 
 
-def _dp_parameters(plan: ClientPlan, max_grad_norm: float, breakage: str) -> tuple[float, float]:
-    """(noise multiplier, clipping bound) handed to DP-SGD: the plan's, or a broken pair.
-    The noise's standard deviation is their product."""
+def _dp_parameters(plan: ClientPlan, server_round: int, max_grad_norm: float,
+                   breakage: str) -> tuple[float, float]:
+    """(noise multiplier, clipping bound) handed to DP-SGD in ``server_round``: the plan's,
+    or a broken pair. The noise's standard deviation is their product."""
+    sigma = plan.noise_at(server_round)
     if breakage == "no-noise":
         return 0.0, max_grad_norm
     if breakage == "no-clipping":  # clip nowhere, keep the planned noise σ·C
-        return plan.noise_multiplier / _NO_CLIP_FACTOR, max_grad_norm * _NO_CLIP_FACTOR
-    return plan.noise_multiplier, max_grad_norm
+        return sigma / _NO_CLIP_FACTOR, max_grad_norm * _NO_CLIP_FACTOR
+    return sigma, max_grad_norm
 
 
 class _Client:
@@ -413,7 +415,8 @@ class _Client:
                                 self.config.phase(server_round)).train
         data = (_plain(data) if self.included is None
                 else with_canaries(data, self.included, self.generator))
-        sigma, clip = _dp_parameters(self.plan, self.config.max_grad_norm, breakage)
+        sigma, clip = _dp_parameters(self.plan, server_round, self.config.max_grad_norm,
+                                     breakage)
         result = train_dp_round(
             self.model, data, steps=self.plan.steps, sample_rate=self.plan.sample_rate,
             noise_multiplier=sigma, max_grad_norm=clip,
@@ -430,7 +433,7 @@ def _inclusion(canaries: int, generator: torch.Generator) -> np.ndarray:
 def _result(kind: str, config: FedMoEConfig, plan: ClientPlan, breakage: str,
             steps_taken: int, num_clients: int, canary_norm: float,
             bound: AuditBound) -> AuditResult:
-    history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * config.num_server_rounds
+    history = plan.segments(config.num_server_rounds)
     claimed = accountant_epsilon(history, plan.delta, plan.accountant)
     return AuditResult(kind, config.model, config.expert_dispatch, config.clipping, breakage,
                        config.target_epsilon, claimed, plan.delta, plan.accountant,

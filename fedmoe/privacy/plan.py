@@ -106,7 +106,9 @@ class ClientPlan:
     ``prior`` spend (ledger history from earlier runs) and its label histogram, searched up
     to ``ROUNDS_ALLOWED_CAP`` × the planned rounds; 0 means it cannot take part.
     ``prior_noise`` is σ_h of the DP label histogram the client releases with its first
-    round of this run (:mod:`fedmoe.privacy.label_prior`); 0 = none.
+    round of this run (:mod:`fedmoe.privacy.label_prior`); 0 = none. ``pretrain_noise``
+    > 0 is the σ of rounds 1..``pretrain_rounds`` (``pretrain-share``); every other round
+    trains at ``noise_multiplier``.
     """
 
     client: str
@@ -120,11 +122,25 @@ class ClientPlan:
     rounds_allowed: int
     prior: tuple[Segment, ...] = ()
     prior_noise: float = 0.0
+    pretrain_rounds: int = 0
+    pretrain_noise: float = 0.0
 
     @property
     def private(self) -> bool:
         """False for a non-private plan (budget ε=∞: σ=0, no clipping, no ledger charge)."""
         return self.noise_multiplier > 0
+
+    def noise_at(self, server_round: int) -> float:
+        """σ of round ``server_round`` (rounds are numbered from 1)."""
+        if self.pretrain_noise and server_round <= self.pretrain_rounds:
+            return self.pretrain_noise
+        return self.noise_multiplier
+
+    def segments(self, rounds: int) -> list[Segment]:
+        """The DP-SGD of rounds 1..``rounds`` as accountant segments, in order (a client
+        that skips rounds spends less: RDP only grows with steps)."""
+        return _schedule(self.noise_multiplier, self.sample_rate, self.steps, rounds,
+                         self.pretrain_noise, self.pretrain_rounds)
 
     def entry(self, server_round: int) -> LedgerEntry:
         """The round's ledger entry (only a private plan has one).
@@ -134,7 +150,8 @@ class ClientPlan:
         LedgerError
             For a non-private plan.
         """
-        return LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, self.steps)
+        return LedgerEntry(server_round, self.noise_at(server_round), self.sample_rate,
+                           self.steps)
 
     def prior_entry(self, server_round: int) -> LedgerEntry:
         """The ledger entry of the label-histogram release (one q = 1 step at σ_h).
@@ -159,7 +176,17 @@ class ClientPlan:
             "rounds_allowed": self.rounds_allowed,
             "prior_rounds": len(self.prior),
             "label_prior_noise": self.prior_noise,
+            "pretrain_noise_multiplier": self.pretrain_noise,
         }
+
+
+def _schedule(sigma: float, q: float, steps: int, rounds: int, pretrain_noise: float = 0.0,
+              pretrain_rounds: int = 0) -> list[Segment]:
+    """Rounds 1..``rounds`` of a plan as segments: the first ``pretrain_rounds`` at
+    ``pretrain_noise`` (when > 0), the rest at σ."""
+    first = min(rounds, pretrain_rounds) if pretrain_noise else 0
+    out = [(pretrain_noise, q, steps * first)] if first else []
+    return out + ([(sigma, q, steps * (rounds - first))] if rounds > first else [])
 
 
 def plan_client(
@@ -179,6 +206,10 @@ def plan_client(
     earlier spend releases a DP label histogram with its first round: σ_h costs
     ``label-prior-share`` of its budget on its own, and σ of DP-SGD is calibrated for what
     the histogram leaves (composed, not subtracted: :mod:`fedmoe.privacy.label_prior`).
+    With ``pretrain-share`` s > 0 (``tmoe`` with both phases, σ calibrated), the P
+    pretraining rounds get σ_p calibrated so that they alone cost s·ε, and the F
+    fine-tuning rounds σ calibrated for what the histogram, those rounds and any earlier
+    spend leave: ε(prior, σ_h, P rounds at σ_p, F rounds at σ) = ε, again composed.
     A budget of ε=∞ gives a non-private plan: σ=0 and δ=0 (plain SGD on the same Poisson
     batches, nothing charged), every planned round allowed.
 
@@ -205,19 +236,38 @@ def plan_client(
             return ClientPlan(client, num_train, budget, delta, config.accountant, q, steps,
                               math.inf, 0, prior)
         spent = (*prior, prior_segment(prior_noise)) if prior_noise else prior
-        if sigma == 0:
+        pre_rounds, sigma_pre = _pretrain_phase(config), 0.0
+        if sigma == 0 and pre_rounds:
+            sigma_pre = _calibrate(config.pretrain_share * budget, delta, q,
+                                   pre_rounds * steps, config.accountant, ())
+            rest = config.num_server_rounds - pre_rounds
+            sigma = _calibrate(budget, delta, q, rest * steps, config.accountant,
+                               (*spent, (sigma_pre, q, pre_rounds * steps)))
+        elif sigma == 0:
             sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
                                config.accountant, spent)
+        if math.isinf(sigma_pre):
+            sigma = math.inf
         if not math.isinf(sigma):
-            epsilon([*spent, (sigma, q, steps)], delta, config.accountant)
+            epsilon([*spent, (sigma_pre or sigma, q, steps)], delta, config.accountant)
     except AccountingError as err:
         raise PlanError(f"client {client!r}: {err}") from err
     allowed = 0 if math.isinf(sigma) else rounds_allowed(
         budget, delta, config.accountant, (sigma, q, steps), spent,
         start=config.num_server_rounds, cap=ROUNDS_ALLOWED_CAP * config.num_server_rounds,
+        pretrain=(sigma_pre, pre_rounds if sigma_pre else 0),
     )
     return ClientPlan(client, num_train, budget, delta, config.accountant, q, steps, sigma,
-                      allowed, prior, prior_noise)
+                      allowed, prior, prior_noise, pre_rounds if sigma_pre else 0, sigma_pre)
+
+
+def _pretrain_phase(config: FedMoEConfig) -> int:
+    """Pretraining rounds that get their own σ (``pretrain-share``): ``tmoe``'s P when
+    the share is > 0 and both phases have rounds; else 0."""
+    rounds = config.pretrain_rounds
+    if config.model != "tmoe" or config.pretrain_share <= 0:
+        return 0
+    return rounds if 0 < rounds < config.num_server_rounds else 0
 
 
 @lru_cache(maxsize=256)
@@ -249,14 +299,15 @@ def _or_inf(calibrate, *args, **kwargs) -> float:
 def rounds_allowed(
     budget: float, delta: float, accountant: str, per_round: Segment,
     prior: Sequence[Segment] = (), *, start: int = 1, cap: int = 10_000,
+    pretrain: tuple[float, int] = (0.0, 0),
 ) -> int:
     """The most rounds (at most ``cap``) of ``per_round`` that keep ε ≤ ``budget`` after
-    ``prior``. ``start`` is a guess (the planned rounds): a calibrated plan costs two
-    accountant calls."""
+    ``prior``; with ``pretrain`` = (σ_p, P), rounds 1..P are at σ_p instead. ``start`` is
+    a guess (the planned rounds): a calibrated plan costs two accountant calls."""
     sigma, q, steps = per_round
 
     def fits(rounds: int) -> bool:
-        history = [*prior, (sigma, q, steps * rounds)] if rounds else list(prior)
+        history = [*prior, *_schedule(sigma, q, steps, rounds, *pretrain)]
         try:
             return epsilon(history, delta, accountant) <= budget + 1e-9
         except AccountingError:  # PRV cannot price this many rounds: do not allow them
