@@ -137,12 +137,36 @@ def find_client_dir(run_dir: Path, client: str) -> Path:
 
 
 def run_config(run_dir: Path) -> FedMoEConfig:
+    """The run config the run in ``run_dir`` recorded, checked against the files it names:
+    an export reads the client's data split again (to measure and to distill), so a data
+    or bounds file edited since the run would silently measure, or train a student, on
+    other records than the model trained and was tested on.
+
+    Raises
+    ------
+    ExportError
+        If ``results.json`` cannot be read, or a file the run config names changed since
+        the run started (SHA-256 against the one ``results.json`` recorded; a run recorded
+        before fingerprints has none to compare).
+    fedmoe.data.files.DataFileError
+        If a file the run config names cannot be read.
+    """
+    from fedmoe.data.files import changed_inputs, changed_message
+
     try:
         results = json.loads((run_dir / "results.json").read_text())
-        return FedMoEConfig.from_recorded(results["config"])
-    except (OSError, KeyError, ValueError) as err:
+        config = FedMoEConfig.from_recorded(results["config"])
+        recorded = {str(k): str(v) for k, v in results.get("inputs", {}).items()}
+    except (OSError, KeyError, ValueError, AttributeError) as err:
         raise ExportError(f"cannot read the run's config from {run_dir / 'results.json'}: "
                           f"{err}") from err
+    if changed := changed_inputs(recorded, config):
+        raise ExportError(
+            f"{run_dir}: the contents of the file(s) its run config names changed since the "
+            f"run started ({changed_message(changed, config)}). The export would measure "
+            "the model (and train a student) on other records than the ones it was trained "
+            "and tested on; put the file(s) back as they were when the run trained")
+    return config
 
 
 def personalised_model(run_dir: Path, client: str,

@@ -6,6 +6,9 @@
     run_id            Flower's id of the run (a client without a state-dir keeps its
                       state in ``<temp>/fedmoe-state/run-<run_id>/<client>``)
     config            the validated run config (kebab-case keys)
+    inputs            run-config key -> SHA-256 of the data or bounds file it names, when
+                      the run started (:func:`fedmoe.data.files.input_fingerprints`);
+                      ``fedmoe export`` refuses files that changed since
     excluded[]        client (or node-<id> where its query failed), reason: every client
                       that got no more rounds (refused, budget spent, unusable ledger,
                       failed query)
@@ -129,10 +132,12 @@ def build_results(
     stopped: str | None = None,
     run_id: int | None = None,
     excluded: Mapping[str, str] | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Turn the strategy's per-round history into the ``results.json`` document.
 
-    ``excluded``: client (or ``node-<id>``) -> why it took no (further) part."""
+    ``excluded``: client (or ``node-<id>``) -> why it took no (further) part; ``inputs``:
+    the fingerprints of the files the run config names."""
     rounds, latest = [], {}
     for rec in history:
         clients = []
@@ -174,6 +179,7 @@ def build_results(
     return {
         "run_id": run_id,
         "config": config.to_run_config(),
+        "inputs": dict(inputs or {}),
         "privacy": {"mode": "dp" if config.private else NON_PRIVATE,
                     "delta_rule": DELTA_RULE, "stopped": stopped, "clients": privacy},
         "excluded": [{"client": c, "reason": why}

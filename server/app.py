@@ -237,7 +237,7 @@ def _run_locked(
         results = build_results(
             config, strategy.history, time.time() - start,
             privacy=privacy_rows(book, strategy.plans), stopped=strategy.stop_reason,
-            run_id=run_id, excluded=strategy.all_excluded(),
+            run_id=run_id, excluded=strategy.all_excluded(), inputs=inputs,
         )
         path = write_run_folder(run_dir, results, book)
     log(INFO, "fedmoe: results written to %s", path)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from fedmoe.config import ADDED_KEYS, ConfigError, FedMoEConfig
-from fedmoe.data.files import input_fingerprints
+from fedmoe.data.files import changed_inputs, changed_message
 from fedmoe.methods import unread_keys
 from fedmoe.privacy import LEDGER_FILE, ClientPlan, LedgerBook
 from fedmoe.records import ClientInfo, EvalReport, TrainReport
@@ -211,14 +211,10 @@ def prepare_run_folder(
     differ = config_differences(checkpoint.config, config)
     if differ:
         raise CheckpointError(differences_message(run_dir, differ))
-    now = input_fingerprints(config) if checkpoint.inputs else {}  # hashes each file once
-    changed = [key for key, then in checkpoint.inputs.items() if now.get(key) != then]
-    if changed:
-        names = "; ".join(f"{key} = {config.to_run_config()[key]!r}" for key in changed)
+    if changed := changed_inputs(checkpoint.inputs, config):
         raise CheckpointError(
             f"--resume {run_dir}: the contents of the file(s) the run config names changed "
-            f"since the run started ({names}: SHA-256 {checkpoint.inputs[changed[0]][:12]}… "
-            f"then, {now.get(changed[0], 'none')[:12]}… now). The "
+            f"since the run started ({changed_message(changed, config)}). The "
             "rest of the run would train on other data than its first rounds, planned for "
             "the old; put the file(s) back as they were, or start a new run with --out")
     if num_clients is not None and checkpoint.num_clients not in (None, num_clients):

@@ -4,6 +4,7 @@ client refusing bad data before any charge, and simulation on a CSV file."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -569,3 +570,36 @@ def test_export_names_a_data_or_bounds_file_it_cannot_use(monkeypatch, tmp_path,
     assert main(["export", str(tmp_path), "--client", "partition-0",
                  "--out", str(tmp_path / "m.pt")]) == 2
     assert capsys.readouterr().err.startswith("fedmoe: error: feature-bounds '/gone.csv'")
+
+
+def test_export_refuses_a_data_or_bounds_file_edited_since_the_run(tmp_path, capsys):
+    """results.json records the SHA-256 of the files the run config names; an export reads
+    the client's split again (to measure, to distill), so an edited file would measure the
+    model on other records than it was trained and tested on."""
+    from fedmoe.cli import main
+    from fedmoe.export import ExportError, export_client
+    from simulations.inline import run_inline
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 2)).astype(np.float32) * 50
+    data = write_csv(tmp_path / "data.csv", x, np.arange(120) % 2)
+    bounds = tmp_path / "bounds.csv"
+    bounds.write_text("feature,low,high\nf0,-200,200\nf1,-200,200\n")
+    run_dir = tmp_path / "run"
+    run_inline(FedMoEConfig(num_server_rounds=1, run_dir=str(run_dir), dataset=f"csv:{data}",
+                            feature_bounds=str(bounds)), 2)
+    recorded = json.loads((run_dir / "results.json").read_text())["inputs"]
+    assert set(recorded) == {"dataset", "feature-bounds"}
+    original = data.read_bytes(), bounds.read_bytes()
+    out = tmp_path / "model.pt"
+    for path, key in ((data, "dataset"), (bounds, "feature-bounds")):
+        edited = path.read_bytes()
+        path.write_bytes(edited.replace(b"-200", b"-300") if path == bounds
+                         else edited + edited.splitlines(keepends=True)[1])  # one record more
+        with pytest.raises(ExportError, match=f"changed since the run started \\({key} = "):
+            export_client(run_dir, "partition-0", out)
+        assert main(["export", str(run_dir), "--client", "partition-0", "--out", str(out)]) == 2
+        assert "put the file(s) back as they were" in capsys.readouterr().err
+        assert not out.exists()
+        data.write_bytes(original[0]), bounds.write_bytes(original[1])
+    assert export_client(run_dir, "partition-0", out) and out.is_file()  # as they were: it exports

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -509,6 +510,30 @@ def input_fingerprints(config: FedMoEConfig) -> dict[str, str]:
     if config.feature_bounds and parse_range(config.feature_bounds) is None:
         prints["feature-bounds"] = fingerprint(Path(config.feature_bounds.strip()).expanduser())
     return prints
+
+
+def changed_inputs(recorded: Mapping[str, str],
+                   config: FedMoEConfig) -> dict[str, tuple[str, str]]:
+    """The files of ``recorded`` (:func:`input_fingerprints` when a run started) whose bytes
+    differ now: ``{run-config key: (SHA-256 then, now)}``, "none" now for a key the run
+    config no longer names. Empty ``recorded`` (a run recorded before fingerprints): {}.
+
+    Raises
+    ------
+    DataFileError
+        If a named file cannot be read now.
+    """
+    now = input_fingerprints(config) if recorded else {}  # hashes each file once
+    return {key: (then, now.get(key, "none")) for key, then in recorded.items()
+            if now.get(key) != then}
+
+
+def changed_message(changed: Mapping[str, tuple[str, str]], config: FedMoEConfig) -> str:
+    """The files :func:`changed_inputs` found, for an error message: each key with the
+    path the run config gives, then the first one's SHA-256 prefixes then and now."""
+    names = "; ".join(f"{key} = {config.to_run_config()[key]!r}" for key in changed)
+    then, now = next(iter(changed.values()))
+    return f"{names}: SHA-256 {then[:12]}… then, {now[:12]}… now"
 
 
 def check_shape(path: str, data: LabelledArrays, num_features: int, num_classes: int) -> None:
