@@ -32,7 +32,9 @@
 Every ``epsilon`` is the server's ledger's (ε spent after that round); ``client_epsilon``
 is what the client reported, present only where it differs (relative 1e-6).
     final             personalized_accuracy_mean, global_accuracy_mean, epsilon_max,
-                      clients[] (each client's latest evaluation)
+                      clients[] (each client's latest evaluation, with ``epsilon`` its
+                      ledger's spend at the end: rounds charged after that evaluation
+                      — interrupted, or not evaluated — count)
     wall_seconds
 """
 
@@ -175,7 +177,10 @@ def build_results(
             "clients": clients,
             **_summary(clients),
         })
-    final_clients = [latest[c] for c in sorted(latest, key=client_sort_key)]
+    # a client's latest evaluation may predate its last charge (a round interrupted after
+    # the charge, or trained but not evaluated): its final ε is its ledger's spend now
+    now = {p["client"]: p["epsilon"] for p in privacy} if config.private else {}
+    final_clients = [_spent_now(latest[c], now) for c in sorted(latest, key=client_sort_key)]
     return {
         "run_id": run_id,
         "config": config.to_run_config(),
@@ -189,6 +194,16 @@ def build_results(
         "final": {**_summary(final_clients), "clients": final_clients},
         "wall_seconds": round(wall_seconds, 2),
     }
+
+
+def _spent_now(row: dict[str, Any], now: Mapping[str, float]) -> dict[str, Any]:
+    """``row`` (a client's latest evaluation) with ``epsilon`` = ``now[client]``, the
+    server's ledger's spend at the end of the run, where it has moved on; the client's own
+    ε of that evaluation (``client_epsilon``) then compares two different rounds and goes."""
+    spent = now.get(row["client"])
+    if spent is None or math.isclose(spent, row["epsilon"], rel_tol=1e-12, abs_tol=1e-12):
+        return row
+    return {k: v for k, v in row.items() if k != "client_epsilon"} | {"epsilon": spent}
 
 
 #: Per-client metrics whose mean over clients each round and the final summary report.

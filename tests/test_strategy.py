@@ -324,6 +324,35 @@ def test_every_epsilon_reported_is_the_server_ledgers(book):
         assert rec.epsilon == pytest.approx(ledger, rel=1e-12)
 
 
+def test_the_final_epsilon_counts_rounds_charged_after_the_last_evaluation(book):
+    """A round charged but never evaluated (interrupted after the charge, or with
+    fraction-evaluate < 1) is spent: the final table and summary show the ledger's spend at
+    the end, never the spend at a client's last evaluation."""
+    from fedmoe.reporting import build_results, privacy_rows
+    from simulations.runner import client_table
+
+    grid = LocalGrid(2)
+    strategy = FedMoE(SMALL, book=book)
+    train_round(strategy, grid, 1)
+    strategy._evaluate(1, initial(), grid, 60)
+    evaluated = dict(strategy.history[-1].epsilon)
+    train_round(strategy, grid, 2)  # charged and trained; the run stops before evaluating
+    spent = {c: book.get(c).spent() for c in strategy.plans}
+    assert all(spent[c] > evaluated[c] for c in spent)
+    results = build_results(SMALL, strategy.history, 1.0,
+                            privacy=privacy_rows(book, strategy.plans))
+    final = {row["client"]: row for row in results["final"]["clients"]}
+    assert {c: row["epsilon"] for c, row in final.items()} == pytest.approx(spent)
+    assert results["final"]["epsilon_max"] == pytest.approx(max(spent.values()))
+    assert all("client_epsilon" not in row for row in final.values())  # other rounds'
+    from io import StringIO
+
+    from rich.console import Console
+    console = Console(file=StringIO(), width=200)
+    console.print(client_table(results))
+    assert all(f"{e:.3f}" in console.file.getvalue() for e in spent.values())
+
+
 def test_reports_show_the_ledgers_epsilon_when_clients_report_less(book):
     """Clients with a fresh state each round (as in a reused run folder) report ε of one
     round; every report shows the server's composed ε and the client's beside it."""
