@@ -123,9 +123,10 @@ TMOE_KEYS = frozenset({"unigram-prior"})
 #: Run-config keys added after seeded grids had been recorded: at the value that means "as
 #: before the key existed" (:data:`fedmoe.config.ADDED_KEYS`) they are left out of
 #: :func:`result_keys`, so a run recorded before keeps its id (and its noise draws, which
-#: a grid seeds from the id). ``score-scale`` predates this rule and stays in every id.
-ID_NEUTRAL_KEYS = ("server-momentum", "server-learning-rate", "unigram-prior", "ema-decay",
-                   "feature-bounds")
+#: a grid seeds from the id). ``score-scale`` predates this rule and stays in every id;
+#: every key added since is neutral by construction (a key added to ``ADDED_KEYS`` and
+#: forgotten here changed every id: ``pretrain-share`` once re-drew the noise of every grid).
+ID_NEUTRAL_KEYS = tuple(key for key in ADDED_KEYS if key != "score-scale")
 #: Run-config keys that change only what the server evaluates and releases as the run's
 #: model (``ema-decay``: the average is computed from the global models, training
 #: continues from the last one) — except where :func:`noise_keys` says otherwise. Two runs

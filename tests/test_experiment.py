@@ -424,6 +424,22 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     text = result_keys(FedMoEConfig(model="tmoe"))
     assert text["unigram-prior"] is True
     assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))
+    assert result_keys(FedMoEConfig(model="tmoe", pretrain_share=0.3))["pretrain-share"] == 0.3
+
+
+def test_the_published_grids_keep_the_ids_they_were_recorded_with():
+    """docs/results.md section 4 says its grid repeats exactly: its runs' ids (the seeds of
+    their DP noise) must not move when a key is added. The id below is the one the grid
+    recorded (its α = 0.5, ε = 1 fedmoe runs re-run to the digit with it: mean 0.728)."""
+    from pathlib import Path
+
+    from simulations.experiment import load_grid
+
+    grid = load_grid(Path(__file__).parents[1] / "simulations" / "grids" / "full.toml")
+    run, = [r for r in grid.runs if dict(r.labels) == {
+        "split": "dirichlet-0.5", "target-epsilon": "1", "method": "fedmoe"}
+        and r.config.seed == 1]
+    assert run.run_id == "23b27abb8670"
 
 
 def test_runs_that_differ_only_in_ema_decay_share_their_noise_not_their_id():
