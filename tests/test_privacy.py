@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scipy.special import gammaln, logsumexp
 
 from fedmoe.privacy import (
+    AccountingError,
     BudgetExceededError,
     LedgerBook,
     LedgerEntry,
@@ -149,6 +150,25 @@ def test_calibration_after_a_prior_spend_fills_only_what_is_left():
     assert sigma > calibrate_noise(6.0, 1e-5, 0.1, 100)
     with pytest.raises(ValueError, match="leaves no room"):
         calibrate_noise(0.5, 1e-5, 0.1, 100, prior=prior)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_segment_at_infinite_sigma_costs_nothing_and_bad_ones_are_refused(accountant):
+    """σ = ∞ releases nothing: its RDP α/(2σ²) is 0 at every order, so the history's ε is
+    that of the rest (the subsampled oracle's limit: it falls to 0 as σ grows). NaN or
+    negative σ, or q outside (0, 1], is an error — neither accountant terminated on them."""
+    rest = [(1.0, 0.1, 100)]
+    assert epsilon([(math.inf, 0.1, 50)], 1e-5, accountant) == 0.0
+    assert epsilon([(math.inf, 0.1, 50), *rest], 1e-5, accountant) == epsilon(rest, 1e-5,
+                                                                                accountant)
+    # the limit the rule takes (down to the conversion's floor at the oracle's orders)
+    assert oracle_subsampled(1e4, 0.1, 50, 1e-5) < min(0.01, oracle_subsampled(10, 0.1, 50, 1e-5))
+    sigma = calibrate_noise(3.0, 1e-5, 0.1, 100, accountant, prior=[(math.inf, 0.1, 10)])
+    assert sigma == calibrate_noise(3.0, 1e-5, 0.1, 100, accountant)
+    for bad in [(math.nan, 0.1, 10), (-1.0, 0.1, 10), (1.0, 0.0, 10), (1.0, 1.5, 10),
+                (1.0, math.nan, 10)]:
+        with pytest.raises(AccountingError, match="σ must be a number ≥ 0 and q in"):
+            epsilon([bad], 1e-5, accountant)
 
 
 def test_steps_per_epoch_matches_opacus_loader():

@@ -64,19 +64,24 @@ def steps_per_epoch(sample_rate: float) -> int:
 
 def epsilon(history: Iterable[Segment], delta: float, accountant: str = "rdp") -> float:
     """ε after composing every segment of ``history`` at the given δ (0 for no history).
+    A segment at σ = ∞ releases nothing (its privacy loss is 0) and is left out.
 
     Raises
     ------
     AccountingError
-        If ``accountant`` is ``prv`` and the history is one it cannot account reliably or
-        affordably (:func:`check_prv`).
+        If a segment's σ is NaN or negative, or its q is not in (0, 1] (neither accountant
+        terminates on those); if ``accountant`` is ``prv`` and the history is one it cannot
+        account reliably or affordably (:func:`check_prv`).
     """
     # Composition does not depend on order, so rounds with the same (σ, q) are one segment
     # of their summed steps: exact for both accountants, faster, and the same history gives
     # the same ε however it was split into rounds.
     merged: dict[tuple[float, float], int] = {}
     for s, q, n in history:
-        if int(n) > 0:
+        if int(n) > 0 and not (float(s) >= 0 and 0 < float(q) <= 1):  # NaN fails both
+            raise AccountingError(f"segment (σ={s}, q={q}, steps={n}): σ must be a number "
+                                  "≥ 0 and q in (0, 1]")
+        if int(n) > 0 and not math.isinf(float(s)):
             merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
     if not merged:
         return 0.0
