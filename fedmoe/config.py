@@ -759,8 +759,11 @@ class FedMoEConfig:
         - ``ema-decay`` so close to 1 that the released average is still mostly the first
           round's model at the end: w_1's weight in w̄_T is γ^(T−1) over the T rounds of
           a phase (``tmoe`` restarts the average when fine-tuning starts).
+        - ``pretrain-share`` > 0 where it does nothing (:meth:`pretrain_share_unused`).
         """
         notes = []
+        if self.pretrain_share and (why := self.pretrain_share_unused()):
+            notes.append(f"pretrain-share={self.pretrain_share:g} has no effect: {why}")
         phases = ([self.pretrain_rounds, self.num_server_rounds - self.pretrain_rounds]
                   if self.phase(1) != self.phase(self.num_server_rounds)
                   else [self.num_server_rounds])
@@ -773,6 +776,20 @@ class FedMoEConfig:
                 f"{math.floor(1000 * 0.5 ** (1 / (rounds - 1))) / 1000:.3f} for {rounds} "
                 "rounds, or more rounds")
         return notes
+
+    def pretrain_share_unused(self) -> str | None:
+        """Why ``pretrain-share`` cannot apply to this run (one σ for every round), or
+        None where it does: ``tmoe``, σ calibrated, both phases with rounds (a client
+        with an ε=∞ budget trains without noise in either case)."""
+        if self.model != "tmoe":
+            return f"it splits tmoe's rounds, and the model is {self.model!r}"
+        if self.noise_multiplier > 0:
+            return (f"noise-multiplier={self.noise_multiplier:g} is given, so every round "
+                    "trains at it; leave noise-multiplier at 0 to calibrate σ per phase")
+        if not 0 < self.pretrain_rounds < self.num_server_rounds:
+            return (f"the run has one phase only (pretrain-rounds={self.pretrain_rounds} of "
+                    f"num-server-rounds={self.num_server_rounds}); give both phases rounds")
+        return None
 
     def phase(self, server_round: int) -> str:
         """``pretrain`` (next-token) or ``finetune`` for ``tmoe``; ``train`` otherwise."""

@@ -302,11 +302,38 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
                 f"{MAX_DP_STEPS:,} fedmoe allows; use fewer rounds or epochs, or a larger "
                 "batch-size"
             )
+    if config.pretrain_share and not config.pretrain_share_unused():
+        _check_pretrain_share(config, num_clients)
     run_dir = resolve_run_dir(config)
     check_run_folder(run_dir)  # an earlier run's ledger must verify (read-only)
     prepare_run_folder(run_dir, config, num_clients=num_clients, engine=ENGINE)  # or --resume
     check_run_dir(run_dir)  # last: it creates the folder
     return config.replace(run_dir=str(run_dir))
+
+
+def _check_pretrain_share(config: FedMoEConfig, num_clients: int) -> None:
+    """Plan a client of each training size as the server will (no earlier spend: a
+    simulation's ledgers start empty) and refuse a ``pretrain-share`` that leaves the
+    fine-tuning rounds no σ (:class:`~fedmoe.privacy.plan.PlanError`), before anything
+    starts: the server would exclude every such client and train nothing.
+
+    Raises
+    ------
+    ConfigError
+        With the plan's reason (names ``pretrain-share`` and the fix).
+    """
+    from fedmoe.data import load_client_data
+    from fedmoe.methods import has_label_prior
+    from fedmoe.privacy.plan import PlanError, plan_client
+
+    sizes = {len(load_client_data(config, i, num_clients, config.phase(1)).train)
+             for i in range(num_clients)}  # tmoe's text windows: cheap to count
+    for n in sorted(sizes):
+        try:
+            plan_client(config, "preflight", num_train=n, budget=config.target_epsilon,
+                        label_prior=has_label_prior(config))
+        except PlanError as err:
+            raise ConfigError(f"{err} (a client of {n} training examples)") from None
 
 
 def check_run_dir(run_dir: Path) -> None:

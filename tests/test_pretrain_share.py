@@ -10,7 +10,7 @@ import pytest
 from fedmoe.config import ConfigError, FedMoEConfig
 from fedmoe.privacy import LEDGER_FILE, LedgerBook, epsilon, plan_client
 from fedmoe.privacy.label_prior import prior_segment
-from fedmoe.privacy.plan import rounds_allowed
+from fedmoe.privacy.plan import PlanError, rounds_allowed
 
 TMOE = FedMoEConfig(model="tmoe", pretrain_rounds=10, num_server_rounds=20)
 
@@ -86,21 +86,53 @@ def test_rounds_allowed_follows_the_schedule_like_a_naive_loop(prior_epsilon):
     assert got == naive
 
 
-def test_a_given_sigma_and_other_models_ignore_the_share():
-    fixed = _plan(0.3, config=TMOE.replace(noise_multiplier=1.5))
-    assert fixed.pretrain_noise == 0 and fixed.noise_at(1) == fixed.noise_at(20) == 1.5
-    moe = plan_client(FedMoEConfig(pretrain_share=0.3), "c", num_train=256, budget=8.0)
-    assert moe.pretrain_noise == 0
-    only_pretraining = _plan(0.3, config=TMOE.replace(pretrain_rounds=20))
-    assert only_pretraining.pretrain_noise == 0
+@pytest.mark.parametrize("config,why", [
+    (TMOE.replace(noise_multiplier=1.5), "noise-multiplier=1.5 is given"),
+    (FedMoEConfig(), "the model is 'lmoe'"),
+    (TMOE.replace(pretrain_rounds=20), "pretrain-rounds=20 of num-server-rounds=20"),
+    (TMOE.replace(pretrain_rounds=0), "pretrain-rounds=0 of num-server-rounds=20"),
+])
+def test_where_the_share_cannot_apply_it_is_ignored_and_the_run_warned(config, why):
+    plan = plan_client(config.replace(pretrain_share=0.3), "c", num_train=256, budget=8.0,
+                       label_prior=config.model == "tmoe")
+    assert plan.pretrain_noise == 0 and plan.noise_at(1) == plan.noise_at(20)
+    warned = [w for w in config.replace(pretrain_share=0.3).warnings() if "pretrain-share" in w]
+    assert len(warned) == 1 and "has no effect" in warned[0] and why in warned[0]
+    assert not [w for w in TMOE.replace(pretrain_share=0.3).warnings() if "pretrain-share" in w]
+    assert not [w for w in config.warnings() if "pretrain-share" in w]  # 0: nothing to say
 
 
-def test_a_share_that_leaves_fine_tuning_nothing_plans_no_round():
-    """Pretraining at 0.95 of a tiny budget leaves no σ for fine-tuning: the plan says so
-    (the server excludes the client, "cannot pay for one round"), it does not overspend."""
-    plan = _plan(0.95, budget=0.3, num_train=256)
-    assert plan.rounds_allowed == 0 or epsilon(
-        [prior_segment(plan.prior_noise), *plan.segments(20)], plan.delta) <= 0.3 + 1e-9
+def test_a_share_that_leaves_fine_tuning_no_budget_is_refused_naming_the_share(tmp_path):
+    """Pretraining at (nearly) all of ε and the unigram histogram leave fine-tuning no σ,
+    where one σ for every round would fit: a plan error that names pretrain-share (the
+    server excludes the client with it), and `fedmoe simulate` refuses it before anything
+    starts, writing nothing. A budget that earlier spend has used up is not the share's
+    fault: no error, no round."""
+    from simulations.runner import preflight
+
+    with pytest.raises(PlanError, match=r"pretrain-share=0\.999999: .* lower pretrain-share"):
+        _plan(0.999999)
+    config = TMOE.replace(pretrain_share=0.999999, num_server_rounds=4, pretrain_rounds=2,
+                          max_windows=40, run_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"pretrain-share=0\.999999: .* training examples"):
+        preflight(config, 2)
+    assert not (tmp_path / "run").exists()
+    preflight(config.replace(pretrain_share=0.3), 2)  # a share that fits passes
+    spent = _plan(0.3, prior=((0.6, 0.5, 400),))
+    assert spent.rounds_allowed == 0
+
+
+def test_with_earlier_spend_the_share_is_of_what_is_left():
+    """A lifetime ledger's earlier spend ε₀: the pretraining rounds bring it to
+    ε₀ + s·(ε − ε₀), the run to ε; without earlier spend that is s·ε."""
+    prior = ((2.5, 0.1, 200),)  # ε₀ ≈ 2.4
+    plan = _plan(0.3, prior=prior)
+    before = epsilon(list(prior), plan.delta)
+    assert 1.0 < before < 4.0 and plan.prior_noise == 0  # no second histogram
+    pretraining = epsilon([*prior, *plan.segments(10)], plan.delta)
+    target = before + 0.3 * (8.0 - before)
+    assert target - 0.011 <= pretraining <= target + 1e-9  # calibration's tolerance 0.01
+    assert epsilon([*prior, *plan.segments(20)], plan.delta) == pytest.approx(8.0, abs=0.01)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, math.nan, "half"])

@@ -207,9 +207,12 @@ def plan_client(
     ``label-prior-share`` of its budget on its own, and σ of DP-SGD is calibrated for what
     the histogram leaves (composed, not subtracted: :mod:`fedmoe.privacy.label_prior`).
     With ``pretrain-share`` s > 0 (``tmoe`` with both phases, σ calibrated), the P
-    pretraining rounds get σ_p calibrated so that they alone cost s·ε, and the F
-    fine-tuning rounds σ calibrated for what the histogram, those rounds and any earlier
-    spend leave: ε(prior, σ_h, P rounds at σ_p, F rounds at σ) = ε, again composed.
+    pretraining rounds get σ_p calibrated so that they alone cost s·ε — with earlier
+    spend ε₀, that they bring it to ε₀ + s·(ε − ε₀) — and the F fine-tuning rounds σ
+    calibrated for what the histogram, those rounds and any earlier spend leave:
+    ε(prior, σ_h, P rounds at σ_p, F rounds at σ) = ε, again composed. A share that
+    leaves fine-tuning no σ where one σ for every round would fit is a
+    :class:`PlanError` naming ``pretrain-share``.
     A budget of ε=∞ gives a non-private plan: σ=0 and δ=0 (plain SGD on the same Poisson
     batches, nothing charged), every planned round allowed.
 
@@ -237,17 +240,23 @@ def plan_client(
                               math.inf, 0, prior)
         spent = (*prior, prior_segment(prior_noise)) if prior_noise else prior
         pre_rounds, sigma_pre = _pretrain_phase(config), 0.0
-        if sigma == 0 and pre_rounds:
-            sigma_pre = _calibrate(config.pretrain_share * budget, delta, q,
-                                   pre_rounds * steps, config.accountant, ())
+        if sigma == 0 and pre_rounds:  # the share of what earlier runs left
+            before = epsilon(list(prior), delta, config.accountant) if prior else 0.0
+            sigma_pre = _calibrate(before + config.pretrain_share * (budget - before), delta,
+                                   q, pre_rounds * steps, config.accountant, tuple(prior))
             rest = config.num_server_rounds - pre_rounds
-            sigma = _calibrate(budget, delta, q, rest * steps, config.accountant,
-                               (*spent, (sigma_pre, q, pre_rounds * steps)))
+            sigma = math.inf if math.isinf(sigma_pre) else _calibrate(  # no σ_p: no room
+                budget, delta, q, rest * steps, config.accountant,
+                (*spent, (sigma_pre, q, pre_rounds * steps)))
         elif sigma == 0:
             sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
                                config.accountant, spent)
         if math.isinf(sigma_pre):
             sigma = math.inf
+        elif math.isinf(sigma) and sigma_pre and not math.isinf(
+                _calibrate(budget, delta, q, config.num_server_rounds * steps,
+                           config.accountant, spent)):
+            raise PlanError(_share_error(config, budget, bool(prior_noise), bool(prior)))
         if not math.isinf(sigma):
             epsilon([*spent, (sigma_pre or sigma, q, steps)], delta, config.accountant)
     except AccountingError as err:
@@ -261,13 +270,23 @@ def plan_client(
                       allowed, prior, prior_noise, pre_rounds if sigma_pre else 0, sigma_pre)
 
 
+def _share_error(config: FedMoEConfig, budget: float, histogram: bool, earlier: bool) -> str:
+    """Why a client whose budget pays for the run at one σ has no σ for fine-tuning."""
+    histogram = (f" and the unigram histogram (label-prior-share={config.label_prior_share:g})"
+                 if histogram else "") + (" and earlier spend" if earlier else "")
+    return (f"pretrain-share={config.pretrain_share:g}: the {config.pretrain_rounds} "
+            f"pretraining round(s) at ε={config.pretrain_share * budget:g} on their own"
+            f"{histogram} leave the {config.num_server_rounds - config.pretrain_rounds} "
+            f"fine-tuning round(s) no budget at any σ (ε={budget:g} in all); lower "
+            "pretrain-share (0 = one σ for every round)")
+
+
 def _pretrain_phase(config: FedMoEConfig) -> int:
     """Pretraining rounds that get their own σ (``pretrain-share``): ``tmoe``'s P when
     the share is > 0 and both phases have rounds; else 0."""
-    rounds = config.pretrain_rounds
-    if config.model != "tmoe" or config.pretrain_share <= 0:
+    if config.pretrain_share <= 0 or config.pretrain_share_unused():
         return 0
-    return rounds if 0 < rounds < config.num_server_rounds else 0
+    return config.pretrain_rounds
 
 
 @lru_cache(maxsize=256)
