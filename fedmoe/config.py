@@ -589,7 +589,8 @@ class FedMoEConfig:
                 and MODEL_DATASET.get(self.model) == "digits" and self.model != "mtmoe",
                 f"model '{self.model}' trains on dataset "
                 f"'{MODEL_DATASET.get(self.model)}' (or 'auto'"
-                f"{', synthetic, node or a data file' if self.model in ('moe', 'lmoe', 'hmoe') else ''})",
+                f"{', synthetic, node or a data file' if self.model in ('moe', 'lmoe', 'hmoe') else ''}); "
+                f"got dataset={self.dataset!r}",
             ),
             (0 <= self.num_features <= MAX_FEATURES,
              f"num-features must be in [0, {MAX_FEATURES:,}] (0 = the data set's own)"),
@@ -970,9 +971,12 @@ def _example(kind: type) -> str:
 
 
 def _given(obj: Any, message: str) -> str:
-    """``message`` ("<key> must ...") with the value that was given, unless it says it."""
-    name = message.split(" ", 1)[0].replace("-", "_")
-    if "got " in message or not hasattr(obj, name):
+    """``message`` ("<key> must ...") with the value that was given, unless it says it: a
+    "got", or a value quoted right after the key ("model 'tmoe' trains on ...", whose
+    wrong value may be another key's)."""
+    first, _, rest = message.partition(" ")
+    name = first.replace("-", "_")
+    if "got " in message or rest.startswith("'") or not hasattr(obj, name):
         return message
     value = getattr(obj, name)
     return f"{message}; got {value:,}" if isinstance(value, int) and not isinstance(

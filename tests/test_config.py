@@ -61,7 +61,7 @@ def test_unknown_key_is_named_with_the_valid_keys():
                  r"shared \+ 2 local\)"),
     ("model", "gpt", "model must be one of"),
     ("gate", "mlp", "gate must be one of"),
-    ("dataset", "pystdlib", "model 'lmoe' trains on dataset 'digits'"),
+    ("dataset", "pystdlib", "model 'lmoe' trains on dataset 'digits'.*; got dataset='pystdlib'$"),
     ("group-top-k", 4, None),
     ("target-delta", 1.0, "target-delta must be in"),
     ("noise-multiplier", -0.5, "noise-multiplier must be finite and >= 0"),
@@ -78,6 +78,15 @@ def test_out_of_range_values_are_explained(key, value, message):
         return
     with pytest.raises(ConfigError, match=message):
         FedMoEConfig.from_run_config({key: value})
+
+
+def test_a_message_about_another_key_quotes_the_value_given_for_the_wrong_one():
+    """The model is not wrong here, the dataset is: the message must not end "got 'tmoe'"."""
+    with pytest.raises(ConfigError, match=r"trains on dataset 'pystdlib' .*; got "
+                                          r"dataset='node'$") as err:
+        FedMoEConfig.from_run_config({"dataset": "node", "num-features": 30,
+                                      "num-classes": 2, "model": "tmoe"})
+    assert "got 'tmoe'" not in str(err.value)
 
 
 @pytest.mark.parametrize("key,value", [("num-server-rounds", "ten"), ("local-epochs", 1.5),
