@@ -86,9 +86,9 @@ class ClientStore:
         others = [c for c in clients if c != client]
         if others:
             raise LedgerError(
-                f"{self.root}: its ledger is client {others[0]!r}'s"
-                f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}, not "
-                f"{client!r}'s: a state dir keeps one client's ledger and local experts, and "
+                f"{self.root}: its ledger belongs to client {others[0]!r}"
+                f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}, not to "
+                f"{client!r}: a state dir keeps one client's ledger and local experts, and "
                 "the same data under a new client-id would start a fresh budget beside the "
                 f"spend recorded there. Give this node the client-id it had "
                 f"(client-id='{others[0]}'), or a new client its own state-dir")

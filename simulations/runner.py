@@ -193,8 +193,8 @@ def client_table(results: dict[str, Any]) -> Table:
             _epsilon_cell(c),
             f"{p['delta']:g}" if p else "",
             f"{p['noise_multiplier']:.3f}" if p.get("noise_multiplier") else "",
-            str(c["num_examples"]),
-            str(c["num_test_examples"]),
+            *(str(c[k]) if c[k] is not None else "–"  # a client that never trained
+              for k in ("num_examples", "num_test_examples")),
         )
     return table
 
