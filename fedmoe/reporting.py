@@ -176,6 +176,10 @@ def build_results(
             "mismatches": {c: {"server": s, "client": r} for c, (s, r) in rec.mismatches.items()},
             "clients": clients,
             **_summary(clients),
+            # every client the ledger charged, also one that never replied (a round lost
+            # to an interrupt is charged and has no client rows)
+            **({"epsilon_max": max(rec.epsilon.values())} if config.private and rec.epsilon
+               else {}),
         })
     # a client's latest evaluation may predate its last charge (a round interrupted after
     # the charge, or trained but not evaluated): its final ε is its ledger's spend now

@@ -345,6 +345,10 @@ def test_the_final_epsilon_counts_rounds_charged_after_the_last_evaluation(book)
     assert {c: row["epsilon"] for c, row in final.items()} == pytest.approx(spent)
     assert results["final"]["epsilon_max"] == pytest.approx(max(spent.values()))
     assert all("client_epsilon" not in row for row in final.values())  # other rounds'
+    # a round lost to an interrupt: charged by the ledger, no client replied
+    lost = build_results(SMALL, [*strategy.history, RoundRecord(3, epsilon=dict(spent))], 1.0,
+                         privacy=privacy_rows(book, strategy.plans))["rounds"][-1]
+    assert lost["clients"] == [] and lost["epsilon_max"] == pytest.approx(max(spent.values()))
     from io import StringIO
 
     from rich.console import Console
