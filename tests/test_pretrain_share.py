@@ -112,6 +112,8 @@ def test_a_share_that_leaves_fine_tuning_no_budget_is_refused_naming_the_share(t
 
     with pytest.raises(PlanError, match=r"pretrain-share=0\.999999: .* lower pretrain-share"):
         _plan(0.999999)
+    with pytest.raises(PlanError, match=r"pretrain-share=1e-06: .* raise pretrain-share"):
+        _plan(1e-6)  # pretraining's ε is too little for any σ
     config = TMOE.replace(pretrain_share=0.999999, num_server_rounds=4, pretrain_rounds=2,
                           max_windows=40, run_dir=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"pretrain-share=0\.999999: .* training examples"):

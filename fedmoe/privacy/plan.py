@@ -211,7 +211,7 @@ def plan_client(
     spend ε₀, that they bring it to ε₀ + s·(ε − ε₀) — and the F fine-tuning rounds σ
     calibrated for what the histogram, those rounds and any earlier spend leave:
     ε(prior, σ_h, P rounds at σ_p, F rounds at σ) = ε, again composed. A share that
-    leaves fine-tuning no σ where one σ for every round would fit is a
+    leaves either phase no σ where one σ for every round would fit is a
     :class:`PlanError` naming ``pretrain-share``.
     A budget of ε=∞ gives a non-private plan: σ=0 and δ=0 (plain SGD on the same Poisson
     batches, nothing charged), every planned round allowed.
@@ -248,15 +248,14 @@ def plan_client(
             sigma = math.inf if math.isinf(sigma_pre) else _calibrate(  # no σ_p: no room
                 budget, delta, q, rest * steps, config.accountant,
                 (*spent, (sigma_pre, q, pre_rounds * steps)))
+            if math.isinf(sigma) and not math.isinf(_calibrate(  # one σ would fit
+                    budget, delta, q, config.num_server_rounds * steps, config.accountant,
+                    spent)):
+                raise PlanError(_share_error(config, budget, math.isinf(sigma_pre),
+                                             bool(prior_noise), bool(prior)))
         elif sigma == 0:
             sigma = _calibrate(budget, delta, q, config.num_server_rounds * steps,
                                config.accountant, spent)
-        if math.isinf(sigma_pre):
-            sigma = math.inf
-        elif math.isinf(sigma) and sigma_pre and not math.isinf(
-                _calibrate(budget, delta, q, config.num_server_rounds * steps,
-                           config.accountant, spent)):
-            raise PlanError(_share_error(config, budget, bool(prior_noise), bool(prior)))
         if not math.isinf(sigma):
             epsilon([*spent, (sigma_pre or sigma, q, steps)], delta, config.accountant)
     except AccountingError as err:
@@ -270,13 +269,19 @@ def plan_client(
                       allowed, prior, prior_noise, pre_rounds if sigma_pre else 0, sigma_pre)
 
 
-def _share_error(config: FedMoEConfig, budget: float, histogram: bool, earlier: bool) -> str:
-    """Why a client whose budget pays for the run at one σ has no σ for fine-tuning."""
-    histogram = (f" and the unigram histogram (label-prior-share={config.label_prior_share:g})"
-                 if histogram else "") + (" and earlier spend" if earlier else "")
-    return (f"pretrain-share={config.pretrain_share:g}: the {config.pretrain_rounds} "
-            f"pretraining round(s) at ε={config.pretrain_share * budget:g} on their own"
-            f"{histogram} leave the {config.num_server_rounds - config.pretrain_rounds} "
+def _share_error(config: FedMoEConfig, budget: float, pretraining: bool, histogram: bool,
+                 earlier: bool) -> str:
+    """Why a client whose budget pays for the run at one σ has no σ for one phase:
+    ``pretraining`` (its share is too small for any σ) or fine-tuning (the rest is)."""
+    pre, fine = config.pretrain_rounds, config.num_server_rounds - config.pretrain_rounds
+    if pretraining:
+        return (f"pretrain-share={config.pretrain_share:g}: ε={config.pretrain_share * budget:g} "
+                f"is too little for the {pre} pretraining round(s) at any σ; raise "
+                "pretrain-share (0 = one σ for every round)")
+    costs = (f" and the unigram histogram (label-prior-share={config.label_prior_share:g})"
+             if histogram else "") + (" and earlier spend" if earlier else "")
+    return (f"pretrain-share={config.pretrain_share:g}: the {pre} pretraining round(s) at "
+            f"ε={config.pretrain_share * budget:g} on their own{costs} leave the {fine} "
             f"fine-tuning round(s) no budget at any σ (ε={budget:g} in all); lower "
             "pretrain-share (0 = one σ for every round)")
 
