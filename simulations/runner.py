@@ -87,7 +87,8 @@ class ProgressListener:
         perplexities = [d["personalized-perplexity"] for d in record.details.values()
                         if "personalized-perplexity" in d]
         score = (f"personalised perplexity {sum(perplexities) / len(perplexities):.2f}"
-                 if perplexities else f"personalised acc {acc:.3f}")  # a language model's
+                 if perplexities else f"personalised acc {acc:.3f}" if evals  # a language
+                 else "not evaluated")  # model's; a round lost to an interrupt has no score
         status = (f"{phase}clients {len(record.train)}/{record.sampled} trained · "
                   f"ε max {eps:.2f}{_reported_max(record)} · {score}")
         if record.rejected:

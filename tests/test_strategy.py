@@ -528,4 +528,4 @@ def test_progress_is_a_line_per_round_where_the_output_is_not_a_terminal():
             assert "round 1/3 ·" not in out and "round 2/3 ·" not in out
         else:
             assert lines == [f"round {r}/{SMALL.num_server_rounds} · clients 0/3 trained · "
-                             f"ε max {0.5 * r:.2f} · personalised acc nan" for r in (1, 2)]
+                             f"ε max {0.5 * r:.2f} · not evaluated" for r in (1, 2)]
