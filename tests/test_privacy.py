@@ -231,6 +231,13 @@ def test_ledger_file_of_another_kind_is_a_clear_error_and_is_kept(tmp_path):
     db.close()
     with pytest.raises(LedgerError, match="schema version 7"):
         LedgerBook(other)
+    folder = tmp_path / "folder.sqlite"
+    (folder / "inside").mkdir(parents=True)
+    for read_only in (False, True):  # sqlite itself only says "disk I/O error"
+        with pytest.raises(LedgerError, match="folder.sqlite: is a folder .* not a privacy "
+                                              "ledger file"):
+            LedgerBook(folder, read_only=read_only)
+    assert [p.name for p in folder.iterdir()] == ["inside"]
 
 
 def test_invalid_dp_parameters_are_refused():

@@ -235,6 +235,11 @@ class LedgerBook:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
+        if self.path.exists() and not self.path.is_file():  # sqlite says "disk I/O error"
+            raise LedgerError(f"{self.path}: is a folder (or another non-file), not a privacy "
+                              "ledger file. Move it away, or restore the ledger file from a "
+                              "backup; a new ledger here would reset the recorded privacy "
+                              "spend")
         if not self.path.exists():
             if read_only:
                 raise LedgerError(f"{self.path}: no privacy ledger here")
