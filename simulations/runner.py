@@ -314,9 +314,9 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
 
 def _check_pretrain_share(config: FedMoEConfig, num_clients: int) -> None:
     """Plan a client of each training size as the server will (no earlier spend: a
-    simulation's ledgers start empty) and refuse a ``pretrain-share`` that leaves the
-    fine-tuning rounds no σ (:class:`~fedmoe.privacy.plan.PlanError`), before anything
-    starts: the server would exclude every such client and train nothing.
+    simulation's ledgers start empty) and refuse a ``pretrain-share`` that leaves either
+    phase no σ (:class:`~fedmoe.privacy.plan.PlanError`), before anything starts: the
+    server would exclude every such client and train nothing.
 
     Raises
     ------

@@ -78,10 +78,12 @@ def epsilon(history: Iterable[Segment], delta: float, accountant: str = "rdp") -
     # the same ε however it was split into rounds.
     merged: dict[tuple[float, float], int] = {}
     for s, q, n in history:
-        if int(n) > 0 and not (float(s) >= 0 and 0 < float(q) <= 1):  # NaN fails both
+        if int(n) <= 0:
+            continue
+        if not (float(s) >= 0 and 0 < float(q) <= 1):  # NaN fails both
             raise AccountingError(f"segment (σ={s}, q={q}, steps={n}): σ must be a number "
                                   "≥ 0 and q in (0, 1]")
-        if int(n) > 0 and not math.isinf(float(s)):
+        if not math.isinf(float(s)):
             merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
     if not merged:
         return 0.0
