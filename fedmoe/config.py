@@ -326,11 +326,11 @@ class FedMoEConfig:
     label_prior_shrinkage : str (default: "federation")
         How a client turns its noisy label histogram into its prior. ``federation``: it
         also sends the (already released) histogram to the server, which estimates the
-        federation's label distribution and how much clients' distributions spread around
-        it (:func:`fedmoe.privacy.label_prior.federation_prior`, empirical Bayes); each
-        client shrinks its counts towards the federation's by as much as its noise and the
-        spread warrant (:func:`~fedmoe.privacy.label_prior.shrink_to_federation`): no
-        tilt without label skew, its own counts under strong skew. ``none``: the noisy
+        federation's label distribution (:func:`fedmoe.privacy.label_prior.federation_prior`);
+        each client shrinks its counts towards it by as much as its noise and its own
+        label skew, estimated from its release, warrant (empirical Bayes,
+        :func:`~fedmoe.privacy.label_prior.shrink_to_federation`): no tilt without label
+        skew, its own counts under strong skew. ``none``: the noisy
         counts as they are; ``james-stein``: shrunk towards the client's own mean
         (:func:`~fedmoe.privacy.label_prior.shrink_counts`). All three are post-processing
         of the release (docs/results.md, section 3.3).

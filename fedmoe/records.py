@@ -333,7 +333,6 @@ class RoundPlan:
                 record["prior-noise-multiplier"] = self.prior_noise
         if self.federation is not None:
             record["federation-label-mean"] = list(self.federation.mean)
-            record["federation-label-spread"] = self.federation.spread
             record["federation-clients"] = self.federation.clients
         return record
 
@@ -372,13 +371,12 @@ def _federation(record: ConfigRecord) -> FederationPrior | None:
     Raises
     ------
     ReplyError
-        If it is malformed (not a distribution, a spread outside [0, 1], < 2 clients).
+        If it is malformed (not a distribution, or from < 2 clients).
     """
     if "federation-label-mean" not in record:
         return None
     try:
         return FederationPrior(tuple(float(v) for v in record["federation-label-mean"]),
-                               float(record["federation-label-spread"]),
                                int(record["federation-clients"]))
     except (KeyError, TypeError, ValueError) as err:
         raise ReplyError(f"malformed federation label prior in the round config: {err}") \

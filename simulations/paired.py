@@ -11,6 +11,12 @@ mean ± std over seeds, in points, and its mean over all settings::
 and its mean per ε when the grid has that axis; ``--where AXIS=VALUE`` (repeatable) keeps
 only the runs with that axis value first (``--where method=fedmoe``).
 
+``--against OTHER``: the same grid run twice, in ``out`` and in the folder OTHER (before and
+after a code change: a grid's noise draws follow its run ids, so the two runs of a
+setting and seed differ by the change alone), paired as ``--axis`` pairs its values::
+
+    python -m simulations.paired runs/before --against runs/after
+
 ``--gaps``: per setting of the other axes (split, ε), the gap of ``fedmoe`` to the best
 other method — mean over seeds of fedmoe minus the highest mean of the others — in mean
 and worst-decile personalised accuracy, the best method named (the goal of issue 13)::
@@ -111,6 +117,13 @@ def where(rows: list[dict[str, Any]], conditions: Sequence[str]) -> list[dict[st
     return rows
 
 
+def against(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two folders' rows of one grid as one grid with the axis ``code`` = ``before`` or
+    ``after`` (for :func:`paired_table`)."""
+    return [{**row, "axis:code": label} for label, rows in (("before", before), ("after", after))
+            for row in rows]
+
+
 def _mean(runs: dict[int, dict], seeds: Sequence[int]) -> str:
     return (f"{statistics.fmean(float(runs[s][MEAN]) for s in seeds):.3f} "
             f"({statistics.fmean(float(runs[s][WORST]) for s in seeds):.3f})")
@@ -161,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--axis", help="the axis whose two values are compared")
     parser.add_argument("--base", help="the value compared against")
     parser.add_argument("--variant", help="the value compared")
+    parser.add_argument("--against", type=Path, metavar="OTHER",
+                        help="another folder of the same grid (after a code change)")
     parser.add_argument("--gaps", action="store_true",
                         help="fedmoe against the best other method per setting")
     parser.add_argument("--where", action="append", default=[], metavar="AXIS=VALUE",
@@ -172,9 +187,17 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rows = read_csv(args.out / CSV)
+    if args.against is not None:
+        if not (args.against / CSV).is_file():
+            print(f"error: {args.against / CSV} does not exist", file=sys.stderr)
+            return 2
+        rows = against(rows, read_csv(args.against / CSV))
     try:
         rows = where(rows, args.where)
-        if args.gaps:
+        if args.against is not None:
+            print(f"before: {args.out}, after: {args.against}\n")
+            print(paired_table(rows, "code", "before", "after"))
+        elif args.gaps:
             print(gaps_table(rows))
         elif args.axis and args.base and args.variant:
             print(paired_table(rows, args.axis, args.base, args.variant))

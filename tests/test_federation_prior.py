@@ -20,6 +20,7 @@ from fedmoe.privacy.label_prior import (
     FEDERATION_PSEUDO_COUNT,
     FederationPrior,
     federation_prior,
+    overdispersion,
     shrink_to_federation,
 )
 from fedmoe.records import HISTOGRAM, ReplyError, RoundPlan, read_histogram
@@ -31,40 +32,102 @@ from tests.test_label_prior import to_arrays_initial
 CLASSES = 10
 
 
-def _federation(seed: int, clients: int, n: int, concentration: float, sigma: float):
-    """Clients whose label shares are Dirichlet(A·π̄) around π̄ (between-client variance of
-    class k's share: π̄_k(1 − π̄_k)/(A + 1)), their exact counts (multinomial), and the
-    Gaussian release of those counts at σ."""
+def _federation(seed: int, clients: int, n: int, concentration, sigma: float,
+                classes: int = CLASSES, base: float = 5.0):
+    """Clients whose label shares are Dirichlet(A_i·π̄) around π̄ (variance of class k's
+    share: π̄_k(1 − π̄_k)/(A_i + 1)), A_i = ``concentration`` (one value, or one per
+    client), their exact counts (multinomial), and the Gaussian release of those at σ."""
     rng = np.random.default_rng(seed)
-    mean = rng.dirichlet(np.full(CLASSES, 5.0))
-    shares = rng.dirichlet(concentration * mean, size=clients)  # (m, C)
+    mean = rng.dirichlet(np.full(classes, base))
+    a = np.broadcast_to(np.asarray(concentration, dtype=np.float64), (clients,))
+    shares = np.stack([rng.dirichlet(ai * mean) for ai in a])  # (m, C)
     counts = np.stack([rng.multinomial(n, s) for s in shares]).astype(np.float64)
     noisy = counts + rng.normal(0.0, sigma, size=counts.shape)
     return mean, counts, noisy
 
 
-@pytest.mark.parametrize("concentration", [1.0, 10.0, 1e6])  # strong skew ... none
-def test_the_spread_estimate_recovers_the_known_between_client_variance(concentration):
-    mean, _, noisy = _federation(0, clients=2000, n=200, concentration=concentration,
-                                 sigma=8.0)
+def _overdispersion_oracle(counts, sigma, n, mean) -> float:
+    """ρ by the moment equation, one class at a time in plain Python (not the library's
+    vectorised expression): Σ_k [(c̃_k − nπ̄_k)² − σ² − nπ̄_k(1 − π̄_k)] / Σ_k n²π̄_k(1 − π̄_k)."""
+    top = bottom = 0.0
+    for c_k, m_k in zip(counts, mean):
+        v_k = m_k * (1 - m_k)
+        top += (c_k - n * m_k) ** 2 - sigma ** 2 - n * v_k
+        bottom += n * n * v_k
+    return min(max(top / bottom, 0.0), 1.0)
+
+
+def test_the_federation_mean_recovers_the_known_distribution():
+    mean, _, noisy = _federation(0, clients=2000, n=200, concentration=1.0, sigma=8.0)
     prior = federation_prior(list(torch.tensor(noisy)), [8.0] * 2000, [200] * 2000)
-    truth = float(np.mean(mean * (1 - mean))) / (concentration + 1)  # pooled over classes
     assert np.allclose(prior.mean, mean, atol=0.02)  # ~4 standard errors at A = 1
-    assert prior.spread == pytest.approx(truth, rel=0.1, abs=2e-4)
     assert prior.clients == 2000
 
 
+def test_the_mean_of_a_sparse_vocabulary_keeps_absent_classes_near_zero():
+    """256 classes of which 200 no client holds (a byte vocabulary), 10 releases at σ = 2:
+    summing before the positive part leaves those classes the positive part of the summed
+    noise (~6 % of π̄ here); clipping each release first (the estimate before) gave them
+    the positive part of every client's noise, about three times as much (18 %)."""
+    rng = np.random.default_rng(3)
+    held = np.zeros(256)
+    held[:56] = rng.dirichlet(np.full(56, 1.0))
+    counts = np.stack([rng.multinomial(700, held) for _ in range(10)]).astype(np.float64)
+    noisy = counts + rng.normal(0.0, 2.0, size=counts.shape)
+    prior = federation_prior(list(torch.tensor(noisy)), [2.0] * 10, [700] * 10)
+    absent = float(np.sum(np.asarray(prior.mean)[56:]))
+    clipped_first = np.clip(noisy, 0, None).sum(0)
+    assert absent < 0.08 and 2.5 * absent < float(clipped_first[56:].sum() / clipped_first.sum())
+
+
+@pytest.mark.parametrize("concentration", [1.0, 10.0, 1e6])  # strong skew ... none
+def test_a_clients_overdispersion_recovers_its_known_concentration(concentration):
+    """On average over clients of one concentration A, ρ_i is 1/(A + 1), up to the
+    (n − 1)/n of the multinomial error and the clip at 0 (which biases it up where the
+    truth is 0: hence the absolute tolerance)."""
+    mean, _, noisy = _federation(0, clients=400, n=200, concentration=concentration,
+                                 sigma=8.0, classes=64)
+    prior = federation_prior(list(torch.tensor(noisy)), [8.0] * 400, [200] * 400)
+    pbar = torch.tensor(prior.mean, dtype=torch.float64)
+    rho = [overdispersion(torch.tensor(c), 8.0, 200, pbar) for c in noisy]
+    assert np.mean(rho) == pytest.approx(1 / (concentration + 1), rel=0.1, abs=0.01)
+    for c, r in zip(noisy[:20], rho[:20]):  # the library's estimate is the moment equation
+        assert r == pytest.approx(_overdispersion_oracle(c, 8.0, 200, prior.mean), abs=1e-9)
+
+
+def test_an_atypical_client_is_shrunk_less_than_a_typical_one():
+    """One client drawn far from π̄ (A = 1) among typical ones (A = 1000): its ρ is the
+    largest, and its shrunk counts are closer to its true counts than both its release and
+    the federation's distribution; the typical clients' are pulled to π̄."""
+    concentration = [1.0] + [1000.0] * 19
+    mean, counts, noisy = _federation(5, clients=20, n=300, concentration=concentration,
+                                      sigma=5.0, classes=32)
+    prior = federation_prior(list(torch.tensor(noisy)), [5.0] * 20, [300] * 20)
+    pbar = torch.tensor(prior.mean, dtype=torch.float64)
+    rho = [overdispersion(torch.tensor(c), 5.0, 300, pbar) for c in noisy]
+    assert rho[0] == max(rho) and rho[0] > 10 * max(rho[1:])
+    shrunk = [shrink_to_federation(torch.tensor(c), 5.0, 300, prior).numpy() for c in noisy]
+    own = np.mean((shrunk[0] - counts[0]) ** 2)
+    assert own < np.mean((noisy[0] - counts[0]) ** 2)
+    assert own < np.mean((300 * pbar.numpy() - counts[0]) ** 2)
+    typical = np.mean([(s - c) ** 2 for s, c in zip(shrunk[1:], counts[1:])])
+    assert typical < 0.5 * np.mean((noisy[1:] - counts[1:]) ** 2)
+
+
 def test_shrinkage_is_the_posterior_mean_by_numerical_integration():
-    """For each class, ĉ is E[θ | c̃] for θ ~ N(nπ̄, n²τ²), c̃ | θ ~ N(θ, σ² + nπ̄(1 − π̄)):
-    computed here on a grid, not from the closed form."""
-    prior = FederationPrior((0.5, 0.3, 0.2), 0.01, 10)
+    """For each class, ĉ is E[θ | c̃] for θ ~ N(nπ̄, n²ρv), c̃ | θ ~ N(θ, σ² + nv),
+    v = π̄(1 − π̄), ρ the moment estimate: computed here on a grid, not from the closed form."""
+    prior = FederationPrior((0.5, 0.3, 0.2), 10)
     n, sigma = 150, 6.0
     counts = torch.tensor([90.0, 20.0, 37.0])
     got = shrink_to_federation(counts, sigma, n, prior)
+    rho = _overdispersion_oracle(counts.tolist(), sigma, n, prior.mean)
+    assert 0 < rho < 1
     for k, share in enumerate(prior.mean):
+        v = share * (1 - share)
         theta = np.linspace(-200, 400, 600_001)
-        log_prior = -0.5 * (theta - n * share) ** 2 / (n ** 2 * prior.spread)
-        noise = sigma ** 2 + n * share * (1 - share)
+        log_prior = -0.5 * (theta - n * share) ** 2 / (n ** 2 * rho * v)
+        noise = sigma ** 2 + n * v
         log_like = -0.5 * (float(counts[k]) - theta) ** 2 / noise
         weight = np.exp(log_prior + log_like - (log_prior + log_like).max())
         assert float(got[k]) == pytest.approx(float((weight * theta).sum() / weight.sum()),
@@ -72,14 +135,13 @@ def test_shrinkage_is_the_posterior_mean_by_numerical_integration():
 
 
 def test_without_skew_it_is_the_federation_and_without_noise_the_client():
-    flat = FederationPrior(tuple([0.1] * 10), 0.0, 5)
-    counts = torch.tensor([40.0, -3.0, 0.0, 12.0, 5.0, 9.0, 30.0, 1.0, 2.0, 4.0])
+    flat = FederationPrior(tuple([0.1] * 10), 5)
+    counts = torch.tensor([14.0, 7.0, 9.0, 12.0, 5.0, 9.0, 13.0, 11.0, 8.0, 12.0])  # n = 100
     assert torch.allclose(shrink_to_federation(counts, 5.0, 100, flat),
                           torch.full((10,), 10.0, dtype=torch.float64))
-    skewed = FederationPrior(tuple([0.1] * 10), 0.09, 5)  # the most spread a share can have
-    large = counts.clamp(min=0) * 100  # exact counts of n = 10,300 labels
-    exact = shrink_to_federation(large, 0.0, int(large.sum()), skewed)
-    assert torch.allclose(exact, large.double(), rtol=1e-3, atol=0.5)
+    skewed = torch.tensor([40.0, 0.0, 0.0, 12.0, 5.0, 9.0, 30.0, 1.0, 2.0, 4.0]) * 100
+    exact = shrink_to_federation(skewed, 0.0, int(skewed.sum()), flat)
+    assert torch.allclose(exact, skewed.double(), rtol=1e-3, atol=1.0)  # of n = 10,300
 
 
 @pytest.mark.parametrize("concentration", [0.5, 1e6])
@@ -103,17 +165,17 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="σ must be finite"):
         federation_prior([torch.ones(3), torch.ones(3)], [1.0, -1.0], [3, 3])
     with pytest.raises(ValueError, match="sum"):
-        FederationPrior((0.5, 0.6), 0.0, 2)
-    with pytest.raises(ValueError, match="spread"):
-        FederationPrior((0.5, 0.5), -0.1, 2)
-    prior = FederationPrior((0.5, 0.5), 0.01, 2)
+        FederationPrior((0.5, 0.6), 2)
+    with pytest.raises(ValueError, match="≥ 2 clients"):
+        FederationPrior((0.5, 0.5), 1)
+    prior = FederationPrior((0.5, 0.5), 2)
     with pytest.raises(ValueError, match="shape"):
         shrink_to_federation(torch.ones(3), 1.0, 10, prior)
 
 
 # ------------------------------------------------------------------------ on the wire
 def test_round_plans_carry_the_federation_both_ways_and_refuse_a_malformed_one():
-    prior = FederationPrior((0.25, 0.75), 0.02, 3)
+    prior = FederationPrior((0.25, 0.75), 3)
     for plan in (RoundPlan(4, federation=prior),
                  RoundPlan(4, 1.5, 0.25, 4, 1e-4, "rdp", 0.0, prior), RoundPlan(4)):
         assert RoundPlan.from_record(plan.to_record()) == plan
@@ -153,7 +215,7 @@ def test_without_federation_shrinkage_no_histogram_leaves_the_client(tmp_path):
 def test_the_client_computes_its_prior_from_the_federation_it_is_sent(tmp_path):
     config, ctx, _ = _release_round(tmp_path)
     kept = ClientStore(tmp_path).load_local()
-    prior = FederationPrior(tuple([0.1] * 10), 0.004, 3)
+    prior = FederationPrior(tuple([0.1] * 10), 3)
     reply = app(message(plan=RoundPlan(2, 1.5, 0.25, 4, 1e-4, "rdp", federation=prior),
                         config=config), ctx)
     assert not reply.has_error(), reply.error
@@ -162,7 +224,7 @@ def test_the_client_computes_its_prior_from_the_federation_it_is_sent(tmp_path):
     expected = expected.clamp(min=0) + FEDERATION_PSEUDO_COUNT
     got = ClientStore(tmp_path).load_local()["prior.log_prior"]
     assert torch.allclose(got, (expected / expected.sum()).log().float(), atol=1e-6)
-    wrong = FederationPrior((0.5, 0.5), 0.0, 3)  # another model's classes: refused, uncharged
+    wrong = FederationPrior((0.5, 0.5), 3)  # another model's classes: refused, uncharged
     with LedgerBook(tmp_path / LEDGER_FILE, read_only=True) as book:
         before = book.get("partition-0").history
     bad = app(message(plan=RoundPlan(3, 1.5, 0.25, 4, 1e-4, "rdp", federation=wrong),
@@ -248,7 +310,7 @@ def test_client_state_from_before_the_kept_release_still_loads_with_its_prior(tm
                                                                    "prior.noise")}
     store.save_local(old)
     reply = app(message(plan=RoundPlan(2, 1.5, 0.25, 4, 1e-4, "rdp",
-                                       federation=FederationPrior((0.1,) * 10, 0.01, 3)),
+                                       federation=FederationPrior((0.1,) * 10, 3)),
                         config=config), ctx)
     assert not reply.has_error(), reply.error
     kept = store.load_local()

@@ -63,3 +63,21 @@ def test_where_keeps_the_runs_of_one_axis_value_and_names_a_bad_one(tmp_path, ca
 def test_the_command_needs_a_results_csv(tmp_path, capsys):
     assert main([str(tmp_path), "--gaps"]) == 2
     assert "results.csv" in capsys.readouterr().err
+
+
+def test_against_pairs_two_folders_of_one_grid_by_setting_and_seed(tmp_path, capsys):
+    from simulations.experiment import CSV, write_csv
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir()
+    after.mkdir()
+    write_csv(before / CSV, [_row("iid", 8.0, 1, 0.80, 0.6), _row("iid", 8.0, 2, 0.90, 0.7),
+                             _row("iid", 1.0, 1, 0.50, 0.3)])
+    write_csv(after / CSV, [_row("iid", 8.0, 2, 0.93, 0.7), _row("iid", 8.0, 1, 0.81, 0.8),
+                            _row("iid", 1.0, 1, 0.40, 0.3)])
+    assert main([str(before), "--against", str(after), "--where", "split=iid"]) == 0
+    out = capsys.readouterr().out
+    assert "| iid | 8 | 0.850 (0.650) | 0.870 (0.750) | +2.0 ± 1.4 | +10.0 ± 14.1 | 2 |" in out
+    assert "Mean Δ over the 2 settings: -2.00 points" in out  # (1 + 3 - 10) / 3 seed pairs
+    assert main([str(before), "--against", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
