@@ -85,7 +85,7 @@ from fedmoe.privacy import (
     delta_error,
     plan_client,
 )
-from fedmoe.privacy.label_prior import FederationPrior, federation_prior, histogram_size
+from fedmoe.privacy.label_prior import FederationPrior, federation_prior
 from fedmoe.privacy.ledger import client_sort_key
 from fedmoe.records import (
     ARRAYS,
@@ -632,11 +632,8 @@ class FedMoE(FedAvg):
                  if c in self.plans]
         if len(known) < 2:
             return
-        self.federation = federation_prior(
-            [torch.tensor(self.label_histograms[c]) for c in known],
-            [self.plans[c].prior_noise for c in known],
-            [histogram_size(self.label_histograms[c], self.plans[c].num_train,
-                            self._prior_windows) for c in known])
+        self.federation = federation_prior([torch.tensor(self.label_histograms[c])
+                                            for c in known])
 
     def _fail(self, record: RoundRecord, kind: str, client: str, why: str) -> None:
         record.failures[kind] += 1

@@ -94,7 +94,7 @@ def label_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def histogram_size(counts: torch.Tensor, num_train: int, per_window: bool) -> float:
-    """n of the shrinkage model (:func:`federation_prior`, :func:`shrink_to_federation`):
+    """n of the shrinkage model (:func:`overdispersion`, :func:`shrink_to_federation`):
     the public ``num_train`` for a histogram of one label per record; for a histogram of
     windows (:func:`label_counts` of (N, L) targets), whose total mass is not public, the
     release's own total Σ c̃ (its noise std is σ_h·√C: 3 % of the mass of 320 64-byte
@@ -201,45 +201,37 @@ class FederationPrior:
             raise ValueError(f"the estimate needs ≥ 2 clients, got {self.clients}")
 
 
-def federation_prior(histograms: Sequence[torch.Tensor], noise: Sequence[float],
-                     sizes: Sequence[float]) -> FederationPrior:
+def federation_prior(histograms: Sequence[torch.Tensor]) -> FederationPrior:
     """Estimate π̄ (:class:`FederationPrior`) from the clients' DP label histograms.
 
     π̄ is the sum of the releases with negative entries then set to 0, normalised:
     π̄ ∝ max(Σ_i c̃_i, 0). Summing first lets the clients' noise average out before the
-    positive part is taken; clipping each release first (Σ_i max(c̃_i, 0), as fedmoe did before)
-    adds every client's positive noise to each class: on a vocabulary where most classes
-    are rare, three times as much of π̄'s mass on classes no client holds
-    (``tests/test_federation_prior.py``: 18 % against 6 %).
-    Uses only the releases: post-processing, no privacy cost (``noise`` and ``sizes``,
-    the public σ_i and n_i, are checked so that a caller's mismatch is caught here).
+    positive part is taken; clipping each release first (Σ_i max(c̃_i, 0), as fedmoe did
+    before) adds every client's positive noise to each class: on a vocabulary where most
+    classes are rare, three times as much of π̄'s mass on classes no client holds
+    (``tests/test_federation_prior.py``: 18 % against 6 %). Uses only the releases:
+    post-processing, no privacy cost.
 
     Parameters
     ----------
     histograms : sequence of Tensor (C,)
         The clients' released noisy counts (:func:`noisy_label_counts`), one per client.
-    noise : sequence of float
-        Each release's σ_h (≥ 0; 0 for exact counts).
-    sizes : sequence of int
-        Each client's n_i (≥ 1), the number of labels its histogram counts.
 
     Raises
     ------
     ValueError
-        For fewer than 2 histograms, lengths that differ, a histogram that is not finite
-        or has fewer than 2 classes, a negative or non-finite σ, or an n_i < 1.
+        For fewer than 2 histograms, or histograms that are not finite vectors of one
+        length ≥ 2.
     """
-    if len(histograms) < 2 or not len(histograms) == len(noise) == len(sizes):
-        raise ValueError(f"need ≥ 2 histograms with one σ and one n each, got "
-                         f"{len(histograms)}, {len(noise)}, {len(sizes)}")
-    c = torch.stack([torch.as_tensor(h, dtype=torch.float64) for h in histograms])  # (m, C)
-    sigma = torch.tensor([float(s) for s in noise], dtype=torch.float64)  # (m,)
-    n = torch.tensor([float(v) for v in sizes], dtype=torch.float64)  # (m,)
+    if len(histograms) < 2:
+        raise ValueError(f"need ≥ 2 histograms, got {len(histograms)}")
+    try:
+        c = torch.stack([torch.as_tensor(h, dtype=torch.float64) for h in histograms])
+    except RuntimeError as err:  # lengths that differ
+        raise ValueError(f"histograms must be finite vectors of one length ≥ 2: {err}") from None
     if c.dim() != 2 or c.shape[1] < 2 or not torch.isfinite(c).all():
         raise ValueError(f"histograms must be finite vectors of one length ≥ 2, got shape "
                          f"{tuple(c.shape)}")
-    if not (torch.isfinite(sigma).all() and (sigma >= 0).all() and (n >= 1).all()):
-        raise ValueError(f"σ must be finite and ≥ 0 and n ≥ 1, got {list(noise)}, {list(sizes)}")
     total = c.sum(0).clamp(min=0)  # (C,)
     mean = total / total.sum() if total.sum() > 0 else torch.full_like(total, 1 / len(total))
     return FederationPrior(tuple(float(v) for v in mean / mean.sum()), len(c))
