@@ -19,7 +19,8 @@ the client also sends the release to the server — it is already accounted as r
 which estimates the federation's label distribution (:func:`federation_prior`) and
 sends it back with every message; each client then shrinks its own noisy counts towards
 it by as much as its noise and its own skew warrant (:func:`overdispersion`,
-:func:`shrink_to_federation`; empirical Bayes). Both are functions of DP releases and public n, σ only.
+:func:`shrink_to_federation`; empirical Bayes). Both are functions of DP releases and
+public n, σ only.
 
 σ_h is calibrated so that the release alone would cost a share of the client's budget
 (``label-prior-share``, default 0.25); composed with DP-SGD under RDP it costs much less
@@ -256,6 +257,19 @@ def overdispersion(counts: torch.Tensor, sigma: float, num_train: float,
     towards π̄ as much as a typical one (docs/results.md §3.3). The estimate improves with
     the number of classes C it sums over. A function of the client's release, its public
     σ and n, and π̄: post-processing.
+
+    Parameters
+    ----------
+    counts : Tensor (C,)
+        The client's released noisy counts c̃.
+    sigma : float
+        Their σ_h (≥ 0).
+    num_train : float
+        n, the number of labels counted (:func:`histogram_size`).
+    mean : Tensor (C,), float64
+        π̄ (:attr:`FederationPrior.mean`).
+
+    The inputs are checked by :func:`shrink_to_federation`, which calls it.
     """
     c = torch.as_tensor(counts, dtype=torch.float64)
     v = mean * (1 - mean)
