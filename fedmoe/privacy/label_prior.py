@@ -210,8 +210,8 @@ def federation_prior(histograms: Sequence[torch.Tensor]) -> FederationPrior:
     positive part is taken; clipping each release first (Σ_i max(c̃_i, 0), as fedmoe did
     before) adds every client's positive noise to each class: on a vocabulary where most
     classes are rare, three times as much of π̄'s mass on classes no client holds
-    (``tests/test_federation_prior.py``: 18 % against 6 %). Uses only the releases:
-    post-processing, no privacy cost.
+    (``tests/test_federation_prior.py``: 18 % against 6 %). If no summed count is above 0,
+    π̄ is uniform. Uses only the releases: post-processing, no privacy cost.
 
     Parameters
     ----------
@@ -292,8 +292,9 @@ def shrink_to_federation(counts: torch.Tensor, sigma: float, num_train: float,
     Without label skew (ρ ≈ 0) the estimate is the federation's distribution and the
     client's noisy histogram tilts nothing; under strong skew (n²ρv_k ≫ σ²) it is the
     client's own counts. A class the federation barely holds (v_k ≈ 0: a byte that is
-    rare everywhere) stays near its rare share whatever the noise puts on it. A function
-    of DP releases and public n, σ: post-processing.
+    rare everywhere) stays near its rare share whatever the noise puts on it; with v_k = 0
+    and σ = 0 (0/0) the client's own count is kept. A function of DP releases and public
+    n, σ: post-processing.
 
     Parameters
     ----------
@@ -301,8 +302,8 @@ def shrink_to_federation(counts: torch.Tensor, sigma: float, num_train: float,
         The client's released noisy counts.
     sigma : float
         Their σ_h (≥ 0).
-    num_train : int
-        n, the number of labels counted (≥ 1).
+    num_train : float
+        n, the number of labels counted (≥ 1; :func:`histogram_size`).
     prior : FederationPrior
         The server's estimate from every client's release.
 
