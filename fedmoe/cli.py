@@ -397,6 +397,9 @@ def experiment(grid_file: Path, out: Path, *, jobs: int | None = None) -> int:
         print(f"fedmoe: error: {err}\nresults of the other runs: {out / 'results.csv'}",
               file=sys.stderr)
         return 1
+    except ConfigError as err:  # a run's inputs (data file, split): before any run started
+        print(f"fedmoe: error: {err}", file=sys.stderr)
+        return 2
     print(f"results: {out / 'results.csv'} · report: {out / 'report.md'}")
     return 0
 

@@ -28,7 +28,10 @@ A grid file is TOML::
 A run-config key may appear in only one of ``[base]``, ``[grid]`` (directly or in a bundle)
 and a ``[method.*]`` table; ``seed`` and ``run-dir`` are set by the runner. Every run's
 config is validated before the first one starts: a malformed file is one
-:class:`GridError` naming the table and key.
+:class:`GridError` naming the table and key. Before the first run starts, too, every
+unfinished run's inputs are checked as ``fedmoe simulate`` checks them (data file, data
+split, client counts: :func:`check_inputs`): a grid with a run that cannot start runs
+nothing and says which runs and why.
 
 ``DIR`` gets
 
@@ -438,6 +441,8 @@ def run_grid(
     after each; return all rows (finished earlier or now), in grid order."""
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     jobs = jobs or grid.jobs
+    pending_runs = [run for run in grid.runs if not (out / "runs" / run.run_id / ROW).is_file()]
+    check_inputs(pending_runs, echo)  # before anything is written or started
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "grid.json", json.dumps(grid.source, indent=2, default=str).encode())
     rows: dict[str, dict[str, Any]] = {}
@@ -502,6 +507,44 @@ def run_grid(
     if failures:
         raise GridRunError(failures)
     return _cell_rows(grid, rows)
+
+
+def check_inputs(runs: Sequence[Run], echo: Callable[[str], None]) -> None:
+    """Check every run's inputs as ``fedmoe simulate`` does before it starts
+    (:func:`simulations.runner.check_inputs`: data file, data split, client counts, DP
+    steps, ``pretrain-share``), so that a grid with a missing file or an impossible split
+    stops before its first run rather than failing (or finishing without a client) run by
+    run. Each distinct warning is echoed once.
+
+    Raises
+    ------
+    GridError
+        Listing each distinct problem once, with the runs it stops (up to three named).
+    """
+    from simulations.runner import check_inputs as check_run
+
+    problems: dict[str, list[Run]] = {}
+    warned: set[str] = set()
+
+    def warn(note: str) -> None:
+        if note not in warned:
+            warned.add(note)
+            echo(f"fedmoe: warning: {note}")
+
+    for run in runs:
+        try:
+            check_run(run.config, run.clients, warn)
+        except ConfigError as err:
+            problems.setdefault(str(err), []).append(run)
+    if problems:
+        lines = []
+        for why, stopped in problems.items():
+            named = "; ".join(r.describe() for r in stopped[:3])
+            more = f" and {len(stopped) - 3} more" if len(stopped) > 3 else ""
+            lines.append(f"{why} — in {len(stopped)} run(s): {named}{more}")
+        raise GridError(f"{sum(map(len, problems.values()))} run(s) of the grid cannot start "
+                        "(nothing was run; fix the grid file and run it again):\n"
+                        + "\n".join(lines))
 
 
 def _cell_rows(grid: Grid, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -235,12 +236,9 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
     """Every check that can fail before anything starts; returns ``config`` with its run
     folder resolved (``runs/<timestamp>`` when empty), the folder the run will write.
 
-    Checks the number of clients, the run folder (creatable and writable, not a file; no
-    earlier run in it, or with ``resume`` the checkpoint of an unfinished run of the same
-    config and number of clients) and
-    the data split (computed once here, in this process: every client's size is known and
-    at least :data:`fedmoe.data.MIN_CLIENT_EXAMPLES`), and the DP steps a client's
-    ``batch-size`` implies.
+    Checks the run's inputs (:func:`check_inputs`; its warnings go to stderr) and the run
+    folder (creatable and writable, not a file; no earlier run in it, or with ``resume``
+    the checkpoint of an unfinished run of the same config and number of clients).
 
     Raises
     ------
@@ -250,12 +248,41 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
         If the run folder holds a server ledger that does not verify, or results without
         their ledger (the CLI exits with code 2).
     """
+    from fedmoe.reporting import check_run_folder, resolve_run_dir
+    from server.checkpoint import prepare_run_folder
+
+    config = check_inputs(config, num_clients,
+                          lambda note: print(f"fedmoe: warning: {note}", file=sys.stderr))
+    run_dir = resolve_run_dir(config)
+    check_run_folder(run_dir)  # an earlier run's ledger must verify (read-only)
+    prepare_run_folder(run_dir, config, num_clients=num_clients, engine=ENGINE)  # or --resume
+    check_run_dir(run_dir)  # last: it creates the folder
+    return config.replace(run_dir=str(run_dir))
+
+
+def check_inputs(config: FedMoEConfig, num_clients: int,
+                 warn: Callable[[str], None]) -> FedMoEConfig:
+    """Every check of one simulated run's inputs that needs no run folder, before anything
+    starts (``fedmoe simulate`` through :func:`preflight`, ``fedmoe experiment`` for every
+    run of its grid); returns ``config`` with the shape of its data file filled in.
+
+    Checks the number of clients against ``min-available-clients``, ``min-train-replies``
+    and the text corpus, the data file (read once: :func:`fedmoe.data.with_data_shape`),
+    the data split (computed here: every client's size is known and at least
+    :data:`fedmoe.data.MIN_CLIENT_EXAMPLES`), the DP steps a client's ``batch-size``
+    implies, and a ``pretrain-share`` that leaves a phase no σ. ``warn`` gets each warning
+    the config and the data file give (a run may go on with them).
+
+    Raises
+    ------
+    ConfigError
+        Naming the problem and the fix (:class:`~fedmoe.data.DataSplitError` and
+        :class:`~fedmoe.data.files.DataFileError` are ConfigErrors).
+    """
     from fedmoe.config import MAX_CLIENTS, MAX_DP_STEPS
     from fedmoe.data import check_split, with_data_shape
     from fedmoe.privacy.accountant import steps_per_epoch
     from fedmoe.privacy.plan import client_sample_rate
-    from fedmoe.reporting import check_run_folder, resolve_run_dir
-    from server.checkpoint import prepare_run_folder
 
     if not 1 <= num_clients <= MAX_CLIENTS:
         raise ConfigError(f"--clients must be in [1, {MAX_CLIENTS:,}], got {num_clients:,}")
@@ -282,7 +309,7 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
                           "for deployments; to try a data file here use dataset='csv:PATH' "
                           "(or npz:, images:, hf:)")
     for note in config.warnings():
-        print(f"fedmoe: warning: {note}", file=sys.stderr)
+        warn(note)
     config = with_data_shape(config)  # a data file: read (and checked) once, here
     if config.is_file_data:
         from fedmoe.data.files import load_file, scale_warning
@@ -290,7 +317,7 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
         warning = scale_warning(config.dataset, load_file(config.dataset, config.label_column),
                                 config.feature_bounds)
         if warning:
-            print(f"fedmoe: warning: {warning}", file=sys.stderr)
+            warn(warning)
     sizes = check_split(config, num_clients)
     if config.batch_size and sizes:
         smallest = min(train for train, _ in sizes)
@@ -305,11 +332,7 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
             )
     if config.pretrain_share and not config.pretrain_share_unused():
         _check_pretrain_share(config, num_clients)
-    run_dir = resolve_run_dir(config)
-    check_run_folder(run_dir)  # an earlier run's ledger must verify (read-only)
-    prepare_run_folder(run_dir, config, num_clients=num_clients, engine=ENGINE)  # or --resume
-    check_run_dir(run_dir)  # last: it creates the folder
-    return config.replace(run_dir=str(run_dir))
+    return config
 
 
 def _check_pretrain_share(config: FedMoEConfig, num_clients: int) -> None:

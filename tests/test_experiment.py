@@ -6,6 +6,7 @@ import os
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 
 from fedmoe.cli import main
@@ -500,3 +501,79 @@ def test_a_method_table_no_run_uses_is_refused_whatever_it_holds(table):
            "grid": {"method": ["local"]}, "method": {"fedavg": table}}
     with pytest.raises(GridError, match=r"\[method\.fedavg\] applies to no run"):
         parse_grid(raw)
+
+
+@pytest.mark.parametrize("split, names", [
+    # a data file that is not there
+    ('dataset = "csv:{tmp}/missing.csv"', ["missing.csv", "no such file"]),
+    # a split no seed can draw: 60 clients on digits at α = 0.01
+    ('partitioner = "dirichlet"\ndirichlet-alpha = 0.01', ["dirichlet-alpha=0.01", "fewer clients"]),
+    # a pathological split asking for more classes than the data holds
+    ('partitioner = "pathological"\nclasses-per-client = 11', ["classes-per-client"]),
+])
+def test_a_run_that_cannot_start_stops_the_grid_before_any_run(tmp_path, capsys, split, names):
+    # Before, each such run failed on its own (a missing file: every run of the grid, one by
+    # one) or, worse, "finished" with every client excluded and no accuracy, and was then
+    # skipped as done by every later invocation.
+    grid = tmp_path / "grid.toml"
+    grid.write_text(textwrap.dedent(f"""
+        [experiment]
+        clients = 60
+        seeds = [1, 2]
+        [base]
+        num-server-rounds = 1
+        {split.format(tmp=tmp_path)}
+        [grid]
+        method = ["fedavg", "fedmoe"]
+        target-epsilon = [8.0]
+    """))
+    out = tmp_path / "out"
+    assert main(["experiment", str(grid), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start (nothing was run" in err and "method=fedavg" in err
+    assert all(name in err for name in names), err
+    assert not out.exists()  # nothing written, nothing started
+
+
+def test_a_grid_stopped_by_a_bad_run_keeps_the_runs_it_finished(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["experiment", str(tiny), "--out", str(out)]) == 0
+    rows = {p: p.read_bytes() for p in (out / "runs").glob(f"*/{ROW}")}
+    assert len(rows) == 2
+    grid = tmp_path / "more.toml"
+    grid.write_text(TINY.replace('target-epsilon = [8.0]', 'target-epsilon = [8.0]\n'
+                                 'dataset = ["auto", "csv:/nonexistent/x.csv"]'))
+    assert main(["experiment", str(grid), "--out", str(out)]) == 2
+    assert "nonexistent/x.csv" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (out / "runs").glob(f"*/{ROW}")} == rows
+    assert len(read_csv(out / CSV)) == 2
+
+
+def test_a_data_file_warning_is_given_once_for_the_whole_grid(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = ["f0,f1,label"] + [f"{rng.uniform(0, 900):.1f},{rng.uniform():.3f},{i % 2}"
+                              for i in range(200)]
+    (tmp_path / "wide.csv").write_text("\n".join(rows) + "\n")
+    from simulations.experiment import check_inputs
+
+    grid = load_grid_text(tmp_path, f"""
+        [experiment]
+        clients = 3
+        seeds = [1, 2, 3]
+        [base]
+        num-server-rounds = 1
+        dataset = "csv:{tmp_path / 'wide.csv'}"
+        [grid]
+        method = ["fedavg", "local"]
+        target-epsilon = [8.0, 1.0]
+    """)
+    lines: list[str] = []
+    check_inputs(grid.runs, lines.append)
+    assert len(grid.runs) == 12
+    assert len(lines) == 1 and "feature-bounds" in lines[0] and "f0" in lines[0]
+
+
+def load_grid_text(tmp_path, text):
+    path = tmp_path / "g.toml"
+    path.write_text(textwrap.dedent(text))
+    return load_grid(path)
