@@ -44,8 +44,8 @@ from fedmoe.models.layers import decide_experts
 from fedmoe.models.prior import LabelPrior, label_priors
 from fedmoe.privacy import BudgetExceededError, LedgerError, delta_error, secret_generator
 from fedmoe.privacy.label_prior import (
-    FEDERATION_PSEUDO_COUNT,
     FederationPrior,
+    federation_pseudo_counts,
     histogram_size,
     label_counts,
     noisy_label_counts,
@@ -362,7 +362,7 @@ def apply_label_prior(priors: list[LabelPrior], config: FedMoEConfig,
     if config.label_prior_shrinkage == "federation" and federation is not None:
         size = histogram_size(counts, num_train, prior.per_window)
         prior.set_counts(shrink_to_federation(counts, sigma, size, federation),
-                         pseudo_count=FEDERATION_PSEUDO_COUNT)
+                         pseudo_count=federation_pseudo_counts(federation))
     elif config.label_prior_shrinkage == "james-stein":
         prior.set_counts(shrink_counts(counts, sigma), pseudo_count=sigma)
     else:

@@ -147,24 +147,30 @@ class LabelPrior(nn.Module):
         return logits + self.log_prior if self.use_local else logits
 
     @torch.no_grad()
-    def set_counts(self, counts: torch.Tensor, pseudo_count: float) -> None:
+    def set_counts(self, counts: torch.Tensor, pseudo_count: float | torch.Tensor) -> None:
         """Set π_i ∝ max(counts, 0) + pseudo_count from (noisy) class counts (C,).
 
-        ``pseudo_count`` > 0 (additive smoothing) keeps every class possible and tempers a
-        noisy histogram; fedmoe uses the noise's standard deviation σ_h.
+        ``pseudo_count`` > 0 (additive smoothing: one value for every class, or (C,) one
+        per class) keeps every class possible and tempers a noisy histogram; fedmoe uses
+        the noise's standard deviation σ_h, or with the federation shrinkage
+        :func:`~fedmoe.privacy.label_prior.federation_pseudo_counts`.
 
         Raises
         ------
         ValueError
-            If ``counts`` is not (C,) and finite, or ``pseudo_count`` is not > 0.
+            If ``counts`` is not (C,) and finite, or ``pseudo_count`` is not > 0 (every
+            entry, finite) or not one value or (C,).
         """
         counts = torch.as_tensor(counts, dtype=self.log_prior.dtype)
         if counts.shape != self.log_prior.shape or not torch.isfinite(counts).all():
             raise ValueError(f"label counts must be {tuple(self.log_prior.shape)} and finite, "
                              f"got {tuple(counts.shape)}")
-        if not pseudo_count > 0:
-            raise ValueError(f"pseudo_count must be > 0, got {pseudo_count}")
-        smoothed = counts.clamp(min=0.0) + pseudo_count
+        pseudo = torch.as_tensor(pseudo_count, dtype=self.log_prior.dtype)
+        if pseudo.shape not in ((), counts.shape) or not (
+                torch.isfinite(pseudo).all() and (pseudo > 0).all()):
+            raise ValueError(f"pseudo_count must be > 0 and finite, one value or "
+                             f"{tuple(counts.shape)}, got {pseudo_count}")
+        smoothed = counts.clamp(min=0.0) + pseudo
         self.log_prior.copy_((smoothed / smoothed.sum()).log())
 
     @torch.no_grad()

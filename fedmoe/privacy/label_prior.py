@@ -169,8 +169,10 @@ def shrink_counts(counts: torch.Tensor, sigma: float) -> torch.Tensor:
     return (c.mean() + factor * centred).to(counts.dtype)
 
 
-#: Additive smoothing of a federation-shrunk estimate (a half count: every class stays
-#: possible, and with the shrinkage already done no further tempering is needed).
+#: Additive smoothing of a federation-shrunk estimate: half a count per class on average
+#: (Krichevsky–Trofimov's ½), spread over the classes like the federation's π̄
+#: (:func:`federation_pseudo_counts`), so every class stays possible and no further
+#: tempering is needed after the shrinkage.
 FEDERATION_PSEUDO_COUNT = 0.5
 
 
@@ -236,6 +238,30 @@ def federation_prior(histograms: Sequence[torch.Tensor]) -> FederationPrior:
     total = c.sum(0).clamp(min=0)  # (C,)
     mean = total / total.sum() if total.sum() > 0 else torch.full_like(total, 1 / len(total))
     return FederationPrior(tuple(float(v) for v in mean / mean.sum()), len(c))
+
+
+def federation_pseudo_counts(prior: FederationPrior) -> torch.Tensor:
+    """The pseudo-counts a client adds to its federation-shrunk counts before they become
+    its prior (π_i ∝ max(ĉ, 0) + α): (C,) float64,
+
+        α_k = FEDERATION_PSEUDO_COUNT · C · π̄_k + 1/C.
+
+    The first term is Dirichlet smoothing towards the federation's distribution — the
+    smoothing of a document's unigram model towards its collection's (MacKay & Peto,
+    "A hierarchical Dirichlet language model", Natural Language Engineering 1995; Zhai &
+    Lafferty, "A study of smoothing methods for language models applied to ad hoc
+    information retrieval", SIGIR 2001) — with the ½ per class of add-½
+    (Krichevsky–Trofimov) as its total mass; the second, Perks' 1/C per class (Perks,
+    J. Inst. Actuaries 1947; total mass 1), keeps possible a class the federation's π̄
+    puts at 0. A uniform ½ per class, as fedmoe had before, is the same on balanced labels
+    (π̄ ≈ 1/C: α_k ≈ ½ + 1/C) but puts C/2 counts on a large, sparse vocabulary's classes
+    whatever their use: on ``tmoe``'s 256 bytes about 15 % of a client's histogram mass,
+    most of it on bytes no client writes (docs/results.md §8). A function of π̄, itself
+    post-processing of the DP releases: no privacy cost.
+    """
+    mean = torch.tensor(prior.mean, dtype=torch.float64)
+    classes = len(mean)
+    return FEDERATION_PSEUDO_COUNT * classes * mean + 1.0 / classes
 
 
 def overdispersion(counts: torch.Tensor, sigma: float, num_train: float,
