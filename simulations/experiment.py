@@ -324,7 +324,9 @@ def _label(value: Any) -> str:
 def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1,
             seeded_noise: bool = False) -> dict[str, Any]:
     """Run one federation from scratch in ``run_dir`` and return its ``results.csv`` row
-    (also written to ``run_dir/row.json``, which marks the run finished). With
+    (also written to ``run_dir/row.json``, which marks the run finished; a run in which
+    every client was excluded before its first round raises instead, so it is reported
+    as failed and retried, not kept as a result). With
     ``seeded_noise`` (inline only) its DP noise comes from seeds derived from the run's
     :attr:`Run.noise_id`, so running it again gives the same row."""
     import logging
@@ -352,6 +354,9 @@ def run_one(run: Run, run_dir: Path, engine: str = "inline", threads: int = 1,
     else:
         results, wall, client = _run_flower(config, run.clients), None, None
         wall = results["wall_seconds"]
+    stopped = str(results.get("stopped") or "")
+    if stopped.startswith("every client is excluded before round 1"):  # trained nothing:
+        raise RuntimeError(f"no client took part: {stopped}")  # not a result to keep
     row = result_row(run, results, wall_seconds=wall, client_seconds=client)
     write_atomic(run_dir / ROW, json.dumps(row, default=str).encode())
     return row
@@ -533,7 +538,7 @@ def check_inputs(runs: Sequence[Run], echo: Callable[[str], None]) -> None:
 
     for run in runs:
         try:
-            check_run(run.config, run.clients, warn)
+            check_run(run.config, run.clients, warn, "[experiment] clients")
         except ConfigError as err:
             problems.setdefault(str(err), []).append(run)
     if problems:

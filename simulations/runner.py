@@ -260,8 +260,8 @@ def preflight(config: FedMoEConfig, num_clients: int) -> FedMoEConfig:
     return config.replace(run_dir=str(run_dir))
 
 
-def check_inputs(config: FedMoEConfig, num_clients: int,
-                 warn: Callable[[str], None]) -> FedMoEConfig:
+def check_inputs(config: FedMoEConfig, num_clients: int, warn: Callable[[str], None],
+                 clients_key: str = "--clients") -> FedMoEConfig:
     """Every check of one simulated run's inputs that needs no run folder, before anything
     starts (``fedmoe simulate`` through :func:`preflight`, ``fedmoe experiment`` for every
     run of its grid); returns ``config`` with the shape of its data file filled in.
@@ -270,8 +270,11 @@ def check_inputs(config: FedMoEConfig, num_clients: int,
     and the text corpus, the data file (read once: :func:`fedmoe.data.with_data_shape`),
     the data split (computed here: every client's size is known and at least
     :data:`fedmoe.data.MIN_CLIENT_EXAMPLES`), the DP steps a client's ``batch-size``
-    implies, and a ``pretrain-share`` that leaves a phase no σ. ``warn`` gets each warning
-    the config and the data file give (a run may go on with them).
+    implies, and every client size's DP plan (:func:`_check_plans`: a δ not below 1/n, a
+    ``pretrain-share`` that leaves a phase no σ, a budget that pays for no client's
+    round). ``warn`` gets each warning the config, the data file and the plans give (a run
+    may go on with them); ``clients_key`` is how the messages name the number of clients
+    (``--clients``, or a grid's ``[experiment] clients``).
 
     Raises
     ------
@@ -285,15 +288,15 @@ def check_inputs(config: FedMoEConfig, num_clients: int,
     from fedmoe.privacy.plan import client_sample_rate
 
     if not 1 <= num_clients <= MAX_CLIENTS:
-        raise ConfigError(f"--clients must be in [1, {MAX_CLIENTS:,}], got {num_clients:,}")
+        raise ConfigError(f"{clients_key} must be in [1, {MAX_CLIENTS:,}], got {num_clients:,}")
     if config.min_available_clients > num_clients:
         raise ConfigError(
-            f"min-available-clients={config.min_available_clients} exceeds --clients "
+            f"min-available-clients={config.min_available_clients} exceeds {clients_key} "
             f"{num_clients}; the server would wait forever. Lower min-available-clients."
         )
     if config.min_train_replies > num_clients:
         raise ConfigError(
-            f"min-train-replies={config.min_train_replies} exceeds --clients {num_clients}; "
+            f"min-train-replies={config.min_train_replies} exceeds {clients_key} {num_clients}; "
             "no round could change the model. Lower min-train-replies."
         )
     if config.data == "pystdlib":
@@ -301,7 +304,7 @@ def check_inputs(config: FedMoEConfig, num_clients: int,
 
         if num_clients > len(stdlib_packages()):
             raise ConfigError(
-                f"--clients {num_clients}: the text corpus has one client per standard-library "
+                f"{clients_key} {num_clients}: the text corpus has one client per standard-library "
                 f"package and this Python has {len(stdlib_packages())}; use fewer clients"
             )
     if config.data == "node":
@@ -330,34 +333,80 @@ def check_inputs(config: FedMoEConfig, num_clients: int,
                 f"{MAX_DP_STEPS:,} fedmoe allows; use fewer rounds or epochs, or a larger "
                 "batch-size"
             )
-    if config.pretrain_share and not config.pretrain_share_unused():
-        _check_pretrain_share(config, num_clients)
+    _check_plans(config, num_clients, sizes, warn)
     return config
 
 
-def _check_pretrain_share(config: FedMoEConfig, num_clients: int) -> None:
+def _train_sizes(config: FedMoEConfig, num_clients: int,
+                 sizes: list[tuple[int, int]]) -> set[int]:
+    """The distinct training-set sizes the clients will plan with: from the split's
+    (train, test) sizes, less the validation split with ``evaluate-on = "validation"``
+    (:func:`fedmoe.data.validation_split`'s rule); the text corpus's by loading it (its
+    windows are cheap to count)."""
+    from fedmoe.data import load_client_data
+
+    if not sizes:
+        return {len(load_client_data(config, i, num_clients, config.phase(1)).train)
+                for i in range(num_clients)}
+    trains = set()
+    for train, test in sizes:
+        n = train + test
+        train = n - min(n - 1, max(1, test))
+        if config.evaluate_on == "validation":
+            train -= min(train - 1, max(1, round(config.validation_fraction * train)))
+        trains.add(train)
+    return trains
+
+
+def _check_plans(config: FedMoEConfig, num_clients: int, sizes: list[tuple[int, int]],
+                 warn: Callable[[str], None]) -> None:
     """Plan a client of each training size as the server will (no earlier spend: a
-    simulation's ledgers start empty) and refuse a ``pretrain-share`` that leaves either
-    phase no σ (:class:`~fedmoe.privacy.plan.PlanError`), before anything starts: the
-    server would exclude every such client and train nothing.
+    simulation's ledgers start empty) and refuse, before anything starts, a run in which
+    a client's plan fails (a δ not below 1/n, a ``pretrain-share`` that leaves a phase no
+    σ: :class:`~fedmoe.privacy.plan.PlanError`) or in which no client's budget pays for a
+    round — the server would exclude every client and train nothing. Clients that cannot
+    pay while others can are a warning: the run goes on without them.
 
     Raises
     ------
     ConfigError
-        With the plan's reason (names ``pretrain-share`` and the fix).
+        With the plan's reason and the fix.
     """
-    from fedmoe.data import load_client_data
     from fedmoe.methods import has_label_prior
     from fedmoe.privacy.plan import PlanError, plan_client
 
-    sizes = {len(load_client_data(config, i, num_clients, config.phase(1)).train)
-             for i in range(num_clients)}  # tmoe's text windows: cheap to count
-    for n in sorted(sizes):
+    if math.isinf(config.target_epsilon):
+        return
+    trains = sorted(_train_sizes(config, num_clients, sizes))
+    unpaid = []
+    for n in trains:
         try:
-            plan_client(config, "preflight", num_train=n, budget=config.target_epsilon,
-                        label_prior=has_label_prior(config))
+            plan = plan_client(config, "preflight", num_train=n, budget=config.target_epsilon,
+                               label_prior=has_label_prior(config))
         except PlanError as err:
-            raise ConfigError(f"{err} (a client of {n} training examples)") from None
+            why = str(err).removeprefix("client 'preflight': ")
+            where = "" if "training examples" in why else f" (a client of {n:,} training examples)"
+            raise ConfigError(f"{why}{where}") from None
+        if plan.rounds_allowed == 0:
+            unpaid.append(n)
+    if not unpaid:
+        return
+    if config.noise_multiplier > 0:
+        why = (f"noise-multiplier={config.noise_multiplier:g} costs more than "
+               f"target-epsilon={config.target_epsilon:g} in one round")
+        fix = "raise noise-multiplier or target-epsilon, or set noise-multiplier=0 (σ calibrated)"
+    else:
+        why = f"target-epsilon={config.target_epsilon:g} cannot pay for one round"
+        fix = ("raise target-epsilon, or lower label-prior-share, local-epochs or "
+               "sample-rate")
+    def span(ns: list[int]) -> str:
+        return f"{ns[0]:,}" if ns[0] == ns[-1] else f"{ns[0]:,}–{ns[-1]:,}"
+
+    if len(unpaid) == len(trains):
+        raise ConfigError(f"{why} for any client (training sizes {span(trains)}): the server "
+                          f"would exclude every client and train nothing; {fix}")
+    warn(f"{why} for the clients of {span(unpaid)} training examples: they take no part in "
+         f"the run; {fix}")
 
 
 def check_run_dir(run_dir: Path) -> None:

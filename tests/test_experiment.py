@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedmoe.cli import main
-from fedmoe.config import FedMoEConfig
+from fedmoe.config import ConfigError, FedMoEConfig
 from fedmoe.methods import result_keys
 from simulations.experiment import CSV, REPORT, ROW, GridError, load_grid, parse_grid, read_csv
 from simulations.report import ACCURACY_PLOT, ROUNDS_PLOT, SPREAD_PLOT, mean_std, report_markdown
@@ -577,3 +577,66 @@ def load_grid_text(tmp_path, text):
     path = tmp_path / "g.toml"
     path.write_text(textwrap.dedent(text))
     return load_grid(path)
+
+
+@pytest.mark.parametrize("keys, epsilon, names", [
+    # a δ no client can have: every client excluded, nothing trained
+    ("target-delta = 0.1", "8.0", ["δ=0.1", "Lower target-delta"]),
+    # a σ so small that one round costs more than the budget
+    ("noise-multiplier = 0.01", "1.0", ["noise-multiplier=0.01", "for any client"]),
+    # a budget too small for any round
+    ("", "0.001", ["target-epsilon=0.001", "raise target-epsilon"]),
+])
+def test_a_run_no_client_could_train_in_stops_the_grid_before_any_run(tmp_path, capsys, keys,
+                                                                      epsilon, names):
+    # Before, these runs "finished" with every client excluded (the untrained model's
+    # accuracy in the report, exit 0) and were skipped as done by later invocations.
+    grid = tmp_path / "grid.toml"
+    grid.write_text(textwrap.dedent(f"""
+        [experiment]
+        clients = 3
+        seeds = [1]
+        [base]
+        num-server-rounds = 1
+        {keys}
+        [grid]
+        method = ["fedavg", "fedmoe"]
+        target-epsilon = [{epsilon}]
+    """))
+    out = tmp_path / "out"
+    assert main(["experiment", str(grid), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start" in err and all(name in err for name in names), err
+    assert "'preflight'" not in err
+    assert not out.exists()
+
+
+def test_clients_a_budget_cannot_pay_for_are_a_warning_when_others_can():
+    from simulations.runner import _check_plans
+
+    config = FedMoEConfig().replace(batch_size=32, noise_multiplier=1.0, target_epsilon=2.0,
+                                    num_server_rounds=1)
+    notes: list[str] = []
+    _check_plans(config, 2, [(30, 8), (3000, 750)], notes.append)  # q = 1 against q ≈ 0.01
+    assert len(notes) == 1 and "clients of 30 training examples" in notes[0], notes
+    with pytest.raises(ConfigError, match="for any client .training sizes 30–300."):
+        _check_plans(config, 2, [(30, 8), (300, 75)], notes.append)
+
+
+def test_a_run_in_which_every_client_was_excluded_is_not_kept_as_a_result(tiny, tmp_path,
+                                                                          monkeypatch, capsys):
+    import simulations.inline as inline
+
+    real = inline.run_inline
+
+    def excluded(config, clients):
+        result = real(config, clients)
+        result.results["stopped"] = ("every client is excluded before round 1 (reasons in "
+                                     "results.json's excluded), e.g. its data file vanished")
+        return result
+
+    monkeypatch.setattr(inline, "run_inline", excluded)
+    out = tmp_path / "out"
+    assert main(["experiment", str(tiny), "--out", str(out), "--jobs", "1"]) == 1
+    assert "no client took part" in capsys.readouterr().err
+    assert not list((out / "runs").glob(f"*/{ROW}"))

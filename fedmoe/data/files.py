@@ -164,7 +164,7 @@ def _integer_labels(path: Path, y: np.ndarray) -> np.ndarray:
     bad = ~np.isfinite(as_float) | (as_float != np.round(as_float)) | (as_float < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataFileError(f"{path}: label {y[i]!r} of example {i} is not a class number; "
+        raise DataFileError(f"{path}: label {y[i].item()!r} of example {i} is not a class number; "
                             "labels must be integers 0, 1, 2, ...")
     return as_float.astype(np.int64)
 
