@@ -253,9 +253,10 @@ def federation_pseudo_counts(prior: FederationPrior) -> torch.Tensor:
     information retrieval", SIGIR 2001) — with the ½ per class of add-½
     (Krichevsky–Trofimov) as its total mass; the second, Perks' 1/C per class (Perks,
     J. Inst. Actuaries 1947; total mass 1), keeps possible a class the federation's π̄
-    puts at 0. A uniform ½ per class, as fedmoe had before, is the same on balanced labels
-    (π̄ ≈ 1/C: α_k ≈ ½ + 1/C) but puts C/2 counts on a large, sparse vocabulary's classes
-    whatever their use: on ``tmoe``'s 256 bytes about 15 % of a client's histogram mass,
+    puts at 0. On balanced labels (π̄ ≈ 1/C) α is uniform too, ½ + 1/C per class instead of
+    the ½ fedmoe had before (total mass C/2 + 1 against C/2: 20 % more for 10 classes,
+    twice as much for 2); on a large, sparse vocabulary the uniform ½ put C/2 counts on its
+    classes whatever their use: on ``tmoe``'s 256 bytes about 15 % of a client's histogram mass,
     most of it on bytes no client writes (docs/results.md §8). A function of π̄, itself
     post-processing of the DP releases: no privacy cost.
     """
