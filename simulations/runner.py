@@ -341,9 +341,9 @@ def _train_sizes(config: FedMoEConfig, num_clients: int,
                  sizes: list[tuple[int, int]]) -> set[int]:
     """The distinct training-set sizes the clients will plan with: from the split's
     (train, test) sizes, less the validation split with ``evaluate-on = "validation"``
-    (:func:`fedmoe.data.validation_split`'s rule); the text corpus's by loading it (its
+    (:func:`fedmoe.data.validation_size`); the text corpus's by loading it (its
     windows are cheap to count)."""
-    from fedmoe.data import load_client_data
+    from fedmoe.data import load_client_data, validation_size
 
     if not sizes:
         return {len(load_client_data(config, i, num_clients, config.phase(1)).train)
@@ -353,7 +353,7 @@ def _train_sizes(config: FedMoEConfig, num_clients: int,
         n = train + test
         train = n - min(n - 1, max(1, test))
         if config.evaluate_on == "validation":
-            train -= min(train - 1, max(1, round(config.validation_fraction * train)))
+            train -= validation_size(train, config.validation_fraction)
         trains.add(train)
     return trains
 

@@ -640,3 +640,13 @@ def test_a_run_in_which_every_client_was_excluded_is_not_kept_as_a_result(tiny, 
     assert main(["experiment", str(tiny), "--out", str(out), "--jobs", "1"]) == 1
     assert "no client took part" in capsys.readouterr().err
     assert not list((out / "runs").glob(f"*/{ROW}"))
+
+
+@pytest.mark.parametrize("evaluate_on", ["test", "validation"])
+def test_preflight_plans_the_training_sizes_the_clients_will_have(evaluate_on):
+    from fedmoe.data import check_split, load_client_data
+    from simulations.runner import _train_sizes
+
+    config = FedMoEConfig().replace(evaluate_on=evaluate_on, seed=3)
+    loaded = {len(load_client_data(config, i, 10, config.phase(1)).train) for i in range(10)}
+    assert _train_sizes(config, 10, check_split(config, 10)) == loaded

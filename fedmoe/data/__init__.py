@@ -321,6 +321,12 @@ def load_client_data(
     return data
 
 
+def validation_size(num_train: int, fraction: float) -> int:
+    """How many of a train split's ``num_train`` (≥ 2) examples :func:`validation_split`
+    holds out: ``round(fraction · n)``, at least one, and at least one left to train on."""
+    return min(num_train - 1, max(1, round(fraction * num_train)))
+
+
 def validation_split(train: TensorDataset, fraction: float, *, seed: int) -> ClientData:
     """Hold out ``fraction`` of ``train`` (at least one example, and at least one left to
     train on) as a validation set: ``ClientData(train=rest, test=validation)``.
@@ -333,7 +339,7 @@ def validation_split(train: TensorDataset, fraction: float, *, seed: int) -> Cli
     n = len(train)
     if n < 2:
         raise ValueError(f"a train split of {n} example(s) cannot spare a validation split")
-    held = min(n - 1, max(1, round(fraction * n)))
+    held = validation_size(n, fraction)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     rest, held_out = order[held:], order[:held]
     return ClientData(TensorDataset(*(t[rest] for t in train.tensors)),
