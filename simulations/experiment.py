@@ -517,7 +517,7 @@ def run_grid(
 def check_inputs(runs: Sequence[Run], echo: Callable[[str], None]) -> None:
     """Check every run's inputs as ``fedmoe simulate`` does before it starts
     (:func:`simulations.runner.check_inputs`: data file, data split, client counts, DP
-    steps, ``pretrain-share``), so that a grid with a missing file or an impossible split
+    steps, every client size's DP plan), so that a grid with a missing file or an impossible split
     stops before its first run rather than failing (or finishing without a client) run by
     run. Each distinct warning is echoed once.
 

@@ -348,14 +348,9 @@ def _train_sizes(config: FedMoEConfig, num_clients: int,
     if not sizes:
         return {len(load_client_data(config, i, num_clients, config.phase(1)).train)
                 for i in range(num_clients)}
-    trains = set()
-    for train, test in sizes:
-        n = train + test
-        train = n - min(n - 1, max(1, test))
-        if config.evaluate_on == "validation":
-            train -= validation_size(train, config.validation_fraction)
-        trains.add(train)
-    return trains
+    if config.evaluate_on != "validation":  # check_split: every train and test size ≥ 1
+        return {train for train, _ in sizes}
+    return {train - validation_size(train, config.validation_fraction) for train, _ in sizes}
 
 
 def _check_plans(config: FedMoEConfig, num_clients: int, sizes: list[tuple[int, int]],
