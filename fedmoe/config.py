@@ -83,7 +83,8 @@ MAX_SEED = 2**32 - 1
 #: "as before the key existed" (:meth:`FedMoEConfig.from_recorded`).
 ADDED_KEYS: dict[str, Any] = {"score-scale": False, "server-momentum": 0.0,
                               "server-learning-rate": 1.0, "unigram-prior": False,
-                              "ema-decay": 0.0, "feature-bounds": "", "pretrain-share": 0.0}
+                              "ema-decay": 0.0, "feature-bounds": "", "pretrain-share": 0.0,
+                              "feature-centring": False}
 #: server-learning-rate's upper bound: a step 10x the aggregated update.
 MAX_SERVER_LR = 10.0
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
@@ -341,6 +342,13 @@ class FedMoEConfig:
         and too sharp at large noise for a fixed-weight prior; s calibrates them to it
         (docs/results.md, section 3.4). Other models and methods, and runs without a
         label prior (``label-prior-share = 0``), have no scale.
+    feature_centring : bool (default: true)
+        ``lmoe``: its inputs are centred, x - μ, by a learned ``shared`` mean μ
+        (:class:`fedmoe.models.centre.FeatureCentre`), trained in the same DP-SGD step on
+        each sample's ½‖x - μ‖² and averaged like every shared tensor. DP-SGD's noise on a
+        linear model's weights reaches its scores as ΔW·x, and each clipped gradient spends
+        C on ‖x‖; centring removes the mean that every sample shares (docs/results.md,
+        section 3.11). Other models and methods have no centring.
     unigram_prior : bool (default: true)
         ``tmoe`` with pretraining rounds and ``label-prior-share`` > 0: a personal prior on
         the next-byte logits, the client's byte unigram distribution from its one DP
@@ -455,6 +463,7 @@ class FedMoEConfig:
     label_prior_share: float = 0.25
     label_prior_shrinkage: str = "federation"
     score_scale: bool = True
+    feature_centring: bool = True
     unigram_prior: bool = True
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2

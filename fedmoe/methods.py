@@ -114,10 +114,12 @@ MOE_MODEL_KEYS = frozenset({
     "num-local-experts", "top-k", "balance-coef", "z-loss-coef", "local-pull",
     "expert-noise-limit", "num-groups", "group-top-k", "expert-depth", "num-layers",
     "num-heads", "num-always-on-experts", "label-prior-share", "label-prior-shrinkage",
-    "score-scale", "unigram-prior",
+    "score-scale", "feature-centring", "unigram-prior",
 })
 #: Run-config keys only ``tmoe`` reads.
 TMOE_KEYS = frozenset({"unigram-prior"})
+#: Run-config keys only ``lmoe`` reads.
+LMOE_KEYS = frozenset({"feature-centring"})
 
 
 #: Run-config keys added after seeded grids had been recorded: at the value that means "as
@@ -138,9 +140,11 @@ RELEASE_ONLY_KEYS = ("ema-decay",)
 def unread_keys(config: FedMoEConfig) -> frozenset[str]:
     """The run-config keys ``config``'s method and model do not read (:data:`MOE_MODEL_KEYS`
     for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe`` and for a ``tmoe``
-    without pretraining rounds or label-prior share, where the unigram prior is off)."""
+    without pretraining rounds or label-prior share, where the unigram prior is off,
+    :data:`LMOE_KEYS` for a model other than ``lmoe``)."""
     return (MOE_MODEL_KEYS if config.method != "fedmoe" else frozenset()) | (
-        frozenset() if unigram_prior_applies(config) else TMOE_KEYS)
+        frozenset() if unigram_prior_applies(config) else TMOE_KEYS) | (
+        frozenset() if config.model == "lmoe" else LMOE_KEYS)
 
 
 def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedmoe.models.centre import begin_local_round
 from fedmoe.models.layers import expert_usage, pull_local_experts, set_use_local
 from fedmoe.privacy import make_private, secret_generator
 from fedmoe.roles import unwrap
@@ -68,6 +69,7 @@ def train_dp_round(
     i.e. post-processing of the DP iterate, free in privacy.
     """
     model.train()
+    begin_local_round(model)
     private = make_private(
         model,
         train_set,
@@ -113,6 +115,7 @@ def train_plain_round(
     from opacus.data_loader import DPDataLoader
 
     model.train()
+    begin_local_round(model)
     loader = DPDataLoader(train_set, sample_rate=sample_rate,
                           generator=generator or secret_generator())
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)

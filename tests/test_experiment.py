@@ -361,7 +361,7 @@ def test_a_baseline_run_does_not_depend_on_the_keys_only_fedmoe_models_read(tmp_
                "expert-depth": 1, "num-layers": 2, "num-heads": 2,
                "num-always-on-experts": 0, "label-prior-share": 0.1,
                "label-prior-shrinkage": "none", "score-scale": False,
-               "unigram-prior": False}
+               "feature-centring": False, "unigram-prior": False}
     assert set(changed) == MOE_MODEL_KEYS
     source = {"experiment": {"clients": 3, "seeds": [1]},
               "base": {"num-server-rounds": 2, "partitioner": "dirichlet"},
@@ -412,26 +412,31 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     a key only tmoe reads is no part of another model's id."""
     from fedmoe.methods import ID_NEUTRAL_KEYS, result_keys
 
-    keys = result_keys(FedMoEConfig(ema_decay=0.0))
+    before = {"ema_decay": 0.0, "feature_centring": False}  # today's non-neutral defaults
+    keys = result_keys(FedMoEConfig(**before))
     assert not set(ID_NEUTRAL_KEYS) & set(keys)
-    assert result_keys(FedMoEConfig(ema_decay=0.0, unigram_prior=False)) == keys  # lmoe
-    assert result_keys(FedMoEConfig()) == {**keys, "ema-decay": 0.5}  # today's default
-    moving = result_keys(FedMoEConfig(ema_decay=0.0, server_momentum=0.9,
+    assert result_keys(FedMoEConfig(**before, unigram_prior=False)) == keys  # lmoe
+    assert result_keys(FedMoEConfig()) == {**keys, "ema-decay": 0.5,  # today's defaults
+                                           "feature-centring": True}
+    moving = result_keys(FedMoEConfig(**before, server_momentum=0.9,
                                       server_learning_rate=0.5))
     assert moving == {**keys, "server-momentum": 0.9, "server-learning-rate": 0.5}
-    scaled = result_keys(FedMoEConfig(ema_decay=0.0, dataset="csv:/x.csv",
+    scaled = result_keys(FedMoEConfig(**before, dataset="csv:/x.csv",
                                       feature_bounds="0:255"))
     assert scaled["feature-bounds"] == "0:255"  # a run with bounds is another run
     text = result_keys(FedMoEConfig(model="tmoe"))
     assert text["unigram-prior"] is True
     assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))
+    for model in ("tmoe", "moe", "hmoe", "mtmoe"):  # lmoe's key: in no other model's id
+        assert "feature-centring" not in result_keys(FedMoEConfig(model=model))
     assert result_keys(FedMoEConfig(model="tmoe", pretrain_share=0.3))["pretrain-share"] == 0.3
 
 
 def test_the_published_grids_keep_the_ids_they_were_recorded_with():
     """docs/results.md section 4 says its grid repeats exactly: its runs' ids (the seeds of
     their DP noise) must not move when a key is added. The id below is the one the grid
-    recorded (its α = 0.5, ε = 1 fedmoe runs re-run to the digit with it: mean 0.728)."""
+    recorded (its α = 0.5, ε = 1 fedmoe runs re-run to the digit with it). The id moves
+    when a default does (feature-centring's, in this release); then the grid is re-run."""
     from pathlib import Path
 
     from simulations.experiment import load_grid
@@ -440,7 +445,7 @@ def test_the_published_grids_keep_the_ids_they_were_recorded_with():
     run, = [r for r in grid.runs if dict(r.labels) == {
         "split": "dirichlet-0.5", "target-epsilon": "1", "method": "fedmoe"}
         and r.config.seed == 1]
-    assert run.run_id == "23b27abb8670"
+    assert run.run_id == "50716caed26b"
 
 
 def test_runs_that_differ_only_in_ema_decay_share_their_noise_not_their_id():

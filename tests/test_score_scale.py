@@ -82,8 +82,9 @@ def test_while_training_the_scores_learn_unscaled_and_the_scale_from_detached_sc
     """The shared scores' gradient is exactly the one without a scale (s ≠ 1 changes
     nothing for them); the scale's own loss reaches no other parameter."""
     torch.manual_seed(3)
-    with_scale = method_model(FedMoEConfig(score_scale=True, expert_noise_limit=1e6))
-    without = method_model(FedMoEConfig(score_scale=False, expert_noise_limit=1e6))
+    keys = {"expert_noise_limit": 1e6, "feature_centring": False}  # the scores' tensors only
+    with_scale = method_model(FedMoEConfig(score_scale=True, **keys))
+    without = method_model(FedMoEConfig(score_scale=False, **keys))
     without.load_state_dict({k: v for k, v in with_scale.state_dict().items()
                              if k != "scale.log_scale"})
     with torch.no_grad():
@@ -178,18 +179,21 @@ def test_a_checkpoint_written_before_the_scale_resumes_with_its_own_model(tmp_pa
     assert not resumed.score_scale
     assert config_differences(old, resumed) == []
     assert config_differences(old, FedMoEConfig(resume=True)) == [  # today's defaults
-        "ema-decay (run folder: 0.0, now: 0.5)", "score-scale (run folder: False, now: True)"]
+        "ema-decay (run folder: 0.0, now: 0.5)",
+        "feature-centring (run folder: False, now: True)",
+        "score-scale (run folder: False, now: True)"]
 
 
 def test_a_message_of_a_server_before_the_scale_builds_the_model_it_sends():
     """An upgraded client of a federation whose server is older: the message's config has
-    no score-scale, its global tensors no scale; the client's model must fit them."""
+    no score-scale (nor feature-centring), its global tensors no scale (nor centre); the
+    client's model must fit them."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     from fedmoe.records import ARRAYS, CONFIG, RUN_CONFIG, RoundPlan, read_server_message
     from fedmoe.roles import merge_state_dict, split_state_dict
 
-    sender = method_model(FedMoEConfig(score_scale=False))
+    sender = method_model(FedMoEConfig(score_scale=False, feature_centring=False))
     content = RecordDict({CONFIG: RoundPlan(1).to_record(),
                           RUN_CONFIG: ConfigRecord(_recorded_before()),
                           ARRAYS: ArrayRecord(split_state_dict(sender))})

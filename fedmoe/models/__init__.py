@@ -97,7 +97,8 @@ def run_overrides(config: FedMoEConfig) -> dict[str, Any]:
         common["expert_hidden_dim"] = config.expert_hidden_dim
     if config.model == "lmoe":  # no trunk width: the experts work on the class scores
         del common["hidden_dim"]
-        return common | {"num_shared_experts": config.num_shared_experts}
+        return common | {"num_shared_experts": config.num_shared_experts,
+                         "feature_centring": config.feature_centring}
     if config.model == "hmoe":
         return common | {"num_groups": config.num_groups,
                          "experts_per_group": config.num_shared_experts,

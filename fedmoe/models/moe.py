@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.config import DISPATCHES, GATES
+from fedmoe.models.centre import FeatureCentre
 from fedmoe.models.layers import ExpertSwitch, TopKMoE
 from fedmoe.models.prior import LabelPrior, ScoreScale, personal_logits
 from fedmoe.models.tasks import Classification
@@ -139,6 +140,7 @@ class LMoEConfig:
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     score_scale: bool = True  # a learned scale of the shared scores before the prior
+    feature_centring: bool = True  # the inputs centred by a learned mean (FeatureCentre)
 
     def __post_init__(self) -> None:
         check_positive(self, ("in_features", "num_classes", "expert_hidden_dim",
@@ -150,11 +152,13 @@ class LMoEConfig:
 class LogitMoEClassifier(nn.Module):
     """Linear class scores refined by a top-k MoE over the scores (``lmoe``).
 
-    x: (B, in_features) -> z = trunk(x) (B, C), a linear classifier (``shared``); the MoE
+    x: (B, in_features) -> x - μ, centred by a learned mean (``feature_centring``:
+    :class:`~fedmoe.models.centre.FeatureCentre`, ``shared``) -> z = trunk(x - μ) (B, C),
+    a linear classifier (``shared``); the MoE
     layer routes each example on z and adds its experts' corrections, each a small MLP
     C -> expert_hidden_dim -> C: shared experts (``shared``), the client's local experts
     (``local``), one router (``gate``); then the personal label prior. Returns logits
-    (B, C) and the per-sample router loss (B,).
+    (B, C) and the per-sample router loss (B,) (plus the centring's, of value 0).
 
     Why this shape: under DP-SGD the noise is per coordinate, so the noise norm grows with
     the number of noised parameters and a local tensor's noise is never averaged over
@@ -189,16 +193,23 @@ class LogitMoEClassifier(nn.Module):
         self.scale = ScoreScale() if config.score_scale else nn.Identity()
         self.prior = LabelPrior(config.num_classes)
         self.switch = ExpertSwitch(self.moe)
+        # registered last: its noise is drawn after every other tensor's
+        self.centre = FeatureCentre(config.in_features) if config.feature_centring else None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         _without_scale_as_before(self)
+        if not hasattr(self, "centre"):  # pickled before the centring existed: none
+            self.centre = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        centring = x.new_zeros(x.shape[0])  # (B,)
+        if self.centre is not None:
+            x, centring = self.centre.centred(x)  # (B, D), (B,): value 0, trains μ
         z = self.trunk(x)  # (B, C)
         if not self.switch.enabled:  # experts off for this client: scaled scores + prior
             return (personal_logits(self.scale, self.prior, z, training=self.training),
-                    x.new_zeros(x.shape[0]))  # (B, C), (B,)
+                    centring)  # (B, C), (B,)
         m, aux = self.moe(z)  # (B, C), (B,)
         return personal_logits(self.scale, self.prior, z + m,
-                               training=self.training), aux  # (B, C), (B,)
+                               training=self.training), aux + centring  # (B, C), (B,)

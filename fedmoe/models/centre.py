@@ -1,0 +1,96 @@
+"""Feature centring learned inside DP-SGD: ``x -> x - μ`` with μ the features' mean.
+
+A linear model's scores ``W x + b`` are the same function as ``W (x - μ) + (b + W μ)``,
+but DP-SGD does not treat the two alike. Its noise lands on W and reaches the scores as
+``ΔW · x``, so it grows with ``‖x‖``; and each sample's clipped gradient ``(p - y) xᵀ`` spends
+the clipping bound C on ``‖x‖``, most of which, for features far from zero mean, is the
+direction ``μ`` that every sample shares and no class is told apart by. On digits
+(pixels in [0, 1]) ``‖x‖`` is 3.9 on average and ``‖x - μ‖`` 2.2. Centring the inputs is
+the feature normalisation DP linear models are known to need (Tramèr & Boneh,
+"Differentially private learning needs better features (or much more data)", ICLR 2021),
+but μ is a statistic of the clients' data: it must itself be private.
+
+:class:`FeatureCentre` learns it inside the same DP-SGD step as everything else: μ = κ·φ
+is a ``shared`` parameter, trained on the per-sample loss ``½ ‖x_b - μ‖²`` (whose minimiser
+over the data is the mean), clipped and noised with the rest of each sample's gradient
+and averaged over clients like every shared tensor: one accounted mechanism, no release
+of its own (argument in docs/architecture.md, "Feature centring"). The model reads
+``x - μ`` with μ detached, so the task's loss never moves μ and μ's loss never moves the
+model; the centring term is added to the per-sample loss with value 0
+(:meth:`FeatureCentre.loss`), so reported losses are the task's.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+
+from fedmoe.roles import Role, set_role
+
+#: κ in μ = κ·φ: μ's gradient in each sample's clipped gradient is κ (μ - x_b) (norm ≈ κ·‖x - μ‖,
+#: against the task's ‖p - y‖·‖x - μ‖ before clipping), and μ moves κ² per unit step.
+CENTRE_RATE = 0.25
+
+
+class FeatureCentre(nn.Module):
+    """``x (..., D) -> x - μ`` (..., D), μ = κ·φ (D,) a ``shared`` parameter (zero at first).
+
+    Use :meth:`centred` for the model's input (μ detached) and add :meth:`loss` to the
+    per-sample loss; its gradient trains μ towards the mean of the features.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        set_role(self, Role.SHARED)
+        self.shift = nn.Parameter(torch.zeros(dim))  # φ (D,)
+        #: the μ the model reads while training: μ when the local round began (the
+        #: received global model's), fixed for the round (:meth:`begin_local_round`); None
+        #: before (the current μ). Round state, not model state: a plain attribute, not a
+        #: buffer (Opacus refuses a trainable layer with buffers), and never pickled.
+        self.reference: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "reference": None}
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """μ = κ·φ (D,), detached."""
+        return CENTRE_RATE * self.shift.detach()
+
+    def begin_local_round(self) -> None:
+        """Fix the μ the model reads for the local round that starts: the current one."""
+        self.reference = self.mean.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        return x - CENTRE_RATE * self.shift
+
+    def centred(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x - μ_ref, ℓ)`` for x (B, D): the model's input and the centring loss (B,).
+
+        While training, μ_ref is the μ the local round began with (:meth:`begin_local_round`),
+        so the inputs shift only between rounds, by the federation's averaged μ, never by
+        one client's noisy steps; ℓ's gradient is ``κ (μ - x_b)`` for φ (the current μ) and
+        its value 0 (the reported loss stays the task's). Otherwise (evaluation, no
+        gradient) μ_ref is the current μ and ℓ zeros."""
+        if not (self.training and torch.is_grad_enabled()):
+            return x - self.mean, x.new_zeros(x.shape[0])
+        d = self(x).flatten(1)  # (B, D), with grad to φ
+        half_sq = 0.5 * d.pow(2).sum(-1)  # (B,)
+        reference = self.mean if self.reference is None else self.reference
+        return x - reference.to(x), half_sq - half_sq.detach()
+
+
+def begin_local_round(model: nn.Module) -> None:
+    """Tell every :class:`FeatureCentre` of ``model`` that a local round starts."""
+    for module in model.modules():
+        if isinstance(module, FeatureCentre):
+            module.begin_local_round()
+
+
+@register_grad_sampler(FeatureCentre)
+def feature_centre_grad_sample(layer: FeatureCentre, activations, backprops):
+    """Per-sample gradient of φ, (B, D): ∂(x_b - κφ)/∂φ = -κ, so ``-κ · backprops_b``
+    (summed over any token dimensions)."""
+    g = backprops.reshape(backprops.shape[0], -1, layer.shift.shape[0]).sum(1)
+    return {layer.shift: -CENTRE_RATE * g}
