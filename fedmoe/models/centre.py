@@ -14,10 +14,11 @@ but μ is a statistic of the clients' data: it must itself be private.
 is a ``shared`` parameter, trained on the per-sample loss ``½ ‖x_b - μ‖²`` (whose minimiser
 over the data is the mean), clipped and noised with the rest of each sample's gradient
 and averaged over clients like every shared tensor: one accounted mechanism, no release
-of its own (argument in docs/architecture.md, "Feature centring"). The model reads
-``x - μ`` with μ detached, so the task's loss never moves μ and μ's loss never moves the
-model; the centring term is added to the per-sample loss with value 0
-(:meth:`FeatureCentre.loss`), so reported losses are the task's.
+of its own (argument in docs/architecture.md, "Feature centring"). While training, the
+model reads ``x - μ₀``, μ₀ the μ its local round began with (the received global one), so
+the task's loss never moves μ, μ's loss never moves the model, and the inputs shift only
+between rounds; the centring term is added to the per-sample loss with value 0
+(:meth:`FeatureCentre.centred`), so reported losses are the task's.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ from torch import nn
 from fedmoe.roles import Role, set_role
 
 #: κ in μ = κ·φ: μ's gradient in each sample's clipped gradient is κ (μ - x_b) (norm ≈ κ·‖x - μ‖,
-#: against the task's ‖p - y‖·‖x - μ‖ before clipping), and μ moves κ² per unit step.
+#: against the task's ‖p - y‖·‖x - μ‖ before clipping), and μ moves κ² per unit step. 0.5
+#: and 1 moved μ faster but took more of each clipped gradient and lost at ε = 1
+#: (docs/results.md, section 3.11).
 CENTRE_RATE = 0.25
 
 
 class FeatureCentre(nn.Module):
     """``x (..., D) -> x - μ`` (..., D), μ = κ·φ (D,) a ``shared`` parameter (zero at first).
 
-    Use :meth:`centred` for the model's input (μ detached) and add :meth:`loss` to the
-    per-sample loss; its gradient trains μ towards the mean of the features.
+    :meth:`centred` gives the model's input and a per-sample loss to add to the task's,
+    whose gradient trains μ towards the mean of the features; call
+    :meth:`begin_local_round` (:func:`begin_local_round`) as each local round starts.
     """
 
     def __init__(self, dim: int) -> None:
