@@ -224,3 +224,23 @@ def test_the_centre_handles_token_dimensions():
     expected = CENTRE_RATE * (CENTRE_RATE * 0.4 - x).sum(1)
     assert torch.allclose(layer.shift.grad_sample, expected, atol=1e-12)
     gsm._close()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
+def test_every_dp_mode_clips_the_whole_sample_gradient_and_takes_empty_batches(mode):
+    """One noiseless step in each grad-sample mode equals Σ_b min(1, C/‖g_b‖) g_b / E[B]
+    of the naive per-sample gradients, μ's included; an empty Poisson batch (a noise-only
+    step, which hooks mode still runs forward) works too."""
+    model = _with_mean(_model())
+    x, y = _batch(6, n=8)
+    naive = _naive_per_sample(model, x, y)
+    before = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    private = make_private(model, TensorDataset(x, y), sample_rate=1.0, noise_multiplier=0.0,
+                           max_grad_norm=0.3, learning_rate=1.0, mode=mode)
+    private.step(lambda m: _loss(m, x, y), len(x))
+    after = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    factors = (0.3 / (naive.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    expected = (factors[:, None] * naive).sum(0) / len(x)
+    assert torch.allclose(before - after, expected, atol=1e-9)
+    private.step(lambda m: _loss(m, x[:0], y[:0]), 0)  # raised in hooks mode before
+    private.close()

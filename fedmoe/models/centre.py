@@ -96,5 +96,5 @@ def begin_local_round(model: nn.Module) -> None:
 def feature_centre_grad_sample(layer: FeatureCentre, activations, backprops):
     """Per-sample gradient of φ, (B, D): ∂(x_b - κφ)/∂φ = -κ, so ``-κ · backprops_b``
     (summed over any token dimensions)."""
-    g = backprops.reshape(backprops.shape[0], -1, layer.shift.shape[0]).sum(1)
-    return {layer.shift: -CENTRE_RATE * g}
+    g = backprops if backprops.dim() == 2 else backprops.flatten(1, -2).sum(1)  # (B, D)
+    return {layer.shift: -CENTRE_RATE * g}  # B = 0 too (hooks mode's empty Poisson batch)

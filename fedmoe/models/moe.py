@@ -193,7 +193,7 @@ class LogitMoEClassifier(nn.Module):
         self.scale = ScoreScale() if config.score_scale else nn.Identity()
         self.prior = LabelPrior(config.num_classes)
         self.switch = ExpertSwitch(self.moe)
-        # registered last: its noise is drawn after every other tensor's
+        # registered last: the other tensors keep their parameter order
         self.centre = FeatureCentre(config.in_features) if config.feature_centring else None
 
     def __setstate__(self, state: dict) -> None:
