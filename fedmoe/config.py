@@ -343,12 +343,14 @@ class FedMoEConfig:
         (docs/results.md, section 3.4). Other models and methods, and runs without a
         label prior (``label-prior-share = 0``), have no scale.
     feature_centring : bool (default: true)
-        ``lmoe``: its inputs are centred, x - μ, by a learned ``shared`` mean μ
-        (:class:`fedmoe.models.centre.FeatureCentre`), trained in the same DP-SGD step on
-        each sample's ½‖x - μ‖² and averaged like every shared tensor. DP-SGD's noise on a
-        linear model's weights reaches its scores as ΔW·x, and each clipped gradient spends
-        C on ‖x‖; centring removes the mean that every sample shares (docs/results.md,
-        section 3.11). Other models and methods have no centring.
+        ``lmoe`` and the MLP baselines (``fedavg``, ``fedper``, ``local``): the inputs are
+        centred, x - μ, by a learned mean μ (:class:`fedmoe.models.centre.FeatureCentre`),
+        trained in the same DP-SGD step on each sample's ½‖x - μ‖² and, where the method
+        aggregates (``shared``: ``lmoe``, ``fedavg``, ``fedper``), averaged like every
+        shared tensor; ``local`` keeps its own. DP-SGD's noise on a linear model's weights
+        reaches its scores as ΔW·x, and each clipped gradient spends C on ‖x‖; centring
+        removes the mean that every sample shares (docs/results.md, section 3.11). The
+        other MoE models have no centring.
     unigram_prior : bool (default: true)
         ``tmoe`` with pretraining rounds and ``label-prior-share`` > 0: a personal prior on
         the next-byte logits, the client's byte unigram distribution from its one DP

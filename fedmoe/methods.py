@@ -27,6 +27,7 @@ from torch import nn
 from fedmoe.compression import Codec
 from fedmoe.config import ADDED_KEYS, METHODS, FedMoEConfig
 from fedmoe.models import model_for, unigram_prior_applies
+from fedmoe.models.centre import FeatureCentre
 from fedmoe.models.prior import label_priors
 from fedmoe.models.tasks import Classification
 from fedmoe.roles import Role, set_role
@@ -38,27 +39,42 @@ MLP_IN, MLP_CLASSES = 64, 10
 
 class MLPClassifier(nn.Module):
     """The baselines' dense classifier: x (B, in) -> ReLU(body) (B, width) -> head (B, C),
-    or with ``width`` 0 a linear classifier x (B, in) -> head (B, C) (no body).
+    or with ``width`` 0 a linear classifier x (B, in) -> head (B, C) (no body); with
+    ``centring`` the inputs are first centred, x - μ, by the same learned mean as
+    ``lmoe``'s (:class:`~fedmoe.models.centre.FeatureCentre`; its role is the method's:
+    aggregated for ``fedavg`` and ``fedper``, the client's own for ``local``).
 
-    Returns ``(logits, aux)`` like every fedmoe model, ``aux`` (B,) zeros (no router).
-    Roles are set by the method (:data:`METHOD_SPECS`), not here.
+    Returns ``(logits, aux)`` like every fedmoe model, ``aux`` (B,) the centring's loss
+    (value 0) or zeros (no router). Roles are set by the method (:data:`METHOD_SPECS`),
+    not here.
     """
 
     task = Classification()
 
-    def __init__(self, in_features: int, width: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, width: int, num_classes: int,
+                 centring: bool = False) -> None:
         super().__init__()
         self.body = nn.Linear(in_features, width) if width else None
         self.head = nn.Linear(width or in_features, num_classes)
+        # registered last: the other tensors keep their parameter order (and noise draws)
+        self.centre = FeatureCentre(in_features) if centring else None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if not hasattr(self, "centre"):  # pickled before the centring existed: none
+            self.centre = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        centring = x.new_zeros(x.shape[0])  # (B,)
+        if self.centre is not None:
+            x, centring = self.centre.centred(x)  # (B, in), (B,): value 0, trains μ
         h = x if self.body is None else F.relu(self.body(x))  # (B, width or in)
-        return self.head(h), x.new_zeros(x.shape[0])  # (B, C), (B,)
+        return self.head(h), centring  # (B, C), (B,)
 
 
 def _mlp(config: FedMoEConfig) -> MLPClassifier:
     return MLPClassifier(config.num_features or MLP_IN, config.mlp_width,
-                         config.num_classes or MLP_CLASSES)
+                         config.num_classes or MLP_CLASSES, config.feature_centring)
 
 
 def _all(role: Role) -> Callable[[nn.Module], None]:
@@ -114,12 +130,13 @@ MOE_MODEL_KEYS = frozenset({
     "num-local-experts", "top-k", "balance-coef", "z-loss-coef", "local-pull",
     "expert-noise-limit", "num-groups", "group-top-k", "expert-depth", "num-layers",
     "num-heads", "num-always-on-experts", "label-prior-share", "label-prior-shrinkage",
-    "score-scale", "feature-centring", "unigram-prior",
+    "score-scale", "unigram-prior",
 })
 #: Run-config keys only ``tmoe`` reads.
 TMOE_KEYS = frozenset({"unigram-prior"})
-#: Run-config keys only ``lmoe`` reads.
-LMOE_KEYS = frozenset({"feature-centring"})
+#: Run-config keys only ``lmoe`` and the MLP baselines read (the other MoE models have no
+#: feature centring).
+CENTRING_KEYS = frozenset({"feature-centring"})
 
 
 #: Run-config keys added after seeded grids had been recorded: at the value that means "as
@@ -141,10 +158,11 @@ def unread_keys(config: FedMoEConfig) -> frozenset[str]:
     """The run-config keys ``config``'s method and model do not read (:data:`MOE_MODEL_KEYS`
     for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe`` and for a ``tmoe``
     without pretraining rounds or label-prior share, where the unigram prior is off,
-    :data:`LMOE_KEYS` for a model other than ``lmoe``)."""
+    :data:`CENTRING_KEYS` for a fedmoe model other than ``lmoe``)."""
+    centred = config.method != "fedmoe" or config.model == "lmoe"
     return (MOE_MODEL_KEYS if config.method != "fedmoe" else frozenset()) | (
         frozenset() if unigram_prior_applies(config) else TMOE_KEYS) | (
-        frozenset() if config.model == "lmoe" else LMOE_KEYS)
+        frozenset() if centred else CENTRING_KEYS)
 
 
 def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:

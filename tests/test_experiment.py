@@ -361,7 +361,7 @@ def test_a_baseline_run_does_not_depend_on_the_keys_only_fedmoe_models_read(tmp_
                "expert-depth": 1, "num-layers": 2, "num-heads": 2,
                "num-always-on-experts": 0, "label-prior-share": 0.1,
                "label-prior-shrinkage": "none", "score-scale": False,
-               "feature-centring": False, "unigram-prior": False}
+               "unigram-prior": False}
     assert set(changed) == MOE_MODEL_KEYS
     source = {"experiment": {"clients": 3, "seeds": [1]},
               "base": {"num-server-rounds": 2, "partitioner": "dirichlet"},
@@ -429,6 +429,10 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))
     for model in ("tmoe", "moe", "hmoe", "mtmoe"):  # lmoe's key: in no other model's id
         assert "feature-centring" not in result_keys(FedMoEConfig(model=model))
+    for method in ("fedavg", "fedper", "local"):  # the baselines read it (and centre)
+        assert result_keys(FedMoEConfig(method=method))["feature-centring"] is True
+        assert "feature-centring" not in result_keys(FedMoEConfig(method=method,
+                                                                  feature_centring=False))
     assert result_keys(FedMoEConfig(model="tmoe", pretrain_share=0.3))["pretrain-share"] == 0.3
 
 
@@ -441,11 +445,30 @@ def test_the_published_grids_keep_the_ids_they_were_recorded_with():
 
     from simulations.experiment import load_grid
 
-    grid = load_grid(Path(__file__).parents[1] / "simulations" / "grids" / "full.toml")
-    run, = [r for r in grid.runs if dict(r.labels) == {
-        "split": "dirichlet-0.5", "target-epsilon": "1", "method": "fedmoe"}
-        and r.config.seed == 1]
-    assert run.run_id == "50716caed26b"
+    grids = Path(__file__).parents[1] / "simulations" / "grids"
+    recorded = {"fedmoe": "50716caed26b", "local": "1b005baae246", "fedavg": "bd71576a92e4",
+                "fedper": "68f653f62413"}  # the baselines' since the release before
+    for name in ("full.toml", "full_centred.toml"):
+        for method, run_id in recorded.items():
+            run, = [r for r in load_grid(grids / name).runs if dict(r.labels) == {
+                "split": "dirichlet-0.5", "target-epsilon": "1", "method": method}
+                and r.config.seed == 1]
+            # full_centred.toml centres the baselines too: their runs are other runs
+            assert (run.run_id == run_id) is (method == "fedmoe" or name == "full.toml")
+
+
+def test_every_committed_grid_runs_its_baselines_as_recorded_unless_it_says_centred():
+    """Baselines centre their inputs by default (``feature-centring``) since this release;
+    every grid recorded before runs them on the raw features, as its results were made
+    (their run ids, and so their noise draws, are the ones recorded)."""
+    from pathlib import Path
+
+    from simulations.experiment import load_grid
+
+    for path in sorted((Path(__file__).parents[1] / "simulations" / "grids").glob("*.toml")):
+        centred = {r.config.feature_centring for r in load_grid(path).runs
+                   if r.config.method != "fedmoe"}
+        assert centred <= ({True} if "centred" in path.stem else {False}), path.name
 
 
 def test_runs_that_differ_only_in_ema_decay_share_their_noise_not_their_id():

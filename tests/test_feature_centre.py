@@ -1,8 +1,9 @@
-"""The learned feature centring of ``lmoe`` (``feature-centring``,
+"""The learned feature centring of ``lmoe`` and the MLP baselines (``feature-centring``,
 fedmoe.models.centre.FeatureCentre): its per-sample gradient against a naive one-sample
-loop, book-keeping's clipped sum against naive clipping, that it trains μ alone and
-towards the features' mean, that losses and predictions are what they claim, its role,
-and run folders, checkpoints and pickles made before it existed."""
+loop, book-keeping's and every DP mode's clipped sum against naive clipping, that it
+trains μ alone and towards the features' mean, that losses and predictions are what they
+claim, its role under every method, and run folders, checkpoints and pickles made before
+it existed."""
 
 import copy
 import pickle
@@ -24,6 +25,13 @@ from fedmoe.training import unwrap
 def _model(**keys):
     # experts on (ν limit above any client): the centring's loss is added to the router's
     return method_model(FedMoEConfig(expert_noise_limit=1e6, **keys)).double()
+
+
+#: lmoe and each MLP baseline (linear for local and fedavg, as the grids run them; fedper
+#: with its ReLU body), as keyword arguments of :func:`_model`.
+CENTRED = {"lmoe": {}, "fedavg": {"method": "fedavg", "mlp_width": 0},
+           "fedper": {"method": "fedper", "mlp_width": 16},
+           "local": {"method": "local", "mlp_width": 0}}
 
 
 def _loss(model, x, y):  # per-sample (B,)
@@ -57,8 +65,9 @@ def _with_mean(model, seed=1):
     return model
 
 
-def test_per_sample_gradient_of_the_mean_is_kappa_times_mu_minus_x():
-    model = _with_mean(_model())
+@pytest.mark.parametrize("name", list(CENTRED))
+def test_per_sample_gradient_of_the_mean_is_kappa_times_mu_minus_x(name):
+    model = _with_mean(_model(**CENTRED[name]))
     x, y = _batch()
     naive = _naive_per_sample(model, x, y)
     shift = [i for i, (n, p) in enumerate(model.named_parameters()) if n == "centre.shift"]
@@ -154,14 +163,24 @@ def test_while_a_local_round_trains_the_model_reads_the_mean_it_began_with():
     assert torch.allclose(seen[0], x - mu1)
 
 
-def test_the_mean_is_a_shared_tensor_that_starts_at_zero_and_the_key_switches_it():
-    model = method_model(FedMoEConfig())
+@pytest.mark.parametrize(("name", "role"), [("lmoe", Role.SHARED), ("fedavg", Role.SHARED),
+                                            ("fedper", Role.SHARED), ("local", Role.LOCAL)])
+def test_the_mean_takes_the_methods_role_starts_at_zero_and_the_key_switches_it(name, role):
+    """Aggregated where the method aggregates its first layer; ``local``'s stays on the
+    client (it sends nothing: no federated tensor at all)."""
+    model = _model(**CENTRED[name])
     roles = tensor_roles(model)
-    assert roles["centre.shift"] == Role.SHARED
-    assert torch.equal(model.centre.shift, torch.zeros(64))
-    without = method_model(FedMoEConfig(feature_centring=False))
+    assert roles["centre.shift"] == role
+    assert torch.equal(model.centre.shift, torch.zeros(64, dtype=torch.float64))
+    without = _model(**CENTRED[name], feature_centring=False)
     assert set(roles) - set(tensor_roles(without)) == {"centre.shift"}
-    for name in ("moe", "hmoe"):  # lmoe only
+    assert without.centre is None
+    if name == "local":
+        assert set(roles.values()) == {Role.LOCAL}
+
+
+def test_only_lmoe_of_the_moe_models_has_a_centre():
+    for name in ("moe", "hmoe", "mtmoe", "tmoe"):
         assert "centre.shift" not in tensor_roles(method_model(FedMoEConfig(model=name)))
 
 
@@ -189,8 +208,9 @@ def test_dp_sgd_takes_the_mean_to_the_features_mean(noise):
     assert (model.centre.mean - target).norm() < 0.1 * target.norm()
 
 
-def test_a_model_pickled_before_the_centring_predicts_as_it_did():
-    model = method_model(FedMoEConfig(feature_centring=False))
+@pytest.mark.parametrize("name", ["lmoe", "fedavg", "fedper"])
+def test_a_model_pickled_before_the_centring_predicts_as_it_did(name):
+    model = _model(**CENTRED[name], feature_centring=False).float()
     old = copy.copy(model)  # as pickled by an fedmoe before the key: no ``centre``
     old.__dict__ = {k: v for k, v in model.__dict__.items() if k != "centre"}
     old._modules = {k: v for k, v in model._modules.items() if k != "centre"}
@@ -226,12 +246,13 @@ def test_the_centre_handles_token_dimensions():
     gsm._close()
 
 
+@pytest.mark.parametrize("name", list(CENTRED))
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
-def test_every_dp_mode_clips_the_whole_sample_gradient_and_takes_empty_batches(mode):
+def test_every_dp_mode_clips_the_whole_sample_gradient_and_takes_empty_batches(mode, name):
     """One noiseless step in each grad-sample mode equals Σ_b min(1, C/‖g_b‖) g_b / E[B]
     of the naive per-sample gradients, μ's included; an empty Poisson batch (a noise-only
     step, which hooks mode still runs forward) works too."""
-    model = _with_mean(_model())
+    model = _with_mean(_model(**CENTRED[name]))
     x, y = _batch(6, n=8)
     naive = _naive_per_sample(model, x, y)
     before = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])

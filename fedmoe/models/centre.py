@@ -11,9 +11,10 @@ the feature normalisation DP linear models are known to need (Tramèr & Boneh,
 but μ is a statistic of the clients' data: it must itself be private.
 
 :class:`FeatureCentre` learns it inside the same DP-SGD step as everything else: μ = κ·φ
-is a ``shared`` parameter, trained on the per-sample loss ``½ ‖x_b - μ‖²`` (whose minimiser
-over the data is the mean), clipped and noised with the rest of each sample's gradient
-and averaged over clients like every shared tensor: one accounted mechanism, no release
+is a parameter, trained on the per-sample loss ``½ ‖x_b - μ‖²`` (whose minimiser over the
+data is the mean), clipped and noised with the rest of each sample's gradient and, where
+the method aggregates it (``shared``: ``lmoe``, ``fedavg``, ``fedper``; ``local`` keeps its
+own), averaged over clients like every shared tensor: one accounted mechanism, no release
 of its own (argument in docs/architecture.md, "Feature centring"). While training, the
 model reads ``x - μ₀``, μ₀ the μ its local round began with (the received global one), so
 the task's loss never moves μ, μ's loss never moves the model, and the inputs shift only
@@ -27,8 +28,6 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from fedmoe.roles import Role, set_role
-
 #: κ in μ = κ·φ: μ's gradient in each sample's clipped gradient is κ (μ - x_b) (norm ≈ κ·‖x - μ‖,
 #: against the task's ‖p - y‖·‖x - μ‖ before clipping), and μ moves κ² per unit step. 0.5
 #: and 1 moved μ faster but took more of each clipped gradient and lost at ε = 1
@@ -37,7 +36,9 @@ CENTRE_RATE = 0.25
 
 
 class FeatureCentre(nn.Module):
-    """``x (..., D) -> x - μ`` (..., D), μ = κ·φ (D,) a ``shared`` parameter (zero at first).
+    """``x (..., D) -> x - μ`` (..., D), μ = κ·φ (D,) a parameter (zero at first) that takes
+    the role of the model holding it (``shared`` in ``lmoe``, ``fedavg`` and ``fedper``;
+    ``local`` in ``local``, where nothing leaves the client).
 
     :meth:`centred` gives the model's input and a per-sample loss to add to the task's,
     whose gradient trains μ towards the mean of the features; call
@@ -46,7 +47,6 @@ class FeatureCentre(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        set_role(self, Role.SHARED)
         self.shift = nn.Parameter(torch.zeros(dim))  # φ (D,)
         #: the μ the model reads while training: μ when the local round began (the
         #: received global model's), fixed for the round (:meth:`begin_local_round`); None
