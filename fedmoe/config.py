@@ -84,7 +84,7 @@ MAX_SEED = 2**32 - 1
 ADDED_KEYS: dict[str, Any] = {"score-scale": False, "server-momentum": 0.0,
                               "server-learning-rate": 1.0, "unigram-prior": False,
                               "ema-decay": 0.0, "feature-bounds": "", "pretrain-share": 0.0,
-                              "feature-centring": False}
+                              "feature-centring": False, "mlp-centring": False}
 #: server-learning-rate's upper bound: a step 10x the aggregated update.
 MAX_SERVER_LR = 10.0
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
@@ -305,7 +305,14 @@ class FedMoEConfig:
         Hidden width of the baselines' MLP (in -> width -> classes: 75·width + 10
         parameters on 64 features; 288 gives 21,610, about the 21,710 shared + gate
         parameters of the default ``moe``; 64 is the 4,810-parameter MLP 64-64-10); 0 = a
-        linear classifier (650 parameters; not for ``fedper``, which shares a body).
+        linear classifier (650 parameters; not for ``fedper``, which shares a body); 64
+        more with the centring (``mlp-centring``).
+    mlp_centring : bool (default: true)
+        Whether the MLP baselines centre their inputs when ``feature-centring`` is on (it
+        is the baselines' switch, ``feature-centring`` everyone's: a baseline centres only
+        with both). A run recorded before this key existed reads it as false: its baseline
+        did not centre, whatever its recorded ``feature-centring`` says (the baselines
+        ignored that key then). fedmoe's models ignore it.
     evaluate_on : str (default: "test")
         ``test`` (each client's own test split) or ``validation``: a share
         ``validation-fraction`` of each client's training split is held out and scored
@@ -343,7 +350,8 @@ class FedMoEConfig:
         (docs/results.md, section 3.4). Other models and methods, and runs without a
         label prior (``label-prior-share = 0``), have no scale.
     feature_centring : bool (default: true)
-        ``lmoe`` and the MLP baselines (``fedavg``, ``fedper``, ``local``): the inputs are
+        ``lmoe`` and the MLP baselines (``fedavg``, ``fedper``, ``local``; for them with
+        ``mlp-centring``): the inputs are
         centred, x - μ, by a learned mean μ (:class:`fedmoe.models.centre.FeatureCentre`),
         trained in the same DP-SGD step on each sample's ½‖x - μ‖² and, where the method
         aggregates (``shared``: ``lmoe``, ``fedavg``, ``fedper``), averaged like every
@@ -458,6 +466,7 @@ class FedMoEConfig:
     run_dir: str = ""
     method: str = "fedmoe"
     mlp_width: int = 288
+    mlp_centring: bool = True
     evaluate_on: str = "test"
     validation_fraction: float = 0.2
     classes_per_client: int = 2

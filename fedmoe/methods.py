@@ -74,7 +74,14 @@ class MLPClassifier(nn.Module):
 
 def _mlp(config: FedMoEConfig) -> MLPClassifier:
     return MLPClassifier(config.num_features or MLP_IN, config.mlp_width,
-                         config.num_classes or MLP_CLASSES, config.feature_centring)
+                         config.num_classes or MLP_CLASSES, mlp_centred(config))
+
+
+def mlp_centred(config: FedMoEConfig) -> bool:
+    """Whether a baseline's MLP centres its inputs: ``feature-centring`` and
+    ``mlp-centring`` both on (a run recorded before ``mlp-centring`` existed reads it as
+    false: its baseline never centred, :data:`fedmoe.config.ADDED_KEYS`)."""
+    return config.feature_centring and config.mlp_centring
 
 
 def _all(role: Role) -> Callable[[nn.Module], None]:
@@ -137,6 +144,8 @@ TMOE_KEYS = frozenset({"unigram-prior"})
 #: Run-config keys only ``lmoe`` and the MLP baselines read (the other MoE models have no
 #: feature centring).
 CENTRING_KEYS = frozenset({"feature-centring"})
+#: Run-config keys only the MLP baselines read (fedmoe's models ignore them).
+MLP_KEYS = frozenset({"mlp-centring"})
 
 
 #: Run-config keys added after seeded grids had been recorded: at the value that means "as
@@ -158,20 +167,28 @@ def unread_keys(config: FedMoEConfig) -> frozenset[str]:
     """The run-config keys ``config``'s method and model do not read (:data:`MOE_MODEL_KEYS`
     for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe`` and for a ``tmoe``
     without pretraining rounds or label-prior share, where the unigram prior is off,
-    :data:`CENTRING_KEYS` for a fedmoe model other than ``lmoe``)."""
-    centred = config.method != "fedmoe" or config.model == "lmoe"
-    return (MOE_MODEL_KEYS if config.method != "fedmoe" else frozenset()) | (
+    :data:`CENTRING_KEYS` for a fedmoe model other than ``lmoe``, :data:`MLP_KEYS` for
+    ``fedmoe``)."""
+    baseline = config.method != "fedmoe"
+    return (MOE_MODEL_KEYS if baseline else MLP_KEYS) | (
         frozenset() if unigram_prior_applies(config) else TMOE_KEYS) | (
-        frozenset() if centred else CENTRING_KEYS)
+        frozenset() if baseline or config.model == "lmoe" else CENTRING_KEYS)
 
 
 def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
     """The run-config keys that determine a run's result for its method (all of them for
     ``fedmoe``; without :data:`MOE_MODEL_KEYS` for the baselines and :data:`TMOE_KEYS`
-    for the other models), less the :data:`ID_NEUTRAL_KEYS` at their "as before" value."""
+    for the other models), less the :data:`ID_NEUTRAL_KEYS` at their "as before" value.
+
+    A baseline's two centring switches are one fact, whether its MLP centres
+    (:func:`mlp_centred`), kept as ``feature-centring``: the runs of either switch off
+    are one run (the id of a baseline recorded before either key existed)."""
     keys = config.to_run_config()
     for key in unread_keys(config):
         keys.pop(key)
+    if config.method != "fedmoe":
+        keys["feature-centring"] = mlp_centred(config)
+        keys.pop("mlp-centring")
     for key in ID_NEUTRAL_KEYS:
         if key in keys and keys[key] == ADDED_KEYS[key]:
             keys.pop(key)

@@ -429,10 +429,15 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     assert "unigram-prior" not in result_keys(FedMoEConfig(model="tmoe", unigram_prior=False))
     for model in ("tmoe", "moe", "hmoe", "mtmoe"):  # lmoe's key: in no other model's id
         assert "feature-centring" not in result_keys(FedMoEConfig(model=model))
-    for method in ("fedavg", "fedper", "local"):  # the baselines read it (and centre)
-        assert result_keys(FedMoEConfig(method=method))["feature-centring"] is True
-        assert "feature-centring" not in result_keys(FedMoEConfig(method=method,
-                                                                  feature_centring=False))
+    assert "mlp-centring" not in result_keys(FedMoEConfig(mlp_centring=False))  # fedmoe's
+    for method in ("fedavg", "fedper", "local"):  # the baselines read both (and centre)
+        centred = result_keys(FedMoEConfig(method=method))
+        assert centred["feature-centring"] is True and "mlp-centring" not in centred
+        # either switch off: one run, the id of a baseline recorded before either key
+        plain = [result_keys(FedMoEConfig(method=method, feature_centring=f, mlp_centring=m))
+                 for f, m in ((False, True), (True, False), (False, False))]
+        assert all(k == plain[0] for k in plain) and "feature-centring" not in plain[0]
+        assert plain[0] == {k: v for k, v in centred.items() if k != "feature-centring"}
     assert result_keys(FedMoEConfig(model="tmoe", pretrain_share=0.3))["pretrain-share"] == 0.3
 
 

@@ -6,6 +6,7 @@ claim, its role under every method, and run folders, checkpoints and pickles mad
 it existed."""
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -265,3 +266,68 @@ def test_every_dp_mode_clips_the_whole_sample_gradient_and_takes_empty_batches(m
     assert torch.allclose(before - after, expected, atol=1e-9)
     private.step(lambda m: _loss(m, x[:0], y[:0]), 0)  # raised in hooks mode before
     private.close()
+
+
+# ------------------------------------------------- baselines recorded before they centred
+def _baseline_recorded_before(method):
+    """A baseline's run config as fedmoe recorded it before the baselines centred: every
+    key, ``feature-centring`` at its default true (which the baselines ignored then), no
+    ``mlp-centring``."""
+    recorded = FedMoEConfig(method=method, mlp_width=0 if method != "fedper" else 16
+                            ).to_run_config()
+    del recorded["mlp-centring"]
+    recorded["feature-centring"] = True
+    return recorded
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedper", "local"])
+def test_a_baseline_recorded_before_it_centred_builds_and_resumes_its_own_model(method):
+    from server.checkpoint import config_differences
+
+    recorded = _baseline_recorded_before(method)
+    config = FedMoEConfig.from_recorded(recorded)
+    assert config.feature_centring and not config.mlp_centring
+    model = method_model(config)
+    assert model.centre is None  # the tensors it saved fit: no centre.shift
+    made = method_model(FedMoEConfig(method=method, mlp_width=config.mlp_width,
+                                     feature_centring=False))
+    model.load_state_dict(made.state_dict())
+    resumed = FedMoEConfig.from_recorded({**recorded, "resume": True})  # `fedmoe --resume`
+    assert config_differences(recorded, resumed) == [] and not resumed.mlp_centring
+    assert "mlp-centring (run folder: False, now: True)" in config_differences(
+        recorded, FedMoEConfig(method=method, mlp_width=config.mlp_width, resume=True))
+
+
+def test_a_message_of_a_server_before_the_baselines_centred_builds_the_model_it_sends():
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fedmoe.records import ARRAYS, CONFIG, RUN_CONFIG, RoundPlan, read_server_message
+    from fedmoe.roles import merge_state_dict, split_state_dict
+
+    sender = method_model(FedMoEConfig(method="fedavg", mlp_width=0, feature_centring=False))
+    content = RecordDict({CONFIG: RoundPlan(1).to_record(),
+                          RUN_CONFIG: ConfigRecord(_baseline_recorded_before("fedavg")),
+                          ARRAYS: ArrayRecord(split_state_dict(sender))})
+    global_state, _, config = read_server_message(content)
+    merge_state_dict(method_model(config), global_state)  # raised RoleError before
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local"])
+def test_a_baseline_run_recorded_before_it_centred_exports(tmp_path, method):
+    """A finished baseline run whose results.json says ``feature-centring: true`` and has
+    no ``mlp-centring`` (every baseline run of the releases before) exports the model it
+    trained; it raised RoleError on the missing centre.shift."""
+    from fedmoe.export import export_client, load_export
+    from simulations.inline import run_inline
+
+    run = tmp_path / "run"
+    run_inline(FedMoEConfig(method=method, mlp_width=0, feature_centring=False,
+                            num_server_rounds=1, run_dir=str(run)), 2)
+    results = json.loads((run / "results.json").read_text())
+    results["config"] = {**_baseline_recorded_before(method), **{
+        k: v for k, v in results["config"].items()
+        if k not in ("feature-centring", "mlp-centring")}}
+    (run / "results.json").write_text(json.dumps(results))
+    export_client(run, "partition-1", tmp_path / "model.pt")
+    exported = load_export(tmp_path / "model.pt")["model"]
+    assert getattr(exported, "centre", None) is None

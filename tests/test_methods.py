@@ -60,7 +60,7 @@ def test_fedavg_has_no_local_tensor_and_sends_the_whole_model(tmp_path):
 def test_fedper_head_never_leaves_the_client(tmp_path):
     config, reply = train_reply("fedper", tmp_path)
     sent = set(all_arrays(reply))
-    assert sent == {"body.weight", "body.bias"}
+    assert sent == {"body.weight", "body.bias", "centre.shift"}  # the body reads x - μ
     kept = ClientStore(tmp_path).load_local()
     assert set(kept) == {"head.weight", "head.bias"}
     # a second round restores the trained head from disk, not a fresh one
@@ -79,12 +79,15 @@ def test_fedmoe_keeps_its_local_experts(tmp_path):
 
 def test_mlp_width_sets_the_parameter_count():
     # in -> width -> 10 on 64 features: 64 w + w + 10 w + 10 parameters
+    # (+ 64: the learned mean μ with feature-centring)
     for width in (64, 256):
-        model = method_model(FedMoEConfig(method="fedavg", mlp_width=width))
-        assert isinstance(model, MLPClassifier)
-        assert sum(p.numel() for p in model.parameters()) == 75 * width + 10
-    assert sum(p.numel() for p in method_model(FedMoEConfig(method="fedavg", mlp_width=64))
-               .parameters()) == 4810  # the reference MLP 64-64-10
+        for centring in (False, True):
+            model = method_model(FedMoEConfig(method="fedavg", mlp_width=width,
+                                              feature_centring=centring))
+            assert isinstance(model, MLPClassifier)
+            assert sum(p.numel() for p in model.parameters()) == 75 * width + 10 + 64 * centring
+    assert sum(p.numel() for p in method_model(FedMoEConfig(
+        method="fedavg", mlp_width=64, feature_centring=False)).parameters()) == 4810  # 64-64-10
 
 
 def test_baselines_refuse_models_they_cannot_stand_in_for():
