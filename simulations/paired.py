@@ -22,6 +22,12 @@ other method — mean over seeds of fedmoe minus the highest mean of the others 
 and worst-decile personalised accuracy, the best method named (the goal of issue 13)::
 
     python -m simulations.paired runs/full --gaps
+
+with ``--also OTHER`` (repeatable), the other methods of the folder OTHER — a grid with
+the same axes, e.g. its baselines run another way — count as more methods, named
+``METHOD@FOLDER`` (OTHER's own fedmoe runs are left out)::
+
+    python -m simulations.paired runs/full --gaps --also runs/full_centred
 """
 
 from __future__ import annotations
@@ -124,6 +130,24 @@ def against(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[d
             for row in rows]
 
 
+def also(rows: list[dict[str, Any]], other: list[dict[str, Any]], name: str,
+         method: str = "fedmoe") -> list[dict[str, Any]]:
+    """``rows`` and the runs of ``other`` that are not ``method``'s, those renamed
+    ``METHOD@name`` (for :func:`gaps_table`: more methods to compare against).
+
+    Raises
+    ------
+    ValueError
+        If ``other``'s axes are not ``rows``'.
+    """
+    if _axes(other) != _axes(rows):
+        raise ValueError(f"--also {name}: its axes {_axes(other)} are not this grid's "
+                         f"{_axes(rows)}")
+    return rows + [{**r, "method": f"{r['method']}@{name}",
+                    "axis:method": f"{r['axis:method']}@{name}"}
+                   for r in other if r["method"] != method]
+
+
 def _mean(runs: dict[int, dict], seeds: Sequence[int]) -> str:
     return (f"{statistics.fmean(float(runs[s][MEAN]) for s in seeds):.3f} "
             f"({statistics.fmean(float(runs[s][WORST]) for s in seeds):.3f})")
@@ -178,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="another folder of the same grid (after a code change)")
     parser.add_argument("--gaps", action="store_true",
                         help="fedmoe against the best other method per setting")
+    parser.add_argument("--also", action="append", default=[], type=Path, metavar="OTHER",
+                        help="with --gaps: the other methods of this folder too "
+                             "(repeatable), named METHOD@FOLDER")
     parser.add_argument("--where", action="append", default=[], metavar="AXIS=VALUE",
                         help="only the runs with this axis value (repeatable), e.g. "
                              "method=fedmoe")
@@ -192,7 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.against / CSV} does not exist", file=sys.stderr)
             return 2
         rows = against(rows, read_csv(args.against / CSV))
+    if args.also and not args.gaps:
+        parser.error("--also goes with --gaps")
+    for other in args.also:
+        if not (other / CSV).is_file():
+            print(f"error: {other / CSV} does not exist", file=sys.stderr)
+            return 2
     try:
+        for other in args.also:
+            rows = also(rows, read_csv(other / CSV), other.name)
         rows = where(rows, args.where)
         if args.against is not None:
             print(f"before: {args.out}, after: {args.against}\n")

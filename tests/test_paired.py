@@ -81,3 +81,27 @@ def test_against_pairs_two_folders_of_one_grid_by_setting_and_seed(tmp_path, cap
     assert "Mean Δ over the 2 settings: -2.00 points" in out  # (1 + 3 - 10) / 3 seed pairs
     assert main([str(before), "--against", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_gaps_also_count_another_folders_baselines_not_its_fedmoe(tmp_path, capsys):
+    from simulations.experiment import CSV, write_csv
+
+    plain, centred = tmp_path / "plain", tmp_path / "centred"
+    plain.mkdir()
+    centred.mkdir()
+    write_csv(plain / CSV, [_row("iid", 8.0, 1, 0.90, 0.80, method="fedmoe"),
+                            _row("iid", 8.0, 1, 0.88, 0.70, method="fedavg"),
+                            _row("iid", 1.0, 1, 0.70, 0.50, method="fedmoe"),
+                            _row("iid", 1.0, 1, 0.60, 0.55, method="fedavg")])
+    write_csv(centred / CSV, [_row("iid", 8.0, 1, 0.99, 0.99, method="fedmoe"),  # not counted
+                              _row("iid", 8.0, 1, 0.93, 0.75, method="fedavg"),
+                              _row("iid", 1.0, 1, 0.55, 0.40, method="fedavg")])
+    assert main([str(plain), "--gaps", "--also", str(centred)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| iid | 8 | 0.900 (0.800) | fedavg@centred 0.930 | -3.0 | +5.0 |"
+    assert lines[3] == "| iid | 1 | 0.700 (0.500) | fedavg 0.600 | +10.0 | -5.0 |"
+    write_csv(centred / CSV, [{**_row("iid", 8.0, 1, 0.9, 0.8, method="fedavg"), "axis:q": "1"}])
+    assert main([str(plain), "--gaps", "--also", str(centred)]) == 2
+    assert "are not this grid's" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(plain), "--also", str(centred)])  # --also goes with --gaps
