@@ -95,6 +95,19 @@ def test_the_largest_possible_number_of_clients_is_checked_before_the_run():
         assert "alpha" not in str(err.value)  # not an α problem: no amount of α fixes it
 
 
+@pytest.mark.parametrize(("samples", "clients", "says"), [
+    (15, 2, "2 clients: .*synthetic.csv has 15 examples, .* so at most 1 client fits; use fewer "
+            "clients or a bigger data set"),
+    (25, 3, "so at most 2 clients fit;"),
+])
+def test_too_small_a_data_set_says_how_many_clients_fit_in_plain_words(tmp_path, samples,
+                                                                      clients, says):
+    path = tmp_path / "synthetic.csv"  # a user's file of `samples` rows
+    path.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(samples)))
+    with pytest.raises(DataSplitError, match=says):
+        check_split(FedMoEConfig(dataset=f"csv:{path}", partitioner="iid"), clients)
+
+
 def test_a_skewed_split_names_alpha_and_an_iid_split_never_does():
     with pytest.raises(DataSplitError, match="dirichlet-alpha=0.1.*use a larger dirichlet-alpha"):
         check_split(FedMoEConfig(dirichlet_alpha=0.1), 30)

@@ -148,10 +148,13 @@ def partition_indices(
     data = _source(dataset, synthetic_samples, label_column)
     size = len(data)
     if num_partitions * MIN_CLIENT_EXAMPLES > size:
+        fit = size // MIN_CLIENT_EXAMPLES  # >= 1: a source holds >= MIN examples (files
+        # with fewer are refused as they are read, the built-in sets are larger)
+        most = "at most 1 client fits" if fit == 1 else f"at most {fit:,} clients fit"
         raise DataSplitError(
             f"{num_partitions:,} clients: {dataset} has {size:,} examples, and each client "
-            f"needs at least {MIN_CLIENT_EXAMPLES} (its own train and test split), so at most "
-            f"{size // MIN_CLIENT_EXAMPLES:,} clients fit; use fewer clients or a bigger data set"
+            f"needs at least {MIN_CLIENT_EXAMPLES} (its own train and test split), so "
+            f"{most}; use fewer clients or a bigger data set"
         )
     data = data.add_column("row", np.arange(size, dtype=np.int64))
     if kind == "pathological":
