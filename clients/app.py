@@ -194,12 +194,14 @@ def train(msg: Message, context: Context) -> Message:
             learning_rate=config.learning_rate,
             grad_sample_mode=config.clipping,
             local_pull=config.local_pull,
+            fold_centre=config.centring_fold,
         )
     else:
         result = train_plain_round(model, data.train, steps=plan.steps,
                                    sample_rate=plan.sample_rate,
                                    learning_rate=config.learning_rate,
-                                   local_pull=config.local_pull)
+                                   local_pull=config.local_pull,
+                                   fold_centre=config.centring_fold)
     store.save_local(split_state_dict(model, {Role.LOCAL}))
 
     # the round's DP-SGD has finished: only its (noised) result reaches the codec

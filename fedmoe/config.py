@@ -84,7 +84,8 @@ MAX_SEED = 2**32 - 1
 ADDED_KEYS: dict[str, Any] = {"score-scale": False, "server-momentum": 0.0,
                               "server-learning-rate": 1.0, "unigram-prior": False,
                               "ema-decay": 0.0, "feature-bounds": "", "pretrain-share": 0.0,
-                              "feature-centring": False, "mlp-centring": False}
+                              "feature-centring": False, "mlp-centring": False,
+                              "centring-fold": False}
 #: server-learning-rate's upper bound: a step 10x the aggregated update.
 MAX_SERVER_LR = 10.0
 MAX_NOISE_LIMIT = 1e6  # expert-noise-limit: above any ν = σ/(q n) a client can reach
@@ -359,6 +360,14 @@ class FedMoEConfig:
         reaches its scores as ΔW·x, and each clipped gradient spends C on ‖x‖; centring
         removes the mean that every sample shares (docs/results.md, section 3.11). The
         other MoE models have no centring.
+    centring_fold : bool (default: true)
+        With the centring: after μ moves (the server's aggregate for a ``shared`` μ, the
+        client's round for ``local``'s own), fold the move into the bias of the layer that
+        reads x - μ, b <- b + W (μ_new - μ_read), so the model computes the function it
+        was trained as rather than one shifted by its μ's noisy move
+        (:class:`fedmoe.models.centre.CentreFold`; post-processing, docs/architecture.md,
+        "Feature centring"; docs/results.md, section 3.12). Runs that differ only here
+        share their DP noise draws in a grid.
     unigram_prior : bool (default: true)
         ``tmoe`` with pretraining rounds and ``label-prior-share`` > 0: a personal prior on
         the next-byte logits, the client's byte unigram distribution from its one DP
@@ -475,6 +484,7 @@ class FedMoEConfig:
     label_prior_shrinkage: str = "federation"
     score_scale: bool = True
     feature_centring: bool = True
+    centring_fold: bool = True
     unigram_prior: bool = True
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2

@@ -27,10 +27,10 @@ from torch import nn
 from fedmoe.compression import Codec
 from fedmoe.config import ADDED_KEYS, METHODS, FedMoEConfig
 from fedmoe.models import model_for, unigram_prior_applies
-from fedmoe.models.centre import FeatureCentre
+from fedmoe.models.centre import CentreFold, FeatureCentre
 from fedmoe.models.prior import label_priors
 from fedmoe.models.tasks import Classification
-from fedmoe.roles import Role, set_role
+from fedmoe.roles import Role, set_role, tensor_roles
 
 #: Input features and classes of the data sets the MLP baselines train on (digits 8x8
 #: images and the generated ``synthetic`` set share them).
@@ -63,6 +63,11 @@ class MLPClassifier(nn.Module):
         super().__setstate__(state)
         if not hasattr(self, "centre"):  # pickled before the centring existed: none
             self.centre = None
+
+    @property
+    def centre_reader(self) -> str:
+        """The layer that reads the centred input (:class:`~fedmoe.models.centre.CentreFold`)."""
+        return "head" if self.body is None else "body"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centring = x.new_zeros(x.shape[0])  # (B,)
@@ -143,7 +148,7 @@ MOE_MODEL_KEYS = frozenset({
 TMOE_KEYS = frozenset({"unigram-prior"})
 #: Run-config keys only ``lmoe`` and the MLP baselines read (the other MoE models have no
 #: feature centring).
-CENTRING_KEYS = frozenset({"feature-centring"})
+CENTRING_KEYS = frozenset({"feature-centring", "centring-fold"})
 #: Run-config keys only the MLP baselines read (fedmoe's models ignore them).
 MLP_KEYS = frozenset({"mlp-centring"})
 
@@ -161,6 +166,11 @@ ID_NEUTRAL_KEYS = tuple(key for key in ADDED_KEYS if key != "score-scale")
 #: that differ only in these train the same trajectory; a grid seeds both with the same DP
 #: noise, so their difference is the key's effect alone.
 RELEASE_ONLY_KEYS = ("ema-decay",)
+#: Run-config keys left out of a run's noise id although they change its trajectory
+#: (``centring-fold``: it draws nothing), so that a grid gives the runs with and without
+#: one the same DP noise draws and their difference is the key's effect alone (and a run
+#: of today's default is paired with one recorded before the key existed).
+NOISE_NEUTRAL_KEYS = ("centring-fold",)
 
 
 def unread_keys(config: FedMoEConfig) -> frozenset[str]:
@@ -182,13 +192,16 @@ def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
 
     A baseline's two centring switches are one fact, whether its MLP centres
     (:func:`mlp_centred`), kept as ``feature-centring``: the runs of either switch off
-    are one run (the id of a baseline recorded before either key existed)."""
+    are one run (the id of a baseline recorded before either key existed); a run that
+    centres nothing reads no ``centring-fold``."""
     keys = config.to_run_config()
     for key in unread_keys(config):
         keys.pop(key)
     if config.method != "fedmoe":
         keys["feature-centring"] = mlp_centred(config)
         keys.pop("mlp-centring")
+    if not keys.get("feature-centring", False):  # nothing centred: nothing to fold
+        keys.pop("centring-fold", None)
     for key in ID_NEUTRAL_KEYS:
         if key in keys and keys[key] == ADDED_KEYS[key]:
             keys.pop(key)
@@ -196,8 +209,9 @@ def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
 
 
 def noise_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
-    """:func:`result_keys` less :data:`RELEASE_ONLY_KEYS`: what determines the run's
-    training trajectory, from which a grid derives its DP noise seeds.
+    """:func:`result_keys` less :data:`NOISE_NEUTRAL_KEYS` and :data:`RELEASE_ONLY_KEYS`:
+    what determines the run's training trajectory bar the keys that draw nothing, from
+    which a grid derives its DP noise seeds.
 
     ``ema-decay`` stays where the average does reach training: a ``tmoe`` run that
     switches from pretraining to fine-tuning (fine-tuning starts from the averaged
@@ -205,6 +219,8 @@ def noise_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
     relative to what the client rebuilt from the evaluate message, which carries the
     average)."""
     keys = result_keys(config)
+    for key in NOISE_NEUTRAL_KEYS:
+        keys.pop(key, None)
     switches = config.phase(1) != config.phase(config.num_server_rounds)
     if switches or not Codec.download(config).lossless:
         return keys
@@ -233,6 +249,24 @@ def method_model(config: FedMoEConfig, server_round: int = 1) -> nn.Module:
     model = spec.build(config, server_round)
     spec.assign_roles(model)
     return model
+
+
+def server_centre_fold(config: FedMoEConfig) -> CentreFold | None:
+    """The fold the server applies after each aggregation (``centring-fold``): the run's
+    model's :class:`~fedmoe.models.centre.CentreFold` where its centre and reader are
+    both ``shared`` (``lmoe``, ``fedavg``, ``fedper`` centred); None where the option is
+    off, nothing is centred or the centre is the client's own (``local`` folds on the
+    client: :func:`fedmoe.models.centre.end_local_round`). Builds the model under a forked
+    RNG, so the caller's random state is untouched."""
+    if not config.centring_fold:
+        return None
+    with torch.random.fork_rng():
+        model = method_model(config)
+    fold = CentreFold.of(model)
+    if fold is None:
+        return None
+    roles = tensor_roles(model)
+    return fold if all(roles[k] == Role.SHARED for k in fold.keys()) else None
 
 
 def label_prior_spec(config: FedMoEConfig) -> tuple[int, bool]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedmoe.models.centre import begin_local_round
+from fedmoe.models.centre import begin_local_round, end_local_round
 from fedmoe.models.layers import expert_usage, pull_local_experts, set_use_local
 from fedmoe.privacy import make_private, secret_generator
 from fedmoe.roles import unwrap
@@ -58,6 +58,7 @@ def train_dp_round(
     grad_sample_mode: str = "hooks",
     generator: torch.Generator | None = None,
     local_pull: float = 0.0,
+    fold_centre: bool = False,
 ) -> TrainResult:
     """Run exactly ``steps`` DP-SGD steps on ``model`` in place (wrapped, then released).
 
@@ -66,7 +67,10 @@ def train_dp_round(
     would reveal that the batch was empty. After each step the local experts are pulled
     towards their layer's shared experts by ``local_pull``
     (:func:`~fedmoe.models.layers.pull_local_experts`): a function of the parameters alone,
-    i.e. post-processing of the DP iterate, free in privacy.
+    i.e. post-processing of the DP iterate, free in privacy. With ``fold_centre``
+    (``centring-fold``) a ``local`` centre's move during the round is folded into its
+    reader's bias afterwards (:func:`~fedmoe.models.centre.end_local_round`), also
+    post-processing.
     """
     model.train()
     begin_local_round(model)
@@ -96,6 +100,8 @@ def train_dp_round(
                     break
     finally:
         private.close()  # remove Opacus hooks: `model` is plain again
+    if fold_centre:
+        end_local_round(model)
     return TrainResult(loss=total / count if count else math.nan, steps=taken)
 
 
@@ -108,6 +114,7 @@ def train_plain_round(
     learning_rate: float,
     generator: torch.Generator | None = None,
     local_pull: float = 0.0,
+    fold_centre: bool = False,
 ) -> TrainResult:
     """The non-private counterpart of :func:`train_dp_round` (``target-epsilon = inf``):
     the same ``steps`` Poisson batches at rate q and plain SGD on the batch's mean loss —
@@ -134,6 +141,8 @@ def train_plain_round(
             taken += 1
             if taken == steps:
                 break
+    if fold_centre:
+        end_local_round(model)
     return TrainResult(loss=total / count if count else math.nan, steps=taken)
 
 

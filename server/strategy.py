@@ -25,7 +25,10 @@ construction and weighted averaging are Flower's; FedMoE adds
 - aggregation by ``aggregation`` (FedAvg, median or trimmed mean:
   :func:`server.aggregation.aggregate`), only with at least ``min-train-replies`` valid
   replies (else the global model stays as it was), then the server optimiser's step
-  (``server-momentum``, ``server-learning-rate``: :func:`server.aggregation.server_step`);
+  (``server-momentum``, ``server-learning-rate``: :func:`server.aggregation.server_step`),
+  and with ``centring-fold`` the move of a shared centre's μ folded into its reader's bias
+  (:class:`fedmoe.models.centre.CentreFold`: the new global model computes the averaged
+  function, not one shifted by μ's noisy move);
 - the released model (``ema-decay``): the exponential moving average of the global models
   after each round (:func:`server.aggregation.ema_step`) is what the clients evaluate and
   what the run returns as its final model, while training goes on from the last global
@@ -73,7 +76,7 @@ from flwr.supercore import log
 
 from fedmoe.compression import Codec
 from fedmoe.config import FedMoEConfig
-from fedmoe.methods import label_prior_spec
+from fedmoe.methods import label_prior_spec, server_centre_fold
 from fedmoe.privacy import (
     BudgetExceededError,
     ClientPlan,
@@ -203,6 +206,9 @@ class FedMoE(FedAvg):
         #: whether the run's model has a personal label prior (a DP histogram per client)
         self._prior_classes, self._prior_windows = label_prior_spec(config)
         self.label_prior = self._prior_classes > 0
+        #: ``centring-fold`` for a shared centre: after each aggregation, μ's move from
+        #: the μ sent is folded into its reader's bias (None: nothing to fold here)
+        self._fold = server_centre_fold(config)
         self._histograms: set[str] = set()  # clients sent their label-histogram round
         #: label-prior-shrinkage = "federation": the released histograms received (client
         #: -> counts) and the empirical-Bayes estimate from them, sent with every message
@@ -648,6 +654,8 @@ class FedMoE(FedAvg):
         velocity = {k: v.copy() for k, v in self.velocity.items()}
         combined = server_step(self._global, combined, velocity, c.server_momentum,
                                c.server_learning_rate)
+        if self._fold is not None:  # the clients trained reading the μ sent (_global's)
+            self._fold.apply(combined, self._global[self._fold.shift])
         if not all(np.all(np.isfinite(v)) for v in combined.values()):
             log(WARNING, "aggregate_train: the %s of %s replies is not finite; the global "
                 "model stays as it was", c.aggregation, len(valid))

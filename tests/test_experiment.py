@@ -1,5 +1,6 @@
 """fedmoe experiment: a tiny grid end to end, resuming, and malformed grid files."""
 
+import dataclasses
 import json
 import math
 import os
@@ -417,7 +418,7 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
     assert not set(ID_NEUTRAL_KEYS) & set(keys)
     assert result_keys(FedMoEConfig(**before, unigram_prior=False)) == keys  # lmoe
     assert result_keys(FedMoEConfig()) == {**keys, "ema-decay": 0.5,  # today's defaults
-                                           "feature-centring": True}
+                                           "feature-centring": True, "centring-fold": True}
     moving = result_keys(FedMoEConfig(**before, server_momentum=0.9,
                                       server_learning_rate=0.5))
     assert moving == {**keys, "server-momentum": 0.9, "server-learning-rate": 0.5}
@@ -437,7 +438,8 @@ def test_keys_added_later_leave_the_ids_of_runs_recorded_before_as_they_were():
         plain = [result_keys(FedMoEConfig(method=method, feature_centring=f, mlp_centring=m))
                  for f, m in ((False, True), (True, False), (False, False))]
         assert all(k == plain[0] for k in plain) and "feature-centring" not in plain[0]
-        assert plain[0] == {k: v for k, v in centred.items() if k != "feature-centring"}
+        assert plain[0] == {k: v for k, v in centred.items()
+                            if k not in ("feature-centring", "centring-fold")}
     assert result_keys(FedMoEConfig(model="tmoe", pretrain_share=0.3))["pretrain-share"] == 0.3
 
 
@@ -445,7 +447,8 @@ def test_the_published_grids_keep_the_ids_they_were_recorded_with():
     """docs/results.md section 4 says its grid repeats exactly: its runs' ids (the seeds of
     their DP noise) must not move when a key is added. The id below is the one the grid
     recorded (its α = 0.5, ε = 1 fedmoe runs re-run to the digit with it). The id moves
-    when a default does (feature-centring's, in this release); then the grid is re-run."""
+    when a default does (centring-fold's, in this release: fedmoe's run with the key off
+    keeps the recorded id and the new one keeps its noise draws); then the grid is re-run."""
     from pathlib import Path
 
     from simulations.experiment import load_grid
@@ -459,7 +462,13 @@ def test_the_published_grids_keep_the_ids_they_were_recorded_with():
                 "split": "dirichlet-0.5", "target-epsilon": "1", "method": method}
                 and r.config.seed == 1]
             # full_centred.toml centres the baselines too: their runs are other runs
-            assert (run.run_id == run_id) is (method == "fedmoe" or name == "full.toml")
+            if method == "fedmoe":
+                assert run.run_id == "f717eff49847"  # centring-fold on, this release
+                before = dataclasses.replace(run, config=run.config.replace(
+                    centring_fold=False))
+                assert before.run_id == run_id and before.noise_id == run.noise_id
+            else:
+                assert (run.run_id == run_id) is (name == "full.toml")
 
 
 def test_every_committed_grid_runs_its_baselines_as_recorded_unless_it_says_centred():
@@ -481,7 +490,8 @@ def test_runs_that_differ_only_in_ema_decay_share_their_noise_not_their_id():
     differ only in it are different runs (ids) with the same DP noise draws (noise ids),
     so a grid's paired difference is the average's effect alone; at 0 (no averaging) the
     id is that of a run recorded before the key existed."""
-    raw = {"experiment": {"clients": 3, "seeds": [1]}, "base": {"num-server-rounds": 1},
+    raw = {"experiment": {"clients": 3, "seeds": [1]},
+           "base": {"num-server-rounds": 1, "centring-fold": False},  # as before it existed
            "grid": {"ema-decay": [0.0, 0.5, 0.9]}}
     none, half, most = parse_grid(raw).runs
     assert len({none.run_id, half.run_id, most.run_id}) == 3

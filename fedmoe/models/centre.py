@@ -20,13 +20,30 @@ model reads ``x - μ₀``, μ₀ the μ its local round began with (the received
 the task's loss never moves μ, μ's loss never moves the model, and the inputs shift only
 between rounds; the centring term is added to the per-sample loss with value 0
 (:meth:`FeatureCentre.centred`), so reported losses are the task's.
+
+Because the model reads μ₀ for a whole round while μ itself moves, the function it was
+trained as is ``W (x - μ₀) + b`` for the layer that reads the centred input (its *reader*:
+``lmoe``'s trunk, an MLP's first layer). Read with the new μ the same parameters compute a
+different function, shifted by ``-W (μ - μ₀)`` — noise included, a noisy μ jolts every score
+between rounds. With ``centring-fold`` the shift is folded into the reader's bias,
+``b <- b + W (μ - μ₀)`` (:func:`folded_bias`), so the function is unchanged and only the
+gradients' geometry follows the new μ: by the server after each aggregation for a ``shared``
+reader (:class:`CentreFold`), by the client after its round for a ``local`` one (:func:`
+end_local_round`). Post-processing of DP outputs (argument in docs/architecture.md,
+"Feature centring").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
+
+from fedmoe.roles import Role, tensor_roles
 
 #: κ in μ = κ·φ: μ's gradient in each sample's clipped gradient is κ (μ - x_b) (norm ≈ κ·‖x - μ‖,
 #: against the task's ‖p - y‖·‖x - μ‖ before clipping), and μ moves κ² per unit step. 0.5
@@ -90,6 +107,72 @@ def begin_local_round(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FeatureCentre):
             module.begin_local_round()
+
+
+def folded_bias(weight: Any, bias: Any, moved: Any) -> Any:
+    """The reader's bias after μ moves by ``moved`` = μ_to − μ_from: ``b + W·moved``, so that
+    ``W (x - μ_to) + b'`` equals ``W (x - μ_from) + b`` for every x. ``weight`` (O, D),
+    ``bias`` (O,), ``moved`` (D,); torch tensors, or numpy arrays (computed in float64,
+    returned in ``bias``'s dtype)."""
+    if isinstance(bias, torch.Tensor):
+        return bias + weight @ moved.to(weight)
+    out = np.asarray(bias, np.float64) + np.asarray(weight, np.float64) @ np.asarray(
+        moved, np.float64)
+    return out.astype(np.asarray(bias).dtype)
+
+
+@dataclass(frozen=True)
+class CentreFold:
+    """Where a model's centring folds (``centring-fold``): the state-dict keys of its
+    :class:`FeatureCentre`'s φ and of the weight and bias of the ``nn.Linear`` that reads
+    ``x - μ`` (the model's ``centre_reader``)."""
+
+    shift: str
+    weight: str
+    bias: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> CentreFold | None:
+        """The fold of ``model``: None without a centre. Models with a centre name their
+        reader in ``centre_reader`` (a submodule path, an ``nn.Linear``)."""
+        centre = getattr(model, "centre", None)
+        if not isinstance(centre, FeatureCentre):
+            return None
+        reader = model.centre_reader
+        if not isinstance(model.get_submodule(reader), nn.Linear):
+            raise TypeError(f"{type(model).__name__}.centre_reader {reader!r} is no nn.Linear")
+        return cls("centre.shift", f"{reader}.weight", f"{reader}.bias")
+
+    def keys(self) -> tuple[str, str, str]:
+        return self.shift, self.weight, self.bias
+
+    def apply(self, arrays: dict[str, np.ndarray], previous_shift: np.ndarray) -> None:
+        """Fold, in ``arrays`` (key -> numpy array, in place), μ's move from
+        κ·``previous_shift`` (the φ the reader's bias was trained against: the one sent)
+        to κ·``arrays[shift]``."""
+        moved = CENTRE_RATE * (np.asarray(arrays[self.shift], np.float64)
+                               - np.asarray(previous_shift, np.float64))
+        arrays[self.bias] = folded_bias(arrays[self.weight], arrays[self.bias], moved)
+
+
+@torch.no_grad()
+def end_local_round(model: nn.Module) -> None:
+    """After a local round with ``centring-fold``: fold the move of μ during the round
+    (from the μ₀ the model read, :meth:`FeatureCentre.begin_local_round`, to the current
+    μ) into the reader's bias — for a model whose centre and reader are both ``local``
+    (``local``: nothing leaves the client, no server folds for it). A shared centre is
+    folded by the server (after aggregation, from the μ it sent). Call before the round's
+    parameters are stored or sent."""
+    fold = CentreFold.of(model)
+    if fold is None or model.centre.reference is None:
+        return
+    roles = tensor_roles(model)
+    if any(roles[k] != Role.LOCAL for k in fold.keys()):
+        return
+    reader = model.get_submodule(fold.weight.rsplit(".", 1)[0])
+    reader.bias.copy_(folded_bias(reader.weight, reader.bias,
+                                  model.centre.mean - model.centre.reference))
+    model.centre.begin_local_round()  # the bias now answers to the current μ
 
 
 @register_grad_sampler(FeatureCentre)

@@ -173,6 +173,8 @@ class LogitMoEClassifier(nn.Module):
     """
 
     task = Classification()
+    #: The layer that reads the centred input (:class:`~fedmoe.models.centre.CentreFold`).
+    centre_reader = "trunk"
 
     def __init__(self, config: LMoEConfig) -> None:
         super().__init__()
