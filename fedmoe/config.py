@@ -365,7 +365,9 @@ class FedMoEConfig:
         client's round for ``local``'s own), fold the move into the bias of the layer that
         reads x - μ, b <- b + W (μ_new - μ_read), so the model computes the function it
         was trained as rather than one shifted by its μ's noisy move
-        (:class:`fedmoe.models.centre.CentreFold`; post-processing, docs/architecture.md,
+        (:class:`fedmoe.models.centre.CentreFold`; exact with a lossless
+        ``download-codec``, up to its error on the μ the clients read otherwise;
+        post-processing, docs/architecture.md,
         "Feature centring"; docs/results.md, section 3.12). Runs that differ only here
         share their DP noise draws in a grid.
     unigram_prior : bool (default: true)

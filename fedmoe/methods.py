@@ -149,6 +149,9 @@ TMOE_KEYS = frozenset({"unigram-prior"})
 #: Run-config keys only ``lmoe`` and the MLP baselines read (the other MoE models have no
 #: feature centring).
 CENTRING_KEYS = frozenset({"feature-centring", "centring-fold"})
+#: Run-config keys read only where the inputs are centred (a run centring nothing has
+#: nothing to fold: its id, and a resume's comparison of configs, leave them out).
+FOLD_KEYS = frozenset({"centring-fold"})
 #: Run-config keys only the MLP baselines read (fedmoe's models ignore them).
 MLP_KEYS = frozenset({"mlp-centring"})
 
@@ -178,11 +181,14 @@ def unread_keys(config: FedMoEConfig) -> frozenset[str]:
     for a baseline, :data:`TMOE_KEYS` for a model other than ``tmoe`` and for a ``tmoe``
     without pretraining rounds or label-prior share, where the unigram prior is off,
     :data:`CENTRING_KEYS` for a fedmoe model other than ``lmoe``, :data:`MLP_KEYS` for
-    ``fedmoe``)."""
+    ``fedmoe``, :data:`FOLD_KEYS` for a run that centres nothing)."""
     baseline = config.method != "fedmoe"
+    centred = mlp_centred(config) if baseline else (
+        config.model == "lmoe" and config.feature_centring)
     return (MOE_MODEL_KEYS if baseline else MLP_KEYS) | (
         frozenset() if unigram_prior_applies(config) else TMOE_KEYS) | (
-        frozenset() if baseline or config.model == "lmoe" else CENTRING_KEYS)
+        frozenset() if baseline or config.model == "lmoe" else CENTRING_KEYS) | (
+        frozenset() if centred else FOLD_KEYS)
 
 
 def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
@@ -192,16 +198,13 @@ def result_keys(config: FedMoEConfig) -> dict[str, bool | int | float | str]:
 
     A baseline's two centring switches are one fact, whether its MLP centres
     (:func:`mlp_centred`), kept as ``feature-centring``: the runs of either switch off
-    are one run (the id of a baseline recorded before either key existed); a run that
-    centres nothing reads no ``centring-fold``."""
+    are one run (the id of a baseline recorded before either key existed)."""
     keys = config.to_run_config()
     for key in unread_keys(config):
         keys.pop(key)
     if config.method != "fedmoe":
         keys["feature-centring"] = mlp_centred(config)
         keys.pop("mlp-centring")
-    if not keys.get("feature-centring", False):  # nothing centred: nothing to fold
-        keys.pop("centring-fold", None)
     for key in ID_NEUTRAL_KEYS:
         if key in keys and keys[key] == ADDED_KEYS[key]:
             keys.pop(key)

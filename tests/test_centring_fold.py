@@ -172,3 +172,107 @@ def test_the_fold_shares_noise_draws_and_leaves_uncentred_and_older_runs_their_i
     assert "centring-fold" not in result_keys(FedMoEConfig(model="moe"))
     recorded = {k: v for k, v in on.to_run_config().items() if k != "centring-fold"}
     assert FedMoEConfig.from_recorded(recorded).centring_fold is False
+
+
+@pytest.mark.parametrize("fold_on", [True, False])
+def test_the_dp_round_of_local_folds_what_it_trained(monkeypatch, fold_on):
+    """The DP path (train_dp_round): the folded model computes W (x - μ₀) + b of the
+    parameters the round ended with, captured just before the fold."""
+    import fedmoe.training as training
+    from fedmoe.training import train_dp_round
+
+    seen = []
+    real = training.end_local_round
+
+    def capture(model):
+        seen.append((model.centre.reference.clone(), model.head.bias.detach().clone()))
+        real(model)
+
+    monkeypatch.setattr(training, "end_local_round", capture)
+    model = method_model(_config("local")).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 64, generator=g, dtype=torch.float64), torch.randint(0, 10, (40,), generator=g)
+    train_dp_round(model, TensorDataset(x, y), steps=5, sample_rate=0.3, noise_multiplier=1.0,
+                   max_grad_norm=1.0, learning_rate=0.5, fold_centre=fold_on)
+    assert len(seen) == int(fold_on)
+    if fold_on:
+        reference, bias = seen[0]
+        with torch.no_grad():
+            model.eval()
+            out, _ = model(x)
+            assert torch.allclose(out, (x - reference) @ model.head.weight.T + bias,
+                                  atol=1e-10)
+
+
+@pytest.mark.parametrize("private", [True, False])
+@pytest.mark.parametrize("fold_on", [True, False])
+def test_the_client_app_passes_the_runs_centring_fold_to_its_round(monkeypatch, tmp_path,
+                                                                   private, fold_on):
+    import clients.app as client_app
+    from tests.helpers import context, message, train_plan
+
+    config = _config("local", centring_fold=fold_on, num_server_rounds=3, sample_rate=0.25,
+                     target_epsilon=4.0 if private else float("inf"))
+    asked = []
+    name = "train_dp_round" if private else "train_plain_round"
+    real = getattr(client_app, name)
+    monkeypatch.setattr(client_app, name, lambda *a, **k: asked.append(k["fold_centre"])
+                        or real(*a, **k))
+    if private:
+        plan = train_plan(config=config, sigma=2.0)
+    else:  # ε = ∞: a non-private round (σ = 0)
+        from fedmoe.privacy import plan_client
+        from fedmoe.records import RoundPlan
+
+        plan = RoundPlan.for_training(1, plan_client(config, "c", num_train=100,
+                                                     budget=float("inf"), delta=1e-4))
+        assert plan.noise_multiplier == 0
+    arrays = to_arrays(split_state_dict(method_model(config)))  # local: nothing shared
+    client_app.app(message(config=config, plan=plan, arrays=arrays),
+                   context(state_dir=str(tmp_path)))
+    assert asked == [fold_on]
+
+
+@pytest.mark.parametrize("name", ["lmoe", "fedavg"])
+def test_the_fold_follows_the_server_optimisers_step(tmp_path, name):
+    """With server momentum and a server learning rate the new global model computes what
+    the server optimiser's step (FedAvgM) gives read at the μ sent: the fold comes after
+    the step (folding the aggregate before it would scale the fold by the rate)."""
+    from server.aggregation import server_step
+
+    config = _config(name, ema_decay=0.0, server_momentum=0.9, server_learning_rate=0.5)
+    fold = CentreFold.of(method_model(config))
+    rng = np.random.default_rng(2)
+    with LedgerBook(tmp_path / LEDGER_FILE) as book:
+        strategy = FedMoE(config, book=book)
+        sent = {k: a.numpy() for k, a in to_arrays(split_state_dict(method_model(config))).items()}
+        sent[fold.shift] = rng.normal(size=64).astype(np.float32)
+        list(strategy.configure_train(2, to_arrays({k: torch.tensor(v) for k, v in sent.items()}),
+                                      ConfigRecord(), LocalGrid(2)))
+        strategy.velocity = {k: rng.normal(0, 0.1, v.shape) for k, v in sent.items()}
+        velocity = {k: v.copy() for k, v in strategy.velocity.items()}
+        replies = [({k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32)
+                     for k, v in sent.items()}, n) for n in (40, 80)]
+        new = {k: a.numpy() for k, a in strategy._aggregate(replies).items()}
+    average = {k: sum(n * a[k].astype(np.float64) for a, n in replies) / 120 for k in sent}
+    stepped = server_step(sent, average, velocity, 0.9, 0.5)
+    x = rng.uniform(0, 1, size=(6, 64))
+    np.testing.assert_allclose(_linear(new, fold, x),
+                               _linear(stepped, fold, x, shift=sent[fold.shift]), atol=1e-4)
+    np.testing.assert_allclose(new[fold.shift], stepped[fold.shift], rtol=1e-6)
+
+
+def test_a_run_folder_that_centres_nothing_resumes_whatever_centring_fold_says():
+    """A checkpoint written before the key existed reads it as false; a run that centres
+    nothing does not read it, so today's default does not refuse the resume. A centred
+    run does read it: there the difference is refused."""
+    from server.checkpoint import config_differences
+
+    for plain in (_config("fedavg", mlp_centring=False), _config("lmoe", feature_centring=False),
+                  FedMoEConfig(model="moe")):
+        saved = {k: v for k, v in plain.to_run_config().items() if k != "centring-fold"}
+        assert config_differences(saved, plain) == []
+    centred = _config("lmoe")
+    saved = {k: v for k, v in centred.to_run_config().items() if k != "centring-fold"}
+    assert config_differences(saved, centred) == [
+        "centring-fold (run folder: False, now: True)"]

@@ -179,6 +179,7 @@ def test_a_checkpoint_written_before_the_scale_resumes_with_its_own_model(tmp_pa
     assert not resumed.score_scale
     assert config_differences(old, resumed) == []
     assert config_differences(old, FedMoEConfig(resume=True)) == [  # today's defaults
+        "centring-fold (run folder: False, now: True)",
         "ema-decay (run folder: 0.0, now: 0.5)",
         "feature-centring (run folder: False, now: True)",
         "score-scale (run folder: False, now: True)"]
