@@ -27,8 +27,8 @@ construction and weighted averaging are Flower's; FedMoE adds
   replies (else the global model stays as it was), then the server optimiser's step
   (``server-momentum``, ``server-learning-rate``: :func:`server.aggregation.server_step`),
   and with ``centring-fold`` the move of a shared centre's μ folded into its reader's bias
-  (:class:`fedmoe.models.centre.CentreFold`: the new global model computes the averaged
-  function — exactly with a lossless ``download-codec``, up to the codec's error on the μ
+  (:class:`fedmoe.models.centre.CentreFold`: the new global reader computes the averaged
+  reader function — exactly with a lossless ``download-codec``, up to the codec's error on the μ
   the clients read otherwise —, not one shifted by μ's noisy move);
 - the released model (``ema-decay``): the exponential moving average of the global models
   after each round (:func:`server.aggregation.ema_step`) is what the clients evaluate and

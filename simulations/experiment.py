@@ -124,7 +124,8 @@ class Run:
         """Hash of what determines the run's training trajectory
         (:func:`fedmoe.methods.noise_keys`): the seed of its DP noise under
         ``seeded-noise``. It equals :attr:`run_id` unless a release-only key (``ema-decay``)
-        is set, so runs that differ only in one share their noise draws."""
+        is set or ``centring-fold`` is on (:data:`fedmoe.methods.NOISE_NEUTRAL_KEYS`), so
+        runs that differ only in one share their noise draws."""
         return self._hash(noise_keys(self.config))
 
     def _hash(self, keys: dict[str, Any]) -> str:
