@@ -30,7 +30,7 @@ from fedmoe.models import model_for, unigram_prior_applies
 from fedmoe.models.centre import CentreFold, FeatureCentre
 from fedmoe.models.prior import label_priors
 from fedmoe.models.tasks import Classification
-from fedmoe.roles import Role, set_role, tensor_roles
+from fedmoe.roles import Role, set_role
 
 #: Input features and classes of the data sets the MLP baselines train on (digits 8x8
 #: images and the generated ``synthetic`` set share them).
@@ -266,10 +266,7 @@ def server_centre_fold(config: FedMoEConfig) -> CentreFold | None:
     with torch.random.fork_rng():
         model = method_model(config)
     fold = CentreFold.of(model)
-    if fold is None:
-        return None
-    roles = tensor_roles(model)
-    return fold if all(roles[k] == Role.SHARED for k in fold.keys()) else None
+    return fold if fold is not None and fold.role(model) == Role.SHARED else None
 
 
 def label_prior_spec(config: FedMoEConfig) -> tuple[int, bool]:

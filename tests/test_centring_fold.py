@@ -51,7 +51,7 @@ def test_each_centred_model_names_the_layer_that_reads_the_centred_input(name):
     model = method_model(_config(name))
     fold = CentreFold.of(model)
     reader = READERS[name]
-    assert fold == CentreFold("centre.shift", f"{reader}.weight", f"{reader}.bias")
+    assert fold == CentreFold("centre.shift", f"{reader}.weight", f"{reader}.bias", reader)
     # the reader is the first layer x - μ reaches: moving μ changes its output only
     x = torch.rand(4, 64)
     with torch.no_grad():

@@ -130,6 +130,7 @@ class CentreFold:
     shift: str
     weight: str
     bias: str
+    reader: str  # the reader's submodule path
 
     @classmethod
     def of(cls, model: nn.Module) -> CentreFold | None:
@@ -141,10 +142,16 @@ class CentreFold:
         reader = model.centre_reader
         if not isinstance(model.get_submodule(reader), nn.Linear):
             raise TypeError(f"{type(model).__name__}.centre_reader {reader!r} is no nn.Linear")
-        return cls("centre.shift", f"{reader}.weight", f"{reader}.bias")
+        return cls("centre.shift", f"{reader}.weight", f"{reader}.bias", reader)
 
     def keys(self) -> tuple[str, str, str]:
         return self.shift, self.weight, self.bias
+
+    def role(self, model: nn.Module) -> Role | None:
+        """The role that φ and the reader's weight and bias share in ``model`` (who folds:
+        the server for ``shared``, the client for ``local``); None if they differ."""
+        roles = {tensor_roles(model)[k] for k in self.keys()}
+        return roles.pop() if len(roles) == 1 else None
 
     def apply(self, arrays: dict[str, np.ndarray], previous_shift: np.ndarray) -> None:
         """Fold, in ``arrays`` (key -> numpy array, in place), μ's move from
@@ -164,12 +171,9 @@ def end_local_round(model: nn.Module) -> None:
     folded by the server (after aggregation, from the μ it sent). Call before the round's
     parameters are stored or sent."""
     fold = CentreFold.of(model)
-    if fold is None or model.centre.reference is None:
+    if fold is None or model.centre.reference is None or fold.role(model) != Role.LOCAL:
         return
-    roles = tensor_roles(model)
-    if any(roles[k] != Role.LOCAL for k in fold.keys()):
-        return
-    reader = model.get_submodule(fold.weight.rsplit(".", 1)[0])
+    reader = model.get_submodule(fold.reader)
     reader.bias.copy_(folded_bias(reader.weight, reader.bias,
                                   model.centre.mean - model.centre.reference))
     model.centre.begin_local_round()  # the bias now answers to the current μ
